@@ -1,0 +1,404 @@
+//! The value codec: which keys are compressed, and how a value becomes a frame and back.
+//!
+//! [`ValueCodec::encode`] and [`ValueCodec::decode`] are pure functions over `(key, value)`
+//! bytes; they know nothing of gRPC. `src/rewrite.rs` applies them to etcd messages.
+
+pub mod frame;
+
+use std::cell::RefCell;
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::config::{Config, PrefixConfig};
+use frame::{Codec, HeaderError};
+
+/// Values that begin with this are encrypted by kube-apiserver (encryption at rest): they do
+/// not compress, so they are stored as they are.
+pub const K8S_ENCRYPTED_PREFIX: &[u8] = b"k8s:enc:";
+
+/// The compression rule for one key prefix (from a `[[prefixes]]` table of the config).
+#[derive(Debug, Clone)]
+pub struct PrefixRule {
+    /// Keys that start with these bytes use this rule ("" = every key).
+    pub prefix: Bytes,
+    /// false: new values are stored unframed (existing frames are still decoded).
+    pub compress: bool,
+    /// zstd level (1..=22).
+    pub level: i32,
+    /// Values shorter than this many bytes are stored in a raw frame.
+    pub min_size: usize,
+}
+
+/// What happened to one value on the way in; used for counters and the demo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodeOutcome {
+    /// Not under a configured prefix: stored byte-identical.
+    Untouched,
+    /// Under a prefix whose `compress = false`, or a `k8s:enc:` value: stored as it is.
+    StoredAsIs,
+    /// Stored in a raw frame (too small, did not shrink, or began with the magic).
+    RawFrame,
+    /// Stored as a zstd frame.
+    Compressed,
+}
+
+/// A key, printed for humans and logs: UTF-8 when it is, otherwise escaped bytes.
+/// Only keys are printed this way, never values.
+pub struct KeyDisplay<'a>(pub &'a [u8]);
+
+impl fmt::Display for KeyDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{}\"", self.0.escape_ascii())
+    }
+}
+
+/// A stored value under a compressed prefix that cannot be turned back into the original bytes.
+/// Surfaces as gRPC `DATA_LOSS` naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd-squeeze: cannot decode the value of key {}: {reason}", KeyDisplay(key))]
+pub struct DecodeError {
+    /// The etcd key whose value failed.
+    pub key: Bytes,
+    /// What is wrong with the stored bytes.
+    pub reason: DecodeReason,
+}
+
+/// Why a frame failed to decode.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeReason {
+    /// The header is malformed.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    /// The frame names a dictionary this proxy does not have.
+    #[error("unknown dictionary ID {0}")]
+    UnknownDictionary(u32),
+    /// The zstd frame does not declare its decompressed size.
+    #[error("zstd frame does not declare its content size")]
+    NoContentSize,
+    /// Declared or actual decompressed size over `limits.max_value_bytes`.
+    #[error("decompressed size {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Declared decompressed size in bytes.
+        size: u64,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// Bytes after the zstd frame, or a frame that is cut short.
+    #[error("zstd payload is {actual} bytes, the frame inside it is {frame}")]
+    FrameLength {
+        /// Payload length in bytes.
+        actual: usize,
+        /// Length of the zstd frame found at its start, in bytes.
+        frame: usize,
+    },
+    /// zstd refused the payload (corrupt data or checksum mismatch).
+    #[error("zstd: {0}")]
+    Zstd(String),
+}
+
+/// Why a value could not be encoded (an internal zstd failure: never expected).
+#[derive(Debug, thiserror::Error)]
+#[error("etcd-squeeze: cannot compress the value of key {}: {source}", KeyDisplay(key))]
+pub struct EncodeError {
+    /// The etcd key.
+    pub key: Bytes,
+    /// zstd's error.
+    pub source: std::io::Error,
+}
+
+/// The prefix rules and limits, shared by every request (cheap to clone behind an `Arc`).
+#[derive(Debug, Clone)]
+pub struct ValueCodec {
+    /// Sorted longest prefix first, so the first match is the most specific.
+    rules: Vec<PrefixRule>,
+    max_value_bytes: usize,
+}
+
+thread_local! {
+    // One zstd context per worker thread: contexts are expensive to create (allocation of the
+    // match window), cheap to reuse; a thread-local needs no lock.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+impl ValueCodec {
+    /// Builds the codec from prefix rules; `max_value_bytes` bounds every decompressed value.
+    pub fn new(mut rules: Vec<PrefixRule>, max_value_bytes: usize) -> Self {
+        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        ValueCodec { rules, max_value_bytes }
+    }
+
+    /// Builds the codec from a validated [`Config`].
+    pub fn from_config(config: &Config) -> Self {
+        let rules = config.prefixes.iter().map(PrefixRule::from).collect();
+        Self::new(rules, config.limits.max_value_bytes.as_u64() as usize)
+    }
+
+    /// The most specific rule whose prefix `key` starts with, if any.
+    pub fn rule_for(&self, key: &[u8]) -> Option<&PrefixRule> {
+        self.rules.iter().find(|r| key.starts_with(&r.prefix))
+    }
+
+    /// The configured rules, longest prefix first.
+    pub fn rules(&self) -> &[PrefixRule] {
+        &self.rules
+    }
+
+    /// True when the key range `[key, range_end)` (etcd's convention: empty `range_end` =
+    /// the single key, `"\0"` = every key ≥ `key`) contains a key under a configured prefix.
+    pub fn range_touches_prefix(&self, key: &[u8], range_end: &[u8]) -> bool {
+        if range_end.is_empty() {
+            return self.rule_for(key).is_some();
+        }
+        self.rules.iter().any(|r| {
+            let p = &r.prefix[..];
+            // [p, prefix_end(p)) ∩ [key, range_end) ≠ ∅
+            let starts_before_end = range_end == b"\0" || p < range_end;
+            let ends_after_start = match prefix_end(p) {
+                None => true,
+                Some(pe) => key < &pe[..],
+            };
+            starts_before_end && ends_after_start
+        })
+    }
+
+    /// Encodes a value about to be written to `key` (a `PutRequest.value`).
+    ///
+    /// Outside every prefix the value is returned unchanged. Under a prefix it becomes a frame
+    /// (see [`frame`]) unless it is a `k8s:enc:` value or the prefix has `compress = false`
+    /// (then it is stored as it is, except that a value beginning with the magic is always
+    /// wrapped in a raw frame so it is never mistaken for one).
+    pub fn encode(&self, key: &[u8], value: &Bytes) -> Result<(Bytes, EncodeOutcome), EncodeError> {
+        let Some(rule) = self.rule_for(key) else {
+            return Ok((value.clone(), EncodeOutcome::Untouched));
+        };
+        let must_frame = frame::is_framed(value);
+        if !must_frame && (!rule.compress || value.starts_with(K8S_ENCRYPTED_PREFIX)) {
+            return Ok((value.clone(), EncodeOutcome::StoredAsIs));
+        }
+        if !rule.compress || value.len() < rule.min_size || value.starts_with(K8S_ENCRYPTED_PREFIX) {
+            return Ok((raw_frame(value), EncodeOutcome::RawFrame));
+        }
+        let mut out = Vec::with_capacity(frame::HEADER_LEN + zstd::zstd_safe::compress_bound(value.len()));
+        frame::write_header(&mut out, Codec::Zstd, 0);
+        // zstd writes into a slice from its start: give it the bytes after the header.
+        out.resize(out.capacity(), 0);
+        let written = COMPRESSOR
+            .with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    let mut c = zstd::bulk::Compressor::new(rule.level)?;
+                    c.include_checksum(true)?;
+                    c.include_contentsize(true)?;
+                    *slot = Some(c);
+                }
+                let c = slot.as_mut().expect("set above");
+                c.set_compression_level(rule.level)?;
+                c.compress_to_buffer(&value[..], &mut out[frame::HEADER_LEN..])
+            })
+            .map_err(|source| EncodeError { key: Bytes::copy_from_slice(key), source })?;
+        out.truncate(frame::HEADER_LEN + written);
+        if out.len() >= frame::HEADER_LEN + value.len() {
+            return Ok((raw_frame(value), EncodeOutcome::RawFrame));
+        }
+        Ok((Bytes::from(out), EncodeOutcome::Compressed))
+    }
+
+    /// Decodes a value read from `key` (a `KeyValue.value`).
+    ///
+    /// Outside every prefix, and for values without the magic (written before the proxy was
+    /// installed, or stored as they are), the value is returned unchanged. A frame that cannot
+    /// be decoded is a [`DecodeError`] naming the key; never garbage.
+    pub fn decode(&self, key: &[u8], value: &Bytes) -> Result<Bytes, DecodeError> {
+        if !frame::is_framed(value) || self.rule_for(key).is_none() {
+            return Ok(value.clone());
+        }
+        decode_frame(value, self.max_value_bytes)
+            .map(|decoded| decoded.unwrap_or_else(|| value.slice(frame::HEADER_LEN..)))
+            .map_err(|reason| DecodeError { key: Bytes::copy_from_slice(key), reason })
+    }
+}
+
+/// Decodes a framed value. `Ok(None)` means a raw frame: the original bytes are the payload.
+///
+/// Errors name what is wrong: header, unknown dictionary, missing or oversized content size,
+/// trailing bytes, or a zstd error (corrupt data, checksum mismatch).
+pub fn decode_frame(value: &[u8], max_value_bytes: usize) -> Result<Option<Bytes>, DecodeReason> {
+    let f = frame::parse(value)?;
+    if f.dictionary_id != 0 {
+        return Err(DecodeReason::UnknownDictionary(f.dictionary_id));
+    }
+    match f.codec {
+        Codec::Raw => Ok(None),
+        Codec::Zstd => {
+            let size = match zstd::zstd_safe::get_frame_content_size(f.payload) {
+                Ok(Some(size)) => size,
+                Ok(None) => return Err(DecodeReason::NoContentSize),
+                Err(_) => return Err(DecodeReason::Zstd("not a zstd frame".into())),
+            };
+            if size > max_value_bytes as u64 {
+                return Err(DecodeReason::TooLarge { size, limit: max_value_bytes });
+            }
+            let frame_len = zstd::zstd_safe::find_frame_compressed_size(f.payload)
+                .map_err(|code| DecodeReason::Zstd(zstd::zstd_safe::get_error_name(code).to_string()))?;
+            if frame_len != f.payload.len() {
+                return Err(DecodeReason::FrameLength { actual: f.payload.len(), frame: frame_len });
+            }
+            let out = DECOMPRESSOR
+                .with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    if slot.is_none() {
+                        *slot = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    slot.as_mut().expect("set above").decompress(f.payload, size as usize)
+                })
+                .map_err(|e| DecodeReason::Zstd(e.to_string()))?;
+            if out.len() as u64 != size {
+                return Err(DecodeReason::Zstd(format!("decompressed {} bytes, frame declares {size}", out.len())));
+            }
+            Ok(Some(Bytes::from(out)))
+        }
+    }
+}
+
+fn raw_frame(value: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(frame::HEADER_LEN + value.len());
+    frame::write_header(&mut out, Codec::Raw, 0);
+    out.extend_from_slice(value);
+    Bytes::from(out)
+}
+
+/// etcd's `GetPrefixRangeEnd`: the smallest key greater than every key starting with `prefix`;
+/// `None` when there is none (empty prefix or all `0xFF`), i.e. the range is open-ended.
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+impl From<&PrefixConfig> for PrefixRule {
+    fn from(p: &PrefixConfig) -> Self {
+        PrefixRule {
+            prefix: Bytes::copy_from_slice(p.prefix.as_bytes()),
+            compress: p.compress,
+            level: p.level,
+            min_size: p.min_size.as_u64() as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> ValueCodec {
+        ValueCodec::new(
+            vec![PrefixRule { prefix: Bytes::from_static(b"/registry/wf/"), compress: true, level: 3, min_size: 64 }],
+            1 << 20,
+        )
+    }
+
+    const KEY: &[u8] = b"/registry/wf/ns/a";
+
+    fn json(n: usize) -> Bytes {
+        let mut s = String::from("{\"items\":[");
+        for i in 0..n {
+            s.push_str(&format!("{{\"name\":\"item-{i}\",\"phase\":5}},"));
+        }
+        s.push_str("{}]}\n");
+        Bytes::from(s)
+    }
+
+    #[test]
+    fn table() {
+        let c = codec();
+        let big = json(500);
+        let framed_user = {
+            let mut v = frame::MAGIC.to_vec();
+            v.extend_from_slice(b"user bytes");
+            Bytes::from(v)
+        };
+        let cases: Vec<(&[u8], Bytes, EncodeOutcome)> = vec![
+            (b"/other/key", big.clone(), EncodeOutcome::Untouched),
+            (KEY, big.clone(), EncodeOutcome::Compressed),
+            (KEY, Bytes::from_static(b"{}"), EncodeOutcome::RawFrame),
+            (KEY, Bytes::new(), EncodeOutcome::RawFrame),
+            (KEY, framed_user.clone(), EncodeOutcome::RawFrame),
+            (b"/other/key", framed_user, EncodeOutcome::Untouched),
+            (KEY, Bytes::from(format!("k8s:enc:aescbc:v1:key1:{}", "x".repeat(200))), EncodeOutcome::StoredAsIs),
+        ];
+        for (key, value, want) in cases {
+            let (stored, outcome) = c.encode(key, &value).unwrap();
+            assert_eq!(outcome, want, "{}", KeyDisplay(key));
+            match want {
+                EncodeOutcome::Untouched | EncodeOutcome::StoredAsIs => assert_eq!(stored, value),
+                _ => assert!(frame::is_framed(&stored), "{}", KeyDisplay(key)),
+            }
+            if want == EncodeOutcome::Compressed {
+                assert!(stored.len() * 5 < value.len());
+                assert_eq!(frame::parse(&stored).unwrap().codec, Codec::Zstd);
+            }
+            assert_eq!(c.decode(key, &stored).unwrap(), value);
+        }
+    }
+
+    #[test]
+    fn incompressible_is_stored_raw() {
+        use rand::{RngCore, SeedableRng};
+        let mut v = vec![0u8; 4096];
+        rand_chacha::ChaCha8Rng::seed_from_u64(1).fill_bytes(&mut v);
+        let v = Bytes::from(v);
+        let (stored, outcome) = codec().encode(KEY, &v).unwrap();
+        assert_eq!(outcome, EncodeOutcome::RawFrame);
+        assert_eq!(stored.len(), v.len() + frame::HEADER_LEN);
+    }
+
+    #[test]
+    fn corrupt_frames_are_errors_naming_the_key() {
+        let c = codec();
+        let (stored, _) = c.encode(KEY, &json(500)).unwrap();
+        let mut flipped = stored.to_vec();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x55;
+        let mut truncated = stored.to_vec();
+        truncated.truncate(stored.len() - 3);
+        let mut trailing = stored.to_vec();
+        trailing.push(0);
+        let mut dict = stored.to_vec();
+        dict[6] = 7;
+        for bad in [flipped, truncated, trailing, dict, frame::MAGIC.to_vec()] {
+            let err = c.decode(KEY, &Bytes::from(bad)).unwrap_err();
+            assert!(err.to_string().contains("/registry/wf/ns/a"), "{err}");
+        }
+    }
+
+    #[test]
+    fn decompression_bomb_is_refused() {
+        let big = ValueCodec::new(codec().rules, 1 << 30);
+        let zeros = Bytes::from(vec![b' '; 2 << 20]);
+        let (stored, _) = big.encode(KEY, &zeros).unwrap();
+        assert!(stored.len() < 1024);
+        let err = codec().decode(KEY, &stored).unwrap_err();
+        assert!(matches!(err.reason, DecodeReason::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn ranges_and_prefixes() {
+        let c = codec();
+        assert!(c.range_touches_prefix(b"/registry/wf/ns/a", b""));
+        assert!(!c.range_touches_prefix(b"/registry/x", b""));
+        assert!(c.range_touches_prefix(b"/registry/", b"/registry0"));
+        assert!(c.range_touches_prefix(b"/", b"\0"));
+        assert!(!c.range_touches_prefix(b"/registry/x", b"/registry/y"));
+        assert!(!c.range_touches_prefix(b"/a", b"/b"));
+        assert_eq!(prefix_end(b"/a"), Some(b"/b".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b""), None);
+    }
+}

@@ -1,0 +1,295 @@
+//! Value rewriting on etcd messages: compress values on the way up, decompress on the way down.
+//!
+//! Pure functions over decoded prost messages and a [`ValueCodec`]; no I/O, no gRPC. The
+//! request path in `src/server/` calls them between the client and the upstream etcd.
+//! Everything that is not a value (keys, revisions, headers, flags) is left exactly as it is.
+
+use bytes::Bytes;
+
+use crate::codec::{DecodeError, EncodeError, EncodeOutcome, ValueCodec};
+use crate::proto::etcdserverpb::{
+    compare, request_op, response_op, Compare, DeleteRangeResponse, PutRequest, PutResponse, RangeResponse,
+    TxnRequest, TxnResponse, WatchResponse,
+};
+use crate::proto::mvccpb::KeyValue;
+
+/// Byte counts of one rewritten request, for logs and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EncodeStats {
+    /// Values under a configured prefix.
+    pub values: u64,
+    /// Their size before encoding, in bytes.
+    pub bytes_in: u64,
+    /// Their size as stored, in bytes.
+    pub bytes_out: u64,
+    /// Values stored in a raw frame.
+    pub raw_frames: u64,
+    /// `k8s:enc:` values and values under `compress = false` prefixes, stored as they are.
+    pub stored_as_is: u64,
+}
+
+impl EncodeStats {
+    fn add(&mut self, before: usize, after: usize, outcome: EncodeOutcome) {
+        if outcome == EncodeOutcome::Untouched {
+            return;
+        }
+        self.values += 1;
+        self.bytes_in += before as u64;
+        self.bytes_out += after as u64;
+        match outcome {
+            EncodeOutcome::RawFrame => self.raw_frames += 1,
+            EncodeOutcome::StoredAsIs => self.stored_as_is += 1,
+            _ => {}
+        }
+    }
+}
+
+/// Encodes `PutRequest.value` (mirrors etcd's `Put`). `ignore_value` Puts carry no value and
+/// pass untouched.
+pub fn encode_put(codec: &ValueCodec, put: &mut PutRequest, stats: &mut EncodeStats) -> Result<(), EncodeError> {
+    if put.ignore_value {
+        return Ok(());
+    }
+    let (stored, outcome) = codec.encode(&put.key, &put.value)?;
+    stats.add(put.value.len(), stored.len(), outcome);
+    put.value = stored;
+    Ok(())
+}
+
+/// Encodes every Put in both branches of a Txn, recursing into nested Txns.
+pub fn encode_txn(codec: &ValueCodec, txn: &mut TxnRequest, stats: &mut EncodeStats) -> Result<(), EncodeError> {
+    for op in txn.success.iter_mut().chain(txn.failure.iter_mut()) {
+        match &mut op.request {
+            Some(request_op::Request::RequestPut(put)) => encode_put(codec, put, stats)?,
+            Some(request_op::Request::RequestTxn(inner)) => encode_txn(codec, inner, stats)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one `mvccpb.KeyValue.value` in place.
+pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue) -> Result<(), DecodeError> {
+    if !kv.value.is_empty() {
+        kv.value = codec.decode(&kv.key, &kv.value)?;
+    }
+    Ok(())
+}
+
+fn decode_kvs(codec: &ValueCodec, kvs: &mut [KeyValue]) -> Result<(), DecodeError> {
+    kvs.iter_mut().try_for_each(|kv| decode_kv(codec, kv))
+}
+
+/// Decodes `RangeResponse.kvs` (empty for `count_only`/`keys_only`: nothing to do).
+pub fn decode_range(codec: &ValueCodec, resp: &mut RangeResponse) -> Result<(), DecodeError> {
+    decode_kvs(codec, &mut resp.kvs)
+}
+
+/// Decodes `PutResponse.prev_kv`.
+pub fn decode_put(codec: &ValueCodec, resp: &mut PutResponse) -> Result<(), DecodeError> {
+    resp.prev_kv.as_mut().map_or(Ok(()), |kv| decode_kv(codec, kv))
+}
+
+/// Decodes `DeleteRangeResponse.prev_kvs`.
+pub fn decode_delete(codec: &ValueCodec, resp: &mut DeleteRangeResponse) -> Result<(), DecodeError> {
+    decode_kvs(codec, &mut resp.prev_kvs)
+}
+
+/// Decodes every value in a Txn response: Range results, Put and DeleteRange `prev_kv`s,
+/// recursing into nested Txn responses.
+pub fn decode_txn(codec: &ValueCodec, resp: &mut TxnResponse) -> Result<(), DecodeError> {
+    for op in resp.responses.iter_mut() {
+        match &mut op.response {
+            Some(response_op::Response::ResponseRange(r)) => decode_range(codec, r)?,
+            Some(response_op::Response::ResponsePut(r)) => decode_put(codec, r)?,
+            Some(response_op::Response::ResponseDeleteRange(r)) => decode_delete(codec, r)?,
+            Some(response_op::Response::ResponseTxn(r)) => decode_txn(codec, r)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Decodes `events[].kv` and `events[].prev_kv` of a WatchResponse. A `fragment`ed response
+/// carries whole events, so each fragment is decoded on its own; the flag passes through.
+pub fn decode_watch(codec: &ValueCodec, resp: &mut WatchResponse) -> Result<(), DecodeError> {
+    for ev in resp.events.iter_mut() {
+        if let Some(kv) = ev.kv.as_mut() {
+            decode_kv(codec, kv)?;
+        }
+        if let Some(kv) = ev.prev_kv.as_mut() {
+            decode_kv(codec, kv)?;
+        }
+    }
+    Ok(())
+}
+
+/// True when the Txn (or a nested one) has a `Compare` on VALUE whose key range touches a
+/// compressed prefix: etcd would compare stored frames, not the logical value, so the proxy
+/// must evaluate it itself (see `server::kv`).
+pub fn has_value_compare(codec: &ValueCodec, txn: &TxnRequest) -> bool {
+    txn.compare.iter().any(|c| is_value_compare_on_prefix(codec, c))
+        || nested(txn).any(|inner| has_value_compare(codec, inner))
+}
+
+/// Is this compare a VALUE compare over a compressed prefix?
+pub fn is_value_compare_on_prefix(codec: &ValueCodec, c: &Compare) -> bool {
+    c.target == compare::CompareTarget::Value as i32 && codec.range_touches_prefix(&c.key, &c.range_end)
+}
+
+fn nested(txn: &TxnRequest) -> impl Iterator<Item = &TxnRequest> {
+    txn.success.iter().chain(txn.failure.iter()).filter_map(|op| match &op.request {
+        Some(request_op::Request::RequestTxn(inner)) => Some(inner),
+        _ => None,
+    })
+}
+
+/// Every VALUE compare on a compressed prefix in the Txn tree, in a fixed (depth-first) order.
+pub fn value_compares(codec: &ValueCodec, txn: &TxnRequest) -> Vec<Compare> {
+    let mut out = Vec::new();
+    collect(codec, txn, &mut out);
+    fn collect(codec: &ValueCodec, txn: &TxnRequest, out: &mut Vec<Compare>) {
+        out.extend(txn.compare.iter().filter(|c| is_value_compare_on_prefix(codec, c)).cloned());
+        for op in txn.success.iter().chain(txn.failure.iter()) {
+            if let Some(request_op::Request::RequestTxn(inner)) = &op.request {
+                collect(codec, inner, out);
+            }
+        }
+    }
+    out
+}
+
+/// Replaces the VALUE compares found by [`value_compares`] (same order) with the given
+/// replacements (compares whose outcome the proxy has fixed).
+pub fn replace_value_compares(codec: &ValueCodec, txn: &mut TxnRequest, replacements: &mut impl Iterator<Item = Compare>) {
+    for c in txn.compare.iter_mut() {
+        if is_value_compare_on_prefix(codec, c) {
+            *c = replacements.next().expect("one replacement per value compare");
+        }
+    }
+    for op in txn.success.iter_mut().chain(txn.failure.iter_mut()) {
+        if let Some(request_op::Request::RequestTxn(inner)) = &mut op.request {
+            replace_value_compares(codec, inner, replacements);
+        }
+    }
+}
+
+/// etcd's `compareKV` for target VALUE, applied to the logical values of the keys found in
+/// the compare's range (etcd's `applyCompare`: no key → false; else every key must match).
+pub fn evaluate_value_compare(c: &Compare, logical_values: &[Bytes]) -> bool {
+    let Some(compare::TargetUnion::Value(want)) = &c.target_union else {
+        // A VALUE compare without a value compares against the empty value.
+        return evaluate_value_compare(&Compare { target_union: Some(compare::TargetUnion::Value(Bytes::new())), ..c.clone() }, logical_values);
+    };
+    if logical_values.is_empty() {
+        return false;
+    }
+    logical_values.iter().all(|v| {
+        let ord = v[..].cmp(&want[..]);
+        match compare::CompareResult::try_from(c.result) {
+            Ok(compare::CompareResult::Equal) => ord.is_eq(),
+            Ok(compare::CompareResult::Greater) => ord.is_gt(),
+            Ok(compare::CompareResult::Less) => ord.is_lt(),
+            Ok(compare::CompareResult::NotEqual) => ord.is_ne(),
+            Err(_) => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::PrefixRule;
+    use crate::proto::etcdserverpb::{RequestOp, ResponseOp};
+    use crate::proto::mvccpb::Event;
+
+    fn codec() -> ValueCodec {
+        ValueCodec::new(vec![PrefixRule { prefix: Bytes::from_static(b"/p/"), compress: true, level: 3, min_size: 0 }], 1 << 24)
+    }
+
+    fn big() -> Bytes {
+        Bytes::from("{\"status\":\"running\"}".repeat(100))
+    }
+
+    fn put(key: &'static [u8], value: Bytes) -> PutRequest {
+        PutRequest { key: Bytes::from_static(key), value, ..Default::default() }
+    }
+
+    #[test]
+    fn txn_round_trip_through_nested_branches() {
+        let c = codec();
+        let mut txn = TxnRequest {
+            success: vec![
+                RequestOp { request: Some(request_op::Request::RequestPut(put(b"/p/a", big()))) },
+                RequestOp { request: Some(request_op::Request::RequestPut(put(b"/q/a", big()))) },
+            ],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestTxn(TxnRequest {
+                    success: vec![RequestOp { request: Some(request_op::Request::RequestPut(put(b"/p/b", big()))) }],
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        let mut stats = EncodeStats::default();
+        encode_txn(&c, &mut txn, &mut stats).unwrap();
+        assert_eq!(stats.values, 2);
+        assert!(stats.bytes_out * 10 < stats.bytes_in);
+        let Some(request_op::Request::RequestPut(p)) = &txn.success[1].request else { panic!() };
+        assert_eq!(p.value, big(), "keys outside the prefix are untouched");
+
+        // Feed the stored values back as responses.
+        let stored = |op: &RequestOp| match &op.request {
+            Some(request_op::Request::RequestPut(p)) => KeyValue { key: p.key.clone(), value: p.value.clone(), ..Default::default() },
+            _ => unreachable!(),
+        };
+        let kv = stored(&txn.success[0]);
+        let mut resp = TxnResponse {
+            responses: vec![
+                ResponseOp { response: Some(response_op::Response::ResponseRange(RangeResponse { kvs: vec![kv.clone()], ..Default::default() })) },
+                ResponseOp {
+                    response: Some(response_op::Response::ResponseTxn(TxnResponse {
+                        responses: vec![ResponseOp {
+                            response: Some(response_op::Response::ResponseDeleteRange(DeleteRangeResponse { prev_kvs: vec![kv.clone()], ..Default::default() })),
+                        }],
+                        ..Default::default()
+                    })),
+                },
+            ],
+            ..Default::default()
+        };
+        decode_txn(&c, &mut resp).unwrap();
+        let mut w = WatchResponse { events: vec![Event { kv: Some(kv.clone()), prev_kv: Some(kv), ..Default::default() }], ..Default::default() };
+        decode_watch(&c, &mut w).unwrap();
+        assert_eq!(w.events[0].kv.as_ref().unwrap().value, big());
+        assert_eq!(w.events[0].prev_kv.as_ref().unwrap().value, big());
+    }
+
+    #[test]
+    fn ignore_value_put_is_untouched() {
+        let mut p = PutRequest { key: Bytes::from_static(b"/p/a"), ignore_value: true, ..Default::default() };
+        encode_put(&codec(), &mut p, &mut EncodeStats::default()).unwrap();
+        assert!(p.value.is_empty());
+    }
+
+    #[test]
+    fn value_compare_semantics() {
+        use compare::CompareResult::*;
+        let mk = |r: compare::CompareResult, v: &'static [u8]| Compare {
+            result: r as i32,
+            target: compare::CompareTarget::Value as i32,
+            key: Bytes::from_static(b"/p/a"),
+            target_union: Some(compare::TargetUnion::Value(Bytes::from_static(v))),
+            ..Default::default()
+        };
+        let vals = [Bytes::from_static(b"b")];
+        assert!(evaluate_value_compare(&mk(Equal, b"b"), &vals));
+        assert!(!evaluate_value_compare(&mk(Equal, b"a"), &vals));
+        assert!(evaluate_value_compare(&mk(Greater, b"a"), &vals));
+        assert!(evaluate_value_compare(&mk(Less, b"c"), &vals));
+        assert!(evaluate_value_compare(&mk(NotEqual, b"c"), &vals));
+        assert!(!evaluate_value_compare(&mk(NotEqual, b"c"), &[]), "missing key: always false, as etcd");
+        let txn = TxnRequest { compare: vec![mk(Equal, b"b"), Compare { key: Bytes::from_static(b"/q"), ..mk(Equal, b"b") }], ..Default::default() };
+        assert_eq!(value_compares(&codec(), &txn).len(), 1);
+    }
+}

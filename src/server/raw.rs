@@ -1,0 +1,233 @@
+//! Lease, Cluster, Maintenance and Auth: forwarded as raw protobuf bytes, never decoded.
+//!
+//! Their messages carry no values, and decoding them with prost would drop fields this build
+//! does not know (a newer etcd's), so the bytes go through untouched. Only the methods listed
+//! here are forwarded; any other path answers UNIMPLEMENTED (an unknown method could carry
+//! compressed values to the client).
+
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes};
+use futures::future::BoxFuture;
+use http::uri::PathAndQuery;
+use tokio_stream::StreamExt;
+use tonic::body::Body;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::server::NamedService;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{upstream_metadata, Shared};
+
+/// The shape of a gRPC method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// One request, one response.
+    Unary,
+    /// One request, a stream of responses (Maintenance.Snapshot).
+    ServerStreaming,
+    /// Streams both ways (Lease.LeaseKeepAlive).
+    Bidi,
+}
+
+/// One etcd service forwarded as bytes: its gRPC name and methods.
+pub trait RawSpec: Send + Sync + 'static {
+    /// Fully qualified service name, e.g. `etcdserverpb.Lease`.
+    const NAME: &'static str;
+    /// Method names and shapes, from etcd v3.7.2's `rpc.proto`.
+    const METHODS: &'static [(&'static str, Shape)];
+}
+
+macro_rules! raw_spec {
+    ($ty:ident, $name:literal, [$(($m:literal, $shape:ident)),* $(,)?]) => {
+        #[doc = concat!("`", $name, "`, forwarded as bytes.")]
+        pub struct $ty;
+        impl RawSpec for $ty {
+            const NAME: &'static str = $name;
+            const METHODS: &'static [(&'static str, Shape)] = &[$(($m, Shape::$shape)),*];
+        }
+    };
+}
+
+raw_spec!(LeaseSpec, "etcdserverpb.Lease", [
+    ("LeaseGrant", Unary), ("LeaseRevoke", Unary), ("LeaseKeepAlive", Bidi),
+    ("LeaseTimeToLive", Unary), ("LeaseLeases", Unary),
+]);
+raw_spec!(ClusterSpec, "etcdserverpb.Cluster", [
+    ("MemberAdd", Unary), ("MemberRemove", Unary), ("MemberUpdate", Unary), ("MemberList", Unary), ("MemberPromote", Unary),
+]);
+raw_spec!(MaintenanceSpec, "etcdserverpb.Maintenance", [
+    ("Alarm", Unary), ("Status", Unary), ("Defragment", Unary), ("Hash", Unary), ("HashKV", Unary),
+    ("Snapshot", ServerStreaming), ("MoveLeader", Unary), ("Downgrade", Unary),
+]);
+raw_spec!(AuthSpec, "etcdserverpb.Auth", [
+    ("AuthEnable", Unary), ("AuthDisable", Unary), ("AuthStatus", Unary), ("Authenticate", Unary),
+    ("UserAdd", Unary), ("UserGet", Unary), ("UserList", Unary), ("UserDelete", Unary),
+    ("UserChangePassword", Unary), ("UserGrantRole", Unary), ("UserRevokeRole", Unary),
+    ("RoleAdd", Unary), ("RoleGet", Unary), ("RoleList", Unary), ("RoleDelete", Unary),
+    ("RoleGrantPermission", Unary), ("RoleRevokePermission", Unary),
+]);
+
+/// A tower service that forwards the methods of `S` to etcd as raw bytes.
+pub struct RawService<S> {
+    shared: Arc<Shared>,
+    channel: Channel,
+    _spec: PhantomData<fn() -> S>,
+}
+
+impl<S> Clone for RawService<S> {
+    fn clone(&self) -> Self {
+        RawService { shared: self.shared.clone(), channel: self.channel.clone(), _spec: PhantomData }
+    }
+}
+
+impl<S: RawSpec> RawService<S> {
+    /// Forwards `S`'s methods over `channel`.
+    pub fn new(shared: Arc<Shared>, channel: Channel) -> Self {
+        RawService { shared, channel, _spec: PhantomData }
+    }
+}
+
+impl<S: RawSpec> NamedService for RawService<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S: RawSpec> tower::Service<http::Request<Body>> for RawService<S> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let shape = path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(S::NAME))
+            .and_then(|p| p.strip_prefix('/'))
+            .and_then(|m| S::METHODS.iter().find(|(name, _)| *name == m))
+            .map(|(_, shape)| *shape);
+        let max_decoding = self.shared.config.limits.max_request_bytes.as_u64() as usize;
+        let forwarder = Forwarder { channel: self.channel.clone(), path: PathAndQuery::from_maybe_shared(path).ok() };
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
+            Ok(match shape {
+                Some(Shape::Unary) => grpc.unary(forwarder, req).await,
+                Some(Shape::ServerStreaming) => grpc.server_streaming(forwarder, req).await,
+                Some(Shape::Bidi) => grpc.streaming(forwarder, req).await,
+                None => Status::unimplemented("").into_http(),
+            })
+        })
+    }
+}
+
+/// Forwards one call to the same path upstream.
+#[derive(Clone)]
+struct Forwarder {
+    channel: Channel,
+    path: Option<PathAndQuery>,
+}
+
+impl Forwarder {
+    fn client(&self) -> Result<(tonic::client::Grpc<Channel>, PathAndQuery), Status> {
+        let path = self.path.clone().ok_or_else(|| Status::unimplemented(""))?;
+        let grpc = tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        Ok((grpc, path))
+    }
+}
+
+impl tonic::server::UnaryService<Bytes> for Forwarder {
+    type Response = Bytes;
+    type Future = BoxFuture<'static, Result<Response<Bytes>, Status>>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (mut grpc, path) = this.client()?;
+            grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+            let (metadata, _, msg) = request.into_parts();
+            let mut up = Request::new(msg);
+            *up.metadata_mut() = upstream_metadata(&metadata);
+            grpc.unary(up, path, RawCodec).await
+        })
+    }
+}
+
+impl tonic::server::ServerStreamingService<Bytes> for Forwarder {
+    type Response = Bytes;
+    type ResponseStream = Streaming<Bytes>;
+    type Future = BoxFuture<'static, Result<Response<Streaming<Bytes>>, Status>>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (mut grpc, path) = this.client()?;
+            grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+            let (metadata, _, msg) = request.into_parts();
+            let mut up = Request::new(msg);
+            *up.metadata_mut() = upstream_metadata(&metadata);
+            grpc.server_streaming(up, path, RawCodec).await
+        })
+    }
+}
+
+impl tonic::server::StreamingService<Bytes> for Forwarder {
+    type Response = Bytes;
+    type ResponseStream = Streaming<Bytes>;
+    type Future = BoxFuture<'static, Result<Response<Streaming<Bytes>>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (mut grpc, path) = this.client()?;
+            grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+            let (metadata, _, inbound) = request.into_parts();
+            let mut up = Request::new(inbound.map_while(|r| r.ok()));
+            *up.metadata_mut() = upstream_metadata(&metadata);
+            grpc.streaming(up, path, RawCodec).await
+        })
+    }
+}
+
+/// A gRPC codec whose messages are the protobuf bytes themselves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        let len = src.remaining();
+        Ok(Some(src.copy_to_bytes(len)))
+    }
+}
