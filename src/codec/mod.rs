@@ -125,7 +125,7 @@ thread_local! {
 impl ValueCodec {
     /// Builds the codec from prefix rules; `max_value_bytes` bounds every decompressed value.
     pub fn new(mut rules: Vec<PrefixRule>, max_value_bytes: usize) -> Self {
-        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         ValueCodec { rules, max_value_bytes }
     }
 

@@ -90,7 +90,9 @@ pub async fn bind(
         .add_service(raw::RawService::<raw::LeaseSpec>::new(shared.clone(), channel.clone()))
         .add_service(raw::RawService::<raw::ClusterSpec>::new(shared.clone(), channel.clone()))
         .add_service(raw::RawService::<raw::MaintenanceSpec>::new(shared.clone(), channel.clone()))
-        .add_service(raw::RawService::<raw::AuthSpec>::new(shared.clone(), channel))
+        .add_service(raw::RawService::<raw::AuthSpec>::new(shared.clone(), channel.clone()))
+        .add_service(raw::RawService::<raw::LockSpec>::new(shared.clone(), channel.clone()))
+        .add_service(raw::RawService::<raw::ElectionSpec>::new(shared.clone(), channel))
         .add_service(health_service);
     tracing::info!(listen = %local, upstream = ?shared.config.upstream.endpoints,
         prefixes = ?shared.config.prefixes.iter().map(|p| p.prefix.as_str()).collect::<Vec<_>>(), "etcd-squeeze serving");

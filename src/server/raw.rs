@@ -1,7 +1,8 @@
-//! Lease, Cluster, Maintenance and Auth: forwarded as raw protobuf bytes, never decoded.
+//! Lease, Cluster, Maintenance, Auth, and etcd's Lock and Election services: forwarded as raw protobuf bytes, never decoded.
 //!
 //! Their messages carry no values, and decoding them with prost would drop fields this build
-//! does not know (a newer etcd's), so the bytes go through untouched. Only the methods listed
+//! does not know (a newer etcd's), so the bytes go through untouched. (Lock and Election
+//! values are written by etcd itself, never through the proxy's KV, so they are never framed.) Only the methods listed
 //! here are forwarded; any other path answers UNIMPLEMENTED (an unknown method could carry
 //! compressed values to the client).
 
@@ -69,6 +70,11 @@ raw_spec!(AuthSpec, "etcdserverpb.Auth", [
     ("UserChangePassword", Unary), ("UserGrantRole", Unary), ("UserRevokeRole", Unary),
     ("RoleAdd", Unary), ("RoleGet", Unary), ("RoleList", Unary), ("RoleDelete", Unary),
     ("RoleGrantPermission", Unary), ("RoleRevokePermission", Unary),
+]);
+
+raw_spec!(LockSpec, "v3lockpb.Lock", [("Lock", Unary), ("Unlock", Unary)]);
+raw_spec!(ElectionSpec, "v3electionpb.Election", [
+    ("Campaign", Unary), ("Proclaim", Unary), ("Leader", Unary), ("Observe", ServerStreaming), ("Resign", Unary),
 ]);
 
 /// A tower service that forwards the methods of `S` to etcd as raw bytes.

@@ -1,0 +1,32 @@
+//! Integration tests: a real etcd, the proxy on loopback, real clients (`etcd-client`, `etcdctl`).
+//!
+//! Every case of [`suite!`] runs twice: with the default FlyteWorkflow prefix, and with a proxy
+//! that compresses every key (prefix "").
+
+mod harness;
+mod kv;
+mod other;
+mod watch;
+
+/// Expands each listed `async fn(Env)` case into one test per prefix configuration.
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod flyte_prefix {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::harness::Env::new(crate::harness::FLYTE).await).await;
+                }
+            )*
+        }
+        mod every_key {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::harness::Env::new("").await).await;
+                }
+            )*
+        }
+    };
+}
+pub(crate) use suite;

@@ -1,0 +1,95 @@
+//! Lease, Maintenance, Auth, health, unknown methods, metadata: everything the etcd-client crate can call.
+
+use std::time::Duration;
+
+use etcd_client::{GetOptions, PutOptions};
+
+use crate::harness::Env;
+
+crate::suite!(lease_with_keepalive, maintenance_cluster_and_snapshot, auth_token_is_forwarded, unknown_method_is_unimplemented, health_service_serves, lock_and_election);
+
+async fn lease_with_keepalive(mut env: Env) {
+    let lease = env.via.lease_grant(2, None).await.unwrap();
+    let key = env.wf_key("leased");
+    let obj = etcd_squeeze::corpus::small_set(5).remove(2);
+    env.via.put(key.as_str(), obj.json.clone(), Some(PutOptions::new().with_lease(lease.id()))).await.unwrap();
+    let (mut keeper, mut responses) = env.via.lease_keep_alive(lease.id()).await.unwrap();
+    for _ in 0..3 {
+        keeper.keep_alive().await.unwrap();
+        let r = responses.message().await.unwrap().unwrap();
+        assert_eq!(r.id(), lease.id());
+        assert!(r.ttl() > 0);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let kv = env.via.get(key.as_str(), None).await.unwrap();
+    assert_eq!(kv.kvs()[0].value(), &obj.json[..]);
+    assert_eq!(kv.kvs()[0].lease(), lease.id());
+    let ttl = env.via.lease_time_to_live(lease.id(), Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await.unwrap();
+    assert_eq!(ttl.keys(), &[key.as_bytes().to_vec()]);
+    assert!(env.via.leases().await.unwrap().leases().iter().any(|l| l.id == lease.id()));
+    env.via.lease_revoke(lease.id()).await.unwrap();
+    assert_eq!(env.via.get(key.as_str(), Some(GetOptions::new().with_count_only())).await.unwrap().count(), 0);
+}
+
+async fn maintenance_cluster_and_snapshot(mut env: Env) {
+    let via = env.via.status().await.unwrap();
+    let direct = env.direct.status().await.unwrap();
+    assert_eq!(via.version(), direct.version(), "Maintenance.Status.version is etcd's own");
+    assert_eq!(via.header().unwrap().cluster_id(), direct.header().unwrap().cluster_id());
+    let members = env.via.member_list().await.unwrap();
+    assert_eq!(members.members().len(), 1);
+    env.via.alarm(etcd_client::AlarmAction::Get, etcd_client::AlarmType::None, None).await.unwrap();
+    env.via.hash_kv(0).await.unwrap();
+    env.via.defragment().await.unwrap();
+    let mut snap = env.via.snapshot().await.unwrap();
+    let mut bytes = 0;
+    while let Some(chunk) = snap.message().await.unwrap() {
+        bytes += chunk.blob().len();
+    }
+    assert!(bytes > 0);
+}
+
+async fn auth_token_is_forwarded(mut env: Env) {
+    env.via.user_add("root", "pw", None).await.unwrap();
+    env.via.user_grant_role("root", "root").await.unwrap();
+    env.via.auth_enable().await.unwrap();
+    // Without a token, etcd refuses; with one (metadata `token`), it serves through the proxy.
+    let err = env.via.put(env.wf_key("a").as_str(), "{}", None).await.unwrap_err();
+    assert!(err.to_string().contains("user name is empty") || err.to_string().contains("permission"), "{err}");
+    let opts = etcd_client::ConnectOptions::new().with_user("root", "pw");
+    let mut c = etcd_client::Client::connect([&env.proxy.url], Some(opts)).await.unwrap();
+    let key = env.wf_key("authed");
+    c.put(key.as_str(), "{\"ok\":true}", None).await.unwrap();
+    assert_eq!(c.get(key.as_str(), None).await.unwrap().kvs()[0].value(), b"{\"ok\":true}");
+    c.auth_disable().await.unwrap();
+}
+
+async fn unknown_method_is_unimplemented(env: Env) {
+    let channel = tonic::transport::Endpoint::from_shared(env.proxy.url.clone()).unwrap().connect().await.unwrap();
+    for path in ["/etcdserverpb.KV/RangeStreamV2", "/etcdserverpb.Lease/LeaseSomething", "/etcdserverpb.Nope/X", "/etcdserverpb.KV/RangeStream"] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let res = grpc
+            .unary::<_, bytes::Bytes, _>(tonic::Request::new(bytes::Bytes::new()), path.parse().unwrap(), etcd_squeeze::server::raw::RawCodec)
+            .await;
+        // RangeStream is known to the proxy; etcd 3.4 answers UNIMPLEMENTED itself.
+        assert_eq!(res.unwrap_err().code(), tonic::Code::Unimplemented, "{path}");
+    }
+}
+
+async fn health_service_serves(env: Env) {
+    let channel = tonic::transport::Endpoint::from_shared(env.proxy.url.clone()).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(r.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
+
+async fn lock_and_election(mut env: Env) {
+    let lock = env.via.lock("my-lock", None).await.unwrap();
+    assert!(lock.key().starts_with(b"my-lock"));
+    env.via.unlock(lock.key()).await.unwrap();
+    let lease = env.via.lease_grant(10, None).await.unwrap().id();
+    env.via.campaign("my-election", "leader-1", lease).await.unwrap();
+    let leader = env.via.leader("my-election").await.unwrap();
+    assert_eq!(leader.kv().unwrap().value(), b"leader-1");
+}

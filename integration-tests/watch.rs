@@ -1,0 +1,95 @@
+//! Watch: history with prev_kv, compaction, progress, many watches on one stream.
+
+use etcd_client::{EventType, WatchOptions};
+
+use crate::harness::Env;
+
+crate::suite!(watch_history_with_prev_kv, watch_from_compacted_revision, watch_progress_and_cancel);
+
+async fn next(stream: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+        .await
+        .expect("watch response within 10s")
+        .unwrap()
+        .expect("stream open")
+}
+
+async fn watch_history_with_prev_kv(mut env: Env) {
+    let objs = etcd_squeeze::corpus::small_set(11);
+    let prefix = env.wf_key("watched/");
+    let key = format!("{prefix}wf");
+    let start = env.via.put(key.as_str(), objs[0].json.clone(), None).await.unwrap().header().unwrap().revision();
+    for obj in &objs[1..4] {
+        env.via.put(key.as_str(), obj.json.clone(), None).await.unwrap();
+    }
+    env.via.delete(key.as_str(), None).await.unwrap();
+
+    // Watch from the first revision: replay create, 3 updates, delete, each with prev_kv.
+    let mut stream = env
+        .via
+        .watch(prefix.as_str(), Some(WatchOptions::new().with_prefix().with_prev_key().with_start_revision(start)))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while events.len() < 5 {
+        let r = next(&mut stream).await;
+        events.extend(r.events().iter().cloned());
+    }
+    assert_eq!(events[0].event_type(), EventType::Put);
+    assert_eq!(events[0].kv().unwrap().value(), &objs[0].json[..]);
+    for i in 1..4 {
+        assert_eq!(events[i].kv().unwrap().value(), &objs[i].json[..], "update {i}");
+        assert_eq!(events[i].prev_kv().unwrap().value(), &objs[i - 1].json[..], "prev_kv of update {i}");
+    }
+    assert_eq!(events[4].event_type(), EventType::Delete);
+    assert!(events[4].kv().unwrap().value().is_empty());
+    assert_eq!(events[4].prev_kv().unwrap().value(), &objs[3].json[..]);
+    // Revisions are etcd's, strictly increasing.
+    let revs: Vec<i64> = events.iter().map(|e| e.kv().unwrap().mod_revision()).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+
+    // Live events arrive too.
+    env.via.put(key.as_str(), objs[4].json.clone(), None).await.unwrap();
+    let r = next(&mut stream).await;
+    assert_eq!(r.events()[0].kv().unwrap().value(), &objs[4].json[..]);
+    assert!(r.events()[0].prev_kv().is_none(), "created again: no prev_kv");
+}
+
+async fn watch_from_compacted_revision(mut env: Env) {
+    let key = env.wf_key("wc");
+    let first = env.via.put(key.as_str(), "{\"a\":1}", None).await.unwrap().header().unwrap().revision();
+    let last = env.via.put(key.as_str(), "{\"a\":2}", None).await.unwrap().header().unwrap().revision();
+    env.via.compact(last, None).await.unwrap();
+    let opts = WatchOptions::new().with_prev_key().with_start_revision(first);
+    let mut d = env.direct.watch(key.as_str(), Some(opts.clone())).await.unwrap();
+    let mut v = env.via.watch(key.as_str(), Some(opts)).await.unwrap();
+    let (d, v) = (next(&mut d).await, next(&mut v).await);
+    assert!(v.canceled());
+    assert_eq!(v.compact_revision(), d.compact_revision());
+    assert_eq!(v.compact_revision(), last);
+    assert_eq!(v.cancel_reason(), d.cancel_reason());
+}
+
+async fn watch_progress_and_cancel(mut env: Env) {
+    let key = env.wf_key("wp");
+    let mut stream = env.via.watch(key.as_str(), Some(WatchOptions::new().with_progress_notify())).await.unwrap();
+    let created = next(&mut stream).await;
+    assert!(created.created());
+    let id = created.watch_id();
+    // A second watch on the same stream (kube-apiserver multiplexes watches).
+    stream.watch(env.wf_key("wp2"), None).await.unwrap();
+    let second = next(&mut stream).await;
+    assert!(second.created());
+    assert_ne!(second.watch_id(), id);
+    let rev = env.via.put(key.as_str(), "{}", None).await.unwrap().header().unwrap().revision();
+    let ev = next(&mut stream).await;
+    assert_eq!(ev.watch_id(), id);
+    stream.request_progress().await.unwrap();
+    let progress = next(&mut stream).await;
+    assert!(progress.events().is_empty() && !progress.created() && !progress.canceled());
+    assert!(progress.header().unwrap().revision() >= rev);
+    stream.cancel(id).await.unwrap();
+    let canceled = next(&mut stream).await;
+    assert!(canceled.canceled());
+    assert_eq!(canceled.watch_id(), id);
+}

@@ -1,0 +1,38 @@
+# Shared by scripts/demo and scripts/test. Sourced, not run.
+
+# Installs Debian's etcd-server and etcd-client when etcd or etcdctl is missing.
+ensure_etcd() {
+    if command -v etcd >/dev/null 2>&1 && command -v etcdctl >/dev/null 2>&1; then
+        return 0
+    fi
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    echo "installing etcd-server and etcd-client (apt-get)..." >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server etcd-client >/dev/null
+    # Debian's package starts etcd as a service on 2379; the scripts use their own ports and leave it be.
+}
+
+# Prints a free loopback TCP port.
+free_port() {
+    local port
+    while :; do
+        port=$(( (RANDOM % 20000) + 30000 ))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+    done
+}
+
+# Waits until `etcdctl endpoint health` succeeds against $1 (up to 30 s).
+wait_healthy() {
+    for _ in $(seq 1 300); do
+        if ETCDCTL_API=3 etcdctl --endpoints="$1" --command-timeout=1s endpoint health >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "timed out waiting for $1" >&2
+    return 1
+}
