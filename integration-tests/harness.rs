@@ -161,8 +161,13 @@ impl Env {
 }
 
 /// Runs `etcdctl` (API v3) against `endpoint`; panics with stderr on failure.
+///
+/// The endpoint is given as `host:port`: etcdctl 3.4's per-endpoint commands (`endpoint status`)
+/// send an `http://…` endpoint verbatim as the HTTP/2 `:authority`, which is malformed; etcd's
+/// grpc-go server tolerates it, hyper's h2 (the proxy's) resets the stream.
 pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;
+    let endpoint = endpoint.trim_start_matches("http://");
     let mut child = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoint}"))

@@ -119,7 +119,9 @@ async fn paginated_list_at_fixed_revision(mut env: Env) {
     assert!(first.more());
     assert_eq!(first.count(), 25);
     // A write after the first page must not show in later pages pinned at `rev`.
-    update(&mut env.via, &format!("{prefix}wf-020"), get(&mut env.via, &format!("{prefix}wf-020")).await.unwrap().mod_revision(), b"{}\n").await.unwrap();
+    let k20 = format!("{prefix}wf-020");
+    let rev20 = get(&mut env.via, &k20).await.unwrap().mod_revision();
+    update(&mut env.via, &k20, rev20, b"{}\n").await.unwrap();
     let mut seen: Vec<etcd_client::KeyValue> = first.kvs().to_vec();
     let end = etcd_squeeze::codec::prefix_end(prefix.as_bytes()).unwrap();
     while seen.len() < 25 {
@@ -229,13 +231,19 @@ async fn value_compare_on_logical_value(mut env: Env) {
     let missing = env.wf_key("missing");
     let r = env.via.txn(Txn::new().when([Compare::value(missing.as_str(), CompareOp::NotEqual, "x")])).await.unwrap();
     assert!(!r.succeeded());
-    // Ranged VALUE compare over the prefix: every key must match.
+    // Ranged VALUE compare over the prefix ("cmp" and "cmp-other"): every key must match.
+    let r = env
+        .via
+        .txn(Txn::new().when([Compare::value(env.wf_key("cmp"), CompareOp::Greater, "0").with_prefix()]))
+        .await
+        .unwrap();
+    assert!(r.succeeded());
     let r = env
         .via
         .txn(Txn::new().when([Compare::value(env.wf_key("cmp"), CompareOp::Greater, "{").with_prefix()]))
         .await
         .unwrap();
-    assert!(r.succeeded());
+    assert!(!r.succeeded(), "\"then\"/\"else\" are not greater than \"{{\"");
     // The response header is etcd's: same revision as a direct read right after.
     let h = r.header().unwrap().revision();
     assert_eq!(env.direct.get("x", None).await.unwrap().header().unwrap().revision(), h);
@@ -250,8 +258,7 @@ async fn too_large_for_etcd_but_fits_compressed(mut env: Env) {
     let key = env.wf_key("big");
     let err = env.direct.put(key.as_str(), big.json.clone(), None).await.unwrap_err();
     assert!(err.to_string().contains("request is too large") || err.to_string().contains("larger than max"), "{err}");
-    let mut via = env.via.clone();
-    let mut kv = via.kv_client().max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
+    let mut kv = env.via.kv_client().max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
     kv.put(key.as_str(), big.json.clone(), None).await.unwrap();
     let got = kv.get(key.as_str(), None).await.unwrap();
     assert_eq!(got.kvs()[0].value(), &big.json[..]);

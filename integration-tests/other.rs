@@ -26,7 +26,7 @@ async fn lease_with_keepalive(mut env: Env) {
     assert_eq!(kv.kvs()[0].lease(), lease.id());
     let ttl = env.via.lease_time_to_live(lease.id(), Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await.unwrap();
     assert_eq!(ttl.keys(), &[key.as_bytes().to_vec()]);
-    assert!(env.via.leases().await.unwrap().leases().iter().any(|l| l.id == lease.id()));
+    assert!(env.via.leases().await.unwrap().leases().iter().any(|l| l.id() == lease.id()));
     env.via.lease_revoke(lease.id()).await.unwrap();
     assert_eq!(env.via.get(key.as_str(), Some(GetOptions::new().with_count_only())).await.unwrap().count(), 0);
 }

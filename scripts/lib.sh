@@ -25,10 +25,11 @@ free_port() {
     done
 }
 
-# Waits until `etcdctl endpoint health` succeeds against $1 (up to 30 s).
+# Waits until `etcdctl endpoint health` succeeds against $1 (up to 30 s). The scheme is stripped:
+# etcdctl 3.4 sends an http:// endpoint verbatim as the HTTP/2 :authority, which h2 refuses.
 wait_healthy() {
     for _ in $(seq 1 300); do
-        if ETCDCTL_API=3 etcdctl --endpoints="$1" --command-timeout=1s endpoint health >/dev/null 2>&1; then
+        if ETCDCTL_API=3 etcdctl --endpoints="${1#http://}" --command-timeout=1s endpoint health >/dev/null 2>&1; then
             return 0
         fi
         sleep 0.1

@@ -18,8 +18,8 @@
 
 pub mod codec;
 pub mod config;
-// pub mod corpus;
-// pub mod demo;
+pub mod corpus;
+pub mod demo;
 pub mod rewrite;
 pub mod server;
 pub mod upstream;
