@@ -132,7 +132,7 @@ async fn paginated_list_at_fixed_revision(mut env: Env) {
             .get(from, Some(GetOptions::new().with_range(end.clone()).with_limit(10).with_revision(rev)))
             .await
             .unwrap();
-        assert_eq!(page.header().unwrap().revision() >= rev, true);
+        assert!(page.header().unwrap().revision() >= rev);
         seen.extend(page.kvs().iter().cloned());
         if !page.more() {
             break;
@@ -147,8 +147,8 @@ async fn paginated_list_at_fixed_revision(mut env: Env) {
 async fn count_only_and_keys_only(mut env: Env) {
     let objs = objects();
     let prefix = format!("{FLYTE}ns-count/");
-    for i in 0..5 {
-        create(&mut env.via, &format!("{prefix}{i}"), &objs[i].json).await;
+    for (i, obj) in objs.iter().take(5).enumerate() {
+        create(&mut env.via, &format!("{prefix}{i}"), &obj.json).await;
     }
     let c = env.via.get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
     assert_eq!((c.count(), c.kvs().len()), (5, 0));

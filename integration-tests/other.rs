@@ -93,3 +93,77 @@ async fn lock_and_election(mut env: Env) {
     let leader = env.via.leader("my-election").await.unwrap();
     assert_eq!(leader.kv().unwrap().value(), b"leader-1");
 }
+
+/// etcd splits a large watch response into `fragment`ed responses when the client asks; each
+/// fragment carries whole events, decoded on their own, and the flag passes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_watch_responses_are_decoded() {
+    use etcd_squeeze::proto::etcdserverpb::{watch_client::WatchClient, watch_request, WatchCreateRequest, WatchRequest};
+    use futures::StreamExt;
+    use rand::{Rng, SeedableRng};
+    use crate::harness::{Etcd, Proxy, FLYTE};
+
+    // A small --max-request-bytes makes the fragment threshold (limit + 512 KiB) small too.
+    let etcd = Etcd::start_with(&["--max-request-bytes", "65536"]).await;
+    let proxy = Proxy::start(&etcd.url, &[FLYTE]).await;
+    let mut via = proxy.client().await;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let prefix = format!("{FLYTE}frag/");
+    let mut values = Vec::new();
+    let mut first = 0;
+    for i in 0..24 {
+        // Random alphanumerics: zstd shrinks them only ~1.3x, so etcd holds ~36 KB per value.
+        let body: String = (0..48_000).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect();
+        let value = format!("{{\"blob\":\"{body}\"}}\n").into_bytes();
+        let rev = via.put(format!("{prefix}{i:02}"), value.clone(), None).await.unwrap().header().unwrap().revision();
+        if i == 0 {
+            first = rev;
+        }
+        values.push(value);
+    }
+    let channel = tonic::transport::Endpoint::from_shared(proxy.url.clone()).unwrap().connect().await.unwrap();
+    let mut watch = WatchClient::new(channel).max_decoding_message_size(usize::MAX);
+    let create = WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+            key: prefix.clone().into(),
+            range_end: etcd_squeeze::codec::prefix_end(prefix.as_bytes()).unwrap().into(),
+            start_revision: first,
+            prev_kv: true,
+            fragment: true,
+            ..Default::default()
+        })),
+    };
+    let requests = tokio_stream::iter([create]).chain(futures::stream::pending());
+    let mut responses = watch.watch(requests).await.unwrap().into_inner();
+    let (mut events, mut fragments) = (Vec::new(), 0);
+    while events.len() < values.len() {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), responses.next()).await.unwrap().unwrap().unwrap();
+        fragments += r.fragment as usize;
+        events.extend(r.events);
+    }
+    assert!(fragments > 0, "etcd fragmented the catch-up response");
+    for (ev, want) in events.iter().zip(&values) {
+        assert_eq!(&ev.kv.as_ref().unwrap().value[..], &want[..]);
+    }
+}
+
+/// An invalid config file fails at start with an error naming the key.
+#[test]
+fn invalid_config_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[[prefixes]]\nprefix = \"/registry/x/\"\nlevel = 99\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
+        .args(["serve", "--check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("prefixes[0].level"), "{err}");
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
+        .args(["serve", "--check-config", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/etcd-squeeze.toml")])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}

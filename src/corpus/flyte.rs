@@ -488,7 +488,7 @@ fn ctl(r: &mut ChaCha8Rng, visit: i64, queued: i64) -> Life {
 fn dyn_node(r: &mut ChaCha8Rng, id: &str, visit: i64, queued: i64, n: usize, sc: &Scenario) -> Node {
     let mut l = ctl(r, visit, queued);
     let t_spec = l.started + r.random_range(20..200);
-    let median = r.random_range(30..400);
+    let median = r.random_range(90..900);
     let kids: Vec<Node> = sched(r, n, sc.max_parallelism, t_spec + 2, median, sc.failed_permille).into_iter().enumerate().map(|(i, k)| Node::task(&format!("dn{i}"), Life { visit: t_spec + 1, ..k })).collect();
     l.stopped = kids.iter().map(|k| k.life.stopped).max().unwrap_or(t_spec) + r.random_range(2..5);
     l.failed = kids.iter().any(|k| k.life.failed);
