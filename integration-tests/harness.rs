@@ -194,20 +194,3 @@ pub fn shared_corpus() -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
-/// Every `.json` file under `dir`, recursively, sorted.
-pub fn json_files(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let p = entry.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "json") {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}

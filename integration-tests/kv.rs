@@ -357,7 +357,7 @@ async fn real_corpus_round_trips(mut env: Env) {
         eprintln!("../shared/corpus not found: skipping the real samples (generated objects are covered elsewhere)");
         return;
     };
-    let files = crate::harness::json_files(&dir);
+    let files = etcd_squeeze::demo::json_files(&dir).unwrap();
     assert!(files.len() > 50);
     for (i, path) in files.iter().enumerate() {
         let bytes = std::fs::read(path).unwrap();

@@ -65,10 +65,23 @@ async fn read(kv: &mut KvClient<Channel>, key: &Bytes) -> Result<(Bytes, i64), D
 /// Objects from `dir` (every `*.json`, recursively), or the generated standard set.
 pub fn load_objects(dir: Option<&Path>, seed: u64) -> Result<Vec<Generated>, DemoError> {
     let Some(dir) = dir else { return Ok(corpus::standard_set(seed)) };
+    json_files(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .into_iter()
+        .map(|p| {
+            let json = std::fs::read(&p)?;
+            let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            Ok(Generated { name, json })
+        })
+        .collect()
+}
+
+/// Every `*.json` file under `dir`, recursively, sorted by path.
+pub fn json_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))? {
+        for entry in std::fs::read_dir(&d)? {
             let p = entry?.path();
             if p.is_dir() {
                 stack.push(p);
@@ -78,14 +91,7 @@ pub fn load_objects(dir: Option<&Path>, seed: u64) -> Result<Vec<Generated>, Dem
         }
     }
     files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let json = std::fs::read(&p)?;
-            let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            Ok(Generated { name, json })
-        })
-        .collect()
+    Ok(files)
 }
 
 /// Writes every object (and one 20-version update series) through `proxy`, verifies reads, and

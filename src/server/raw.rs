@@ -21,7 +21,7 @@ use tonic::server::NamedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{upstream_metadata, Shared};
+use super::{with_metadata, Shared};
 
 /// The shape of a gRPC method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,10 +140,13 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn client(&self) -> Result<(tonic::client::Grpc<Channel>, PathAndQuery), Status> {
-        let path = self.path.clone().ok_or_else(|| Status::unimplemented(""))?;
-        let grpc = tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-        Ok((grpc, path))
+    /// Readies the upstream client and re-addresses `request` to it with the client's metadata.
+    async fn start<M>(self, request: Request<M>) -> Result<(tonic::client::Grpc<Channel>, PathAndQuery, Request<M>), Status> {
+        let path = self.path.ok_or_else(|| Status::unimplemented(""))?;
+        let mut grpc = tonic::client::Grpc::new(self.channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let (metadata, _, message) = request.into_parts();
+        Ok((grpc, path, with_metadata(&metadata, message)))
     }
 }
 
@@ -154,12 +157,8 @@ impl tonic::server::UnaryService<Bytes> for Forwarder {
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let (mut grpc, path) = this.client()?;
-            grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-            let (metadata, _, msg) = request.into_parts();
-            let mut up = Request::new(msg);
-            *up.metadata_mut() = upstream_metadata(&metadata);
-            grpc.unary(up, path, RawCodec).await
+            let (mut grpc, path, request) = this.start(request).await?;
+            grpc.unary(request, path, RawCodec).await
         })
     }
 }
@@ -172,12 +171,8 @@ impl tonic::server::ServerStreamingService<Bytes> for Forwarder {
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let (mut grpc, path) = this.client()?;
-            grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-            let (metadata, _, msg) = request.into_parts();
-            let mut up = Request::new(msg);
-            *up.metadata_mut() = upstream_metadata(&metadata);
-            grpc.server_streaming(up, path, RawCodec).await
+            let (mut grpc, path, request) = this.start(request).await?;
+            grpc.server_streaming(request, path, RawCodec).await
         })
     }
 }
@@ -189,13 +184,11 @@ impl tonic::server::StreamingService<Bytes> for Forwarder {
 
     fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
         let this = self.clone();
+        // A client-side stream error (or half-close) ends what is sent upstream.
+        let request = request.map(|inbound| inbound.map_while(|r| r.ok()));
         Box::pin(async move {
-            let (mut grpc, path) = this.client()?;
-            grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-            let (metadata, _, inbound) = request.into_parts();
-            let mut up = Request::new(inbound.map_while(|r| r.ok()));
-            *up.metadata_mut() = upstream_metadata(&metadata);
-            grpc.streaming(up, path, RawCodec).await
+            let (mut grpc, path, request) = this.start(request).await?;
+            grpc.streaming(request, path, RawCodec).await
         })
     }
 }

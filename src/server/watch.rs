@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{upstream_metadata, Shared};
+use super::{with_metadata, Shared};
 use super::kv::decode_stream;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::watch_server::Watch;
@@ -48,9 +48,7 @@ impl Watch for WatchService {
         // A client-side stream error (or half-close) ends what we send upstream; etcd keeps the
         // stream open for responses exactly as it does for a client that half-closes.
         let outbound = inbound.map_while(|r| r.ok());
-        let mut upstream_request = Request::new(outbound);
-        *upstream_request.metadata_mut() = upstream_metadata(&metadata);
-        let (md, upstream, ext) = self.client.clone().watch(upstream_request).await?.into_parts();
+        let (md, upstream, ext) = self.client.clone().watch(with_metadata(&metadata, outbound)).await?.into_parts();
         let shared = self.shared.clone();
         let responses = decode_stream(upstream, move |resp: &mut WatchResponse| rewrite::decode_watch(&shared.codec, resp));
         Ok(Response::from_parts(md, Box::pin(responses) as WatchStream, ext))
