@@ -45,6 +45,9 @@ pub struct Config {
     /// `[log]`: tracing output.
     #[serde(default)]
     pub log: LogConfig,
+    /// `[dictionaries]`: trained zstd dictionaries shared through etcd.
+    #[serde(default)]
+    pub dictionaries: DictionariesConfig,
 }
 
 /// `[server]`
@@ -113,6 +116,14 @@ pub struct PrefixConfig {
     /// frames (the first step of removing a prefix). Default true.
     #[serde(default = "default_true")]
     pub compress: bool,
+    /// `prefixes[].dictionary`: compress with (and train) a shared dictionary. Unset: yes, unless
+    /// the prefix overlaps `dictionaries.sensitive_prefixes`. See [`PrefixConfig::uses_dictionary`].
+    #[serde(default)]
+    pub dictionary: Option<bool>,
+    /// `prefixes[].allow_sensitive_dictionary`: lets `dictionary = true` apply to a prefix that
+    /// overlaps a sensitive prefix (accepting the compression side channel). Default false.
+    #[serde(default)]
+    pub allow_sensitive_dictionary: bool,
 }
 
 /// `prefixes[].codec`
@@ -219,6 +230,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             prefixes: default_prefixes(),
             log: LogConfig::default(),
+            dictionaries: DictionariesConfig::default(),
         }
     }
 }
@@ -232,6 +244,8 @@ impl PrefixConfig {
             level: DEFAULT_LEVEL,
             min_size: ByteSize::b(DEFAULT_MIN_SIZE),
             compress: true,
+            dictionary: None,
+            allow_sensitive_dictionary: false,
         }
     }
 }
@@ -324,6 +338,149 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid("log.level", format!("{:?} is not a tracing filter (try \"info\")", self.log.level));
         }
+        self.validate_dictionaries()
+    }
+}
+
+// ---- [dictionaries] -------------------------------------------------------------------------
+
+/// Where dictionaries are stored: under etcd-squeeze's reserved prefix, outside `/registry/`.
+pub const DEFAULT_DICTIONARY_KEY_PREFIX: &str = "/etcd-squeeze/dictionaries/";
+/// The trainer election key (one training replica at a time).
+pub const DEFAULT_ELECTION_KEY: &str = "/etcd-squeeze/trainer";
+/// 10 s election lease: a dead trainer is replaced within 10 s; keepalives every ~3 s.
+pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(10);
+/// 64 KiB dictionaries: FlyteWorkflow objects share field names, task names, URIs and phase
+/// strings that fit in far less; larger dictionaries gain <2% on the corpus (docs/benchmarks.md).
+pub const DEFAULT_DICTIONARY_SIZE: u64 = 64 << 10;
+/// 256 samples per prefix: enough variety for zstd's trainer; the reservoir holds at most
+/// 256 × 64 KiB = 16 MiB per prefix.
+pub const DEFAULT_SAMPLES: usize = 256;
+/// Each sample is the first 64 KiB of a value: a dictionary learns the shared structure, which the
+/// start of a large object shows as well as its whole.
+pub const DEFAULT_SAMPLE_MAX_BYTES: u64 = 64 << 10;
+/// Retrain at most every 6 h: FlyteWorkflow shapes change with deployments, not minutes.
+pub const DEFAULT_RETRAIN_INTERVAL: Duration = Duration::from_secs(6 * 3600);
+/// Publish a new dictionary only when it stores held-out values at least 5% smaller.
+pub const DEFAULT_MIN_GAIN: f64 = 0.05;
+/// Keys whose values must never share a dictionary with other values.
+pub const DEFAULT_SENSITIVE_PREFIXES: &[&str] = &["/registry/secrets/"];
+
+/// `[dictionaries]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DictionariesConfig {
+    /// `dictionaries.enabled`: compress new values with the current dictionary of their prefix and
+    /// train dictionaries. Values written with a dictionary stay readable when false. Default true.
+    pub enabled: bool,
+    /// `dictionaries.key_prefix`: where dictionaries live in etcd; must be under `/etcd-squeeze/`.
+    pub key_prefix: String,
+    /// `dictionaries.train`: this replica may be elected trainer. Default true.
+    pub train: bool,
+    /// `dictionaries.election_key`: the trainer election key; must be under `/etcd-squeeze/`.
+    pub election_key: String,
+    /// `dictionaries.election_ttl`: lease TTL of the elected trainer. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub election_ttl: Duration,
+    /// `dictionaries.size`: largest trained dictionary. Default 64 KiB.
+    pub size: ByteSize,
+    /// `dictionaries.samples`: values sampled per prefix (reservoir size). Default 256.
+    pub samples: usize,
+    /// `dictionaries.sample_max_bytes`: each sample is cut to this size. Default 64 KiB.
+    pub sample_max_bytes: ByteSize,
+    /// `dictionaries.retrain_interval`: time between training rounds of a prefix. Default 6h.
+    #[serde(with = "humantime_serde")]
+    pub retrain_interval: Duration,
+    /// `dictionaries.min_gain`: a new dictionary is published only if it stores held-out samples
+    /// at least this fraction smaller than the current one (or than no dictionary). Default 0.05.
+    pub min_gain: f64,
+    /// `dictionaries.sensitive_prefixes`: prefixes never served by a dictionary unless a
+    /// `[[prefixes]]` table says `allow_sensitive_dictionary = true`. Default `["/registry/secrets/"]`.
+    pub sensitive_prefixes: Vec<String>,
+}
+
+impl Default for DictionariesConfig {
+    fn default() -> Self {
+        DictionariesConfig {
+            enabled: true,
+            key_prefix: DEFAULT_DICTIONARY_KEY_PREFIX.into(),
+            train: true,
+            election_key: DEFAULT_ELECTION_KEY.into(),
+            election_ttl: DEFAULT_ELECTION_TTL,
+            size: ByteSize::b(DEFAULT_DICTIONARY_SIZE),
+            samples: DEFAULT_SAMPLES,
+            sample_max_bytes: ByteSize::b(DEFAULT_SAMPLE_MAX_BYTES),
+            retrain_interval: DEFAULT_RETRAIN_INTERVAL,
+            min_gain: DEFAULT_MIN_GAIN,
+            sensitive_prefixes: DEFAULT_SENSITIVE_PREFIXES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl PrefixConfig {
+    /// The sensitive prefix this prefix overlaps (contains it, or lies inside it), if any.
+    pub fn sensitive_overlap<'a>(&self, dictionaries: &'a DictionariesConfig) -> Option<&'a str> {
+        dictionaries
+            .sensitive_prefixes
+            .iter()
+            .find(|s| self.prefix.starts_with(s.as_str()) || s.starts_with(self.prefix.as_str()))
+            .map(String::as_str)
+    }
+
+    /// True when new values of this prefix are compressed with (and train) a shared dictionary:
+    /// dictionaries enabled, the prefix compresses, `dictionary` is not false, and it does not
+    /// overlap a sensitive prefix unless `allow_sensitive_dictionary` is set.
+    pub fn uses_dictionary(&self, dictionaries: &DictionariesConfig) -> bool {
+        dictionaries.enabled
+            && self.compress
+            && self.dictionary != Some(false)
+            && (self.allow_sensitive_dictionary || self.sensitive_overlap(dictionaries).is_none())
+    }
+}
+
+impl Config {
+    fn validate_dictionaries(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| Err(ConfigError::Invalid { key: key.to_string(), reason });
+        let d = &self.dictionaries;
+        let reserved = std::str::from_utf8(crate::codec::RESERVED_PREFIX).expect("ASCII");
+        for (key, value) in [("dictionaries.key_prefix", &d.key_prefix), ("dictionaries.election_key", &d.election_key)] {
+            if !value.starts_with(reserved) || value.len() == reserved.len() {
+                return invalid(key, format!("{value:?} must be a key under {reserved:?}, which is never compressed"));
+            }
+        }
+        if d.election_key.starts_with(&d.key_prefix) {
+            return invalid("dictionaries.election_key", format!("{:?} is inside dictionaries.key_prefix", d.election_key));
+        }
+        if d.election_ttl < Duration::from_secs(1) {
+            return invalid("dictionaries.election_ttl", "must be at least 1s (etcd leases count in seconds)".into());
+        }
+        if !(1024..=(16 << 20)).contains(&d.size.as_u64()) {
+            return invalid("dictionaries.size", format!("{} is outside 1 KiB..=16 MiB", d.size));
+        }
+        if d.samples < crate::dictionary::training::MIN_SAMPLES {
+            return invalid("dictionaries.samples", format!("{} is below {}", d.samples, crate::dictionary::training::MIN_SAMPLES));
+        }
+        if d.sample_max_bytes.as_u64() < 256 {
+            return invalid("dictionaries.sample_max_bytes", format!("{} is below 256 B", d.sample_max_bytes));
+        }
+        if d.retrain_interval < Duration::from_millis(100) {
+            return invalid("dictionaries.retrain_interval", "must be at least 100ms".into());
+        }
+        if !(0.0..1.0).contains(&d.min_gain) {
+            return invalid("dictionaries.min_gain", format!("{} is not a fraction in 0..1", d.min_gain));
+        }
+        for (i, p) in self.prefixes.iter().enumerate() {
+            if let (Some(true), false, Some(s)) = (p.dictionary, p.allow_sensitive_dictionary, p.sensitive_overlap(d)) {
+                return invalid(
+                    &format!("prefixes[{i}].dictionary"),
+                    format!(
+                        "{:?} overlaps the sensitive prefix {s:?}: a shared dictionary leaks its training values through the \
+                         compressed size of other values; set allow_sensitive_dictionary = true to accept that",
+                        p.prefix
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -341,6 +498,9 @@ mod tests {
             "listen", "allow_non_loopback", "max_concurrent_streams", "endpoints", "connect_timeout",
             "keepalive_interval", "keepalive_timeout", "max_request_bytes", "max_value_bytes",
             "value_compare_attempts", "prefix", "codec", "level", "min_size", "compress", "format",
+            // [dictionaries] and the per-prefix dictionary keys
+            "dictionary", "allow_sensitive_dictionary", "enabled", "key_prefix", "train", "election_key",
+            "election_ttl", "size", "samples", "sample_max_bytes", "retrain_interval", "min_gain", "sensitive_prefixes",
         ] {
             assert!(text.contains(&format!("{key} =")), "config/etcd-squeeze.toml does not document {key}");
         }
@@ -356,6 +516,22 @@ mod tests {
     }
 
     #[test]
+    fn sensitive_prefixes_get_no_dictionary_unless_allowed() {
+        let d = DictionariesConfig::default();
+        let mut p = PrefixConfig::new(FLYTEWORKFLOW_PREFIX);
+        assert!(p.uses_dictionary(&d));
+        for prefix in ["/registry/secrets/", "/registry/secrets/ns/", "/registry/", ""] {
+            p.prefix = prefix.into();
+            assert!(!p.uses_dictionary(&d), "{prefix:?}");
+        }
+        p.dictionary = Some(true);
+        p.allow_sensitive_dictionary = true;
+        assert!(p.uses_dictionary(&d));
+        p.dictionary = Some(false);
+        assert!(!p.uses_dictionary(&d));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[server]\nlisten = \"0.0.0.0:2379\"\n", "server.listen"),
@@ -368,6 +544,10 @@ mod tests {
             ("[server]\nlistne = \"127.0.0.1:1\"\n", "listne"),
             ("[[prefixes]]\nprefix = \"/a/\"\ncodec = \"lz4\"\n", "lz4"),
             ("[upstream]\nconnect_timeout = \"soon\"\n", "connect_timeout"),
+            ("[dictionaries]\nkey_prefix = \"/registry/dicts/\"\n", "dictionaries.key_prefix"),
+            ("[dictionaries]\nmin_gain = 1.5\n", "dictionaries.min_gain"),
+            ("[[prefixes]]\nprefix = \"/registry/secrets/\"\ndictionary = true\n", "prefixes[0].dictionary"),
+            ("[[prefixes]]\nprefix = \"\"\ndictionary = true\n", "prefixes[0].dictionary"),
         ];
         for (text, key) in cases {
             let err = Config::parse(text, "t.toml").and_then(|c| c.validate()).unwrap_err().to_string();

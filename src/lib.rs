@@ -9,6 +9,7 @@
 //! - [`server`]: the gRPC listener, one file per etcd service (`kv`, `watch`, `raw`).
 //! - [`rewrite`]: which fields of which etcd messages carry values, and their rewriting.
 //! - [`codec`]: the frame format and zstd: a pure function over `(key, value)` bytes.
+//! - [`dictionary`]: trained zstd dictionaries: store in etcd, shared cache, training, `dict` commands.
 //! - [`upstream`]: the HTTP/2 channel to etcd.
 //! - [`corpus`]: a generator of realistic FlyteWorkflow objects for tests, demo and benchmarks.
 //! - [`demo`]: the driver behind `scripts/demo`.
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod config;
 pub mod corpus;
 pub mod demo;
+pub mod dictionary;
 pub mod rewrite;
 pub mod server;
 pub mod upstream;

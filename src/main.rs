@@ -1,4 +1,4 @@
-//! The `etcd-squeeze` binary: `serve`, `corpus generate`, `demo`.
+//! The `etcd-squeeze` binary: `serve`, `corpus generate`, `demo`, `dict`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +26,11 @@ enum Command {
     /// Write realistic FlyteWorkflow objects through a running proxy, read them back and print the savings
     /// (the driver behind scripts/demo).
     Demo(DemoArgs),
+    /// Trained dictionaries stored in etcd: list, show, train, gc.
+    Dict {
+        #[command(subcommand)]
+        command: etcd_squeeze::dictionary::admin::DictCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -189,5 +194,6 @@ async fn main() -> ExitCode {
             }
         },
         Command::Demo(args) => demo(args).await,
+        Command::Dict { command } => etcd_squeeze::dictionary::admin::run(command).await,
     }
 }

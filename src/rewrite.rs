@@ -9,7 +9,7 @@ use bytes::Bytes;
 use crate::codec::{DecodeError, EncodeError, EncodeOutcome, ValueCodec};
 use crate::proto::etcdserverpb::{
     compare, request_op, response_op, Compare, DeleteRangeResponse, PutRequest, PutResponse, RangeResponse,
-    TxnRequest, TxnResponse, WatchResponse,
+    RangeStreamResponse, TxnRequest, TxnResponse, WatchResponse,
 };
 use crate::proto::mvccpb::KeyValue;
 
@@ -68,6 +68,79 @@ pub fn encode_txn(codec: &ValueCodec, txn: &mut TxnRequest, stats: &mut EncodeSt
     Ok(())
 }
 
+/// Visits every Put of a Txn, both branches, recursing into nested Txns (e.g. to sample values).
+pub fn for_each_put(txn: &TxnRequest, f: &mut impl FnMut(&PutRequest)) {
+    for op in txn.success.iter().chain(txn.failure.iter()) {
+        match &op.request {
+            Some(request_op::Request::RequestPut(put)) => f(put),
+            Some(request_op::Request::RequestTxn(inner)) => for_each_put(inner, f),
+            _ => {}
+        }
+    }
+}
+
+/// A response message that carries stored values: every `mvccpb.KeyValue` in it, visited in order.
+pub trait KeyValues {
+    /// Applies `f` to each `KeyValue` of the message, stopping at the first error.
+    fn try_for_each_kv<E>(&mut self, f: &mut impl FnMut(&mut KeyValue) -> Result<(), E>) -> Result<(), E>;
+}
+
+/// `RangeResponse.kvs` (empty for `count_only`/`keys_only`).
+impl KeyValues for RangeResponse {
+    fn try_for_each_kv<E>(&mut self, f: &mut impl FnMut(&mut KeyValue) -> Result<(), E>) -> Result<(), E> {
+        self.kvs.iter_mut().try_for_each(f)
+    }
+}
+
+/// `PutResponse.prev_kv`.
+impl KeyValues for PutResponse {
+    fn try_for_each_kv<E>(&mut self, f: &mut impl FnMut(&mut KeyValue) -> Result<(), E>) -> Result<(), E> {
+        self.prev_kv.iter_mut().try_for_each(f)
+    }
+}
+
+/// `DeleteRangeResponse.prev_kvs`.
+impl KeyValues for DeleteRangeResponse {
+    fn try_for_each_kv<E>(&mut self, f: &mut impl FnMut(&mut KeyValue) -> Result<(), E>) -> Result<(), E> {
+        self.prev_kvs.iter_mut().try_for_each(f)
+    }
+}
+
+/// Every value in a Txn response: Range results, Put and DeleteRange `prev_kv`s, recursing into
+/// nested Txn responses.
+impl KeyValues for TxnResponse {
+    fn try_for_each_kv<E>(&mut self, f: &mut impl FnMut(&mut KeyValue) -> Result<(), E>) -> Result<(), E> {
+        for op in self.responses.iter_mut() {
+            match &mut op.response {
+                Some(response_op::Response::ResponseRange(r)) => r.try_for_each_kv(f)?,
+                Some(response_op::Response::ResponsePut(r)) => r.try_for_each_kv(f)?,
+                Some(response_op::Response::ResponseDeleteRange(r)) => r.try_for_each_kv(f)?,
+                Some(response_op::Response::ResponseTxn(r)) => r.try_for_each_kv(f)?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `events[].kv` and `events[].prev_kv`. A `fragment`ed response carries whole events, so each
+/// fragment is decoded on its own; the flag passes through.
+impl KeyValues for WatchResponse {
+    fn try_for_each_kv<E>(&mut self, f: &mut impl FnMut(&mut KeyValue) -> Result<(), E>) -> Result<(), E> {
+        for ev in self.events.iter_mut() {
+            ev.kv.iter_mut().chain(ev.prev_kv.iter_mut()).try_for_each(&mut *f)?;
+        }
+        Ok(())
+    }
+}
+
+/// One chunk of etcd ≥ 3.7's streamed Range.
+impl KeyValues for RangeStreamResponse {
+    fn try_for_each_kv<E>(&mut self, f: &mut impl FnMut(&mut KeyValue) -> Result<(), E>) -> Result<(), E> {
+        self.range_response.iter_mut().try_for_each(|r| r.try_for_each_kv(f))
+    }
+}
+
 /// Decodes one `mvccpb.KeyValue.value` in place.
 pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue) -> Result<(), DecodeError> {
     if !kv.value.is_empty() {
@@ -76,52 +149,24 @@ pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue) -> Result<(), DecodeErro
     Ok(())
 }
 
-fn decode_kvs(codec: &ValueCodec, kvs: &mut [KeyValue]) -> Result<(), DecodeError> {
-    kvs.iter_mut().try_for_each(|kv| decode_kv(codec, kv))
+/// Decodes every value of a response in place. Nothing is returned half-decoded: on error the
+/// caller drops the message and answers DATA_LOSS.
+pub fn decode<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Result<(), DecodeError> {
+    msg.try_for_each_kv(&mut |kv| decode_kv(codec, kv))
 }
 
-/// Decodes `RangeResponse.kvs` (empty for `count_only`/`keys_only`: nothing to do).
-pub fn decode_range(codec: &ValueCodec, resp: &mut RangeResponse) -> Result<(), DecodeError> {
-    decode_kvs(codec, &mut resp.kvs)
-}
-
-/// Decodes `PutResponse.prev_kv`.
-pub fn decode_put(codec: &ValueCodec, resp: &mut PutResponse) -> Result<(), DecodeError> {
-    resp.prev_kv.as_mut().map_or(Ok(()), |kv| decode_kv(codec, kv))
-}
-
-/// Decodes `DeleteRangeResponse.prev_kvs`.
-pub fn decode_delete(codec: &ValueCodec, resp: &mut DeleteRangeResponse) -> Result<(), DecodeError> {
-    decode_kvs(codec, &mut resp.prev_kvs)
-}
-
-/// Decodes every value in a Txn response: Range results, Put and DeleteRange `prev_kv`s,
-/// recursing into nested Txn responses.
-pub fn decode_txn(codec: &ValueCodec, resp: &mut TxnResponse) -> Result<(), DecodeError> {
-    for op in resp.responses.iter_mut() {
-        match &mut op.response {
-            Some(response_op::Response::ResponseRange(r)) => decode_range(codec, r)?,
-            Some(response_op::Response::ResponsePut(r)) => decode_put(codec, r)?,
-            Some(response_op::Response::ResponseDeleteRange(r)) => decode_delete(codec, r)?,
-            Some(response_op::Response::ResponseTxn(r)) => decode_txn(codec, r)?,
-            None => {}
+/// The dictionary IDs that decoding `msg` needs, each once, in order of first use.
+pub fn needed_dictionaries<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let _ = msg.try_for_each_kv(&mut |kv| {
+        if let Some(id) = codec.needed_dictionary(&kv.key, &kv.value) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
         }
-    }
-    Ok(())
-}
-
-/// Decodes `events[].kv` and `events[].prev_kv` of a WatchResponse. A `fragment`ed response
-/// carries whole events, so each fragment is decoded on its own; the flag passes through.
-pub fn decode_watch(codec: &ValueCodec, resp: &mut WatchResponse) -> Result<(), DecodeError> {
-    for ev in resp.events.iter_mut() {
-        if let Some(kv) = ev.kv.as_mut() {
-            decode_kv(codec, kv)?;
-        }
-        if let Some(kv) = ev.prev_kv.as_mut() {
-            decode_kv(codec, kv)?;
-        }
-    }
-    Ok(())
+        Ok::<(), ()>(())
+    });
+    ids
 }
 
 /// True when the Txn (or a nested one) has a `Compare` on VALUE whose key range touches a
@@ -258,9 +303,9 @@ mod tests {
             ],
             ..Default::default()
         };
-        decode_txn(&c, &mut resp).unwrap();
+        decode(&c, &mut resp).unwrap();
         let mut w = WatchResponse { events: vec![Event { kv: Some(kv.clone()), prev_kv: Some(kv), ..Default::default() }], ..Default::default() };
-        decode_watch(&c, &mut w).unwrap();
+        decode(&c, &mut w).unwrap();
         assert_eq!(w.events[0].kv.as_ref().unwrap().value, big());
         assert_eq!(w.events[0].prev_kv.as_ref().unwrap().value, big());
     }

@@ -2,20 +2,28 @@
 //!
 //! [`ValueCodec::encode`] and [`ValueCodec::decode`] are pure functions over `(key, value)`
 //! bytes; they know nothing of gRPC. `src/rewrite.rs` applies them to etcd messages.
+//! Trained dictionaries come from a [`DictionaryCache`] that the server fills (loading from etcd
+//! happens before decoding, never inside it; see `crate::dictionary`).
 
 pub mod frame;
 
 use std::cell::RefCell;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::config::{Config, PrefixConfig};
+use crate::dictionary::cache::DictionaryCache;
 use frame::{Codec, HeaderError};
 
 /// Values that begin with this are encrypted by kube-apiserver (encryption at rest): they do
 /// not compress, so they are stored as they are.
 pub const K8S_ENCRYPTED_PREFIX: &[u8] = b"k8s:enc:";
+
+/// etcd-squeeze's own keys (dictionaries, trainer election). Never compressed or decoded, even
+/// under a prefix rule of `""`: a dictionary record must be readable without a dictionary.
+pub const RESERVED_PREFIX: &[u8] = b"/etcd-squeeze/";
 
 /// The compression rule for one key prefix (from a `[[prefixes]]` table of the config).
 #[derive(Debug, Clone)]
@@ -70,9 +78,17 @@ pub enum DecodeReason {
     /// The header is malformed.
     #[error(transparent)]
     Header(#[from] HeaderError),
-    /// The frame names a dictionary this proxy does not have.
-    #[error("unknown dictionary ID {0}")]
-    UnknownDictionary(u32),
+    /// The frame names a dictionary that is not loaded (missing from etcd, or refused).
+    #[error("dictionary ID {id} is not available: {detail}")]
+    UnknownDictionary {
+        /// The frame's dictionary ID.
+        id: u32,
+        /// Why it is not loaded (from the last attempt to load it).
+        detail: String,
+    },
+    /// A raw frame names a dictionary (etcd-squeeze never writes one).
+    #[error("raw frame names dictionary ID {0}")]
+    RawWithDictionary(u32),
     /// The zstd frame does not declare its decompressed size.
     #[error("zstd frame does not declare its content size")]
     NoContentSize,
@@ -107,12 +123,13 @@ pub struct EncodeError {
     pub source: std::io::Error,
 }
 
-/// The prefix rules and limits, shared by every request (cheap to clone behind an `Arc`).
+/// The prefix rules, limits and trained dictionaries, shared by every request (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct ValueCodec {
     /// Sorted longest prefix first, so the first match is the most specific.
     rules: Vec<PrefixRule>,
     max_value_bytes: usize,
+    dictionaries: Arc<DictionaryCache>,
 }
 
 thread_local! {
@@ -124,9 +141,22 @@ thread_local! {
 
 impl ValueCodec {
     /// Builds the codec from prefix rules; `max_value_bytes` bounds every decompressed value.
+    /// No dictionary is used until [`ValueCodec::with_dictionaries`] gives it a cache.
     pub fn new(mut rules: Vec<PrefixRule>, max_value_bytes: usize) -> Self {
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        ValueCodec { rules, max_value_bytes }
+        ValueCodec { rules, max_value_bytes, dictionaries: Arc::default() }
+    }
+
+    /// Uses the dictionaries of `cache`: each prefix's current encoder for new values, and any
+    /// loaded decoder for frames that name one.
+    pub fn with_dictionaries(mut self, cache: Arc<DictionaryCache>) -> Self {
+        self.dictionaries = cache;
+        self
+    }
+
+    /// The dictionary cache this codec reads.
+    pub fn dictionaries(&self) -> &Arc<DictionaryCache> {
+        &self.dictionaries
     }
 
     /// Builds the codec from a validated [`Config`].
@@ -135,8 +165,12 @@ impl ValueCodec {
         Self::new(rules, config.limits.max_value_bytes.as_u64() as usize)
     }
 
-    /// The most specific rule whose prefix `key` starts with, if any.
+    /// The most specific rule whose prefix `key` starts with, if any. Keys under
+    /// [`RESERVED_PREFIX`] have none, whatever the rules.
     pub fn rule_for(&self, key: &[u8]) -> Option<&PrefixRule> {
+        if key.starts_with(RESERVED_PREFIX) {
+            return None;
+        }
         self.rules.iter().find(|r| key.starts_with(&r.prefix))
     }
 
@@ -181,11 +215,19 @@ impl ValueCodec {
             return Ok((raw_frame(value), EncodeOutcome::RawFrame));
         }
         let mut out = Vec::with_capacity(frame::HEADER_LEN + zstd::zstd_safe::compress_bound(value.len()));
-        frame::write_header(&mut out, Codec::Zstd, 0);
+        let dictionary = self.dictionaries.encoder(&rule.prefix);
+        frame::write_header(&mut out, Codec::Zstd, dictionary.as_ref().map_or(0, |d| d.id));
         // zstd writes into a slice from its start: give it the bytes after the header.
         out.resize(out.capacity(), 0);
-        let written = COMPRESSOR
-            .with(|cell| {
+        let written = match &dictionary {
+            // A context per call borrowing the prepared dictionary: its tables are referenced, not
+            // rebuilt; a thread-local context cannot hold a borrow of a dictionary that may be replaced.
+            Some(d) => zstd::bulk::Compressor::with_prepared_dictionary(&d.dictionary).and_then(|mut c| {
+                c.include_checksum(true)?;
+                c.include_contentsize(true)?;
+                c.compress_to_buffer(&value[..], &mut out[frame::HEADER_LEN..])
+            }),
+            None => COMPRESSOR.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 if slot.is_none() {
                     let mut c = zstd::bulk::Compressor::new(rule.level)?;
@@ -196,8 +238,9 @@ impl ValueCodec {
                 let c = slot.as_mut().expect("set above");
                 c.set_compression_level(rule.level)?;
                 c.compress_to_buffer(&value[..], &mut out[frame::HEADER_LEN..])
-            })
-            .map_err(|source| EncodeError { key: Bytes::copy_from_slice(key), source })?;
+            }),
+        }
+        .map_err(|source| EncodeError { key: Bytes::copy_from_slice(key), source })?;
         out.truncate(frame::HEADER_LEN + written);
         if out.len() >= frame::HEADER_LEN + value.len() {
             return Ok((raw_frame(value), EncodeOutcome::RawFrame));
@@ -214,22 +257,31 @@ impl ValueCodec {
         if !frame::is_framed(value) || self.rule_for(key).is_none() {
             return Ok(value.clone());
         }
-        decode_frame(value, self.max_value_bytes)
+        decode_frame(value, self.max_value_bytes, &self.dictionaries)
             .map(|decoded| decoded.unwrap_or_else(|| value.slice(frame::HEADER_LEN..)))
             .map_err(|reason| DecodeError { key: Bytes::copy_from_slice(key), reason })
+    }
+
+    /// The dictionary ID that decoding this stored value needs, if any: the server makes sure it
+    /// is loaded before decoding. `None` for values decode returns as stored, raw frames, frames
+    /// without a dictionary, and malformed headers (decode reports those).
+    pub fn needed_dictionary(&self, key: &[u8], value: &[u8]) -> Option<u32> {
+        if !frame::is_framed(value) || self.rule_for(key).is_none() {
+            return None;
+        }
+        frame::parse(value).ok().filter(|f| f.codec == Codec::Zstd && f.dictionary_id != 0).map(|f| f.dictionary_id)
     }
 }
 
 /// Decodes a framed value. `Ok(None)` means a raw frame: the original bytes are the payload.
+/// A frame naming a dictionary is decoded with that dictionary from `dictionaries`.
 ///
-/// Errors name what is wrong: header, unknown dictionary, missing or oversized content size,
-/// trailing bytes, or a zstd error (corrupt data, checksum mismatch).
-pub fn decode_frame(value: &[u8], max_value_bytes: usize) -> Result<Option<Bytes>, DecodeReason> {
+/// Errors name what is wrong: header, dictionary not loaded, missing or oversized content size,
+/// trailing bytes, or a zstd error (corrupt data, checksum mismatch, wrong dictionary).
+pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &DictionaryCache) -> Result<Option<Bytes>, DecodeReason> {
     let f = frame::parse(value)?;
-    if f.dictionary_id != 0 {
-        return Err(DecodeReason::UnknownDictionary(f.dictionary_id));
-    }
     match f.codec {
+        Codec::Raw if f.dictionary_id != 0 => Err(DecodeReason::RawWithDictionary(f.dictionary_id)),
         Codec::Raw => Ok(None),
         Codec::Zstd => {
             let size = match zstd::zstd_safe::get_frame_content_size(f.payload) {
@@ -245,15 +297,23 @@ pub fn decode_frame(value: &[u8], max_value_bytes: usize) -> Result<Option<Bytes
             if frame_len != f.payload.len() {
                 return Err(DecodeReason::FrameLength { actual: f.payload.len(), frame: frame_len });
             }
-            let out = DECOMPRESSOR
-                .with(|cell| {
+            let out = if f.dictionary_id == 0 {
+                DECOMPRESSOR.with(|cell| {
                     let mut slot = cell.borrow_mut();
                     if slot.is_none() {
                         *slot = Some(zstd::bulk::Decompressor::new()?);
                     }
                     slot.as_mut().expect("set above").decompress(f.payload, size as usize)
                 })
-                .map_err(|e| DecodeReason::Zstd(e.to_string()))?;
+            } else {
+                let id = f.dictionary_id;
+                let Some(d) = dictionaries.decoder(id) else {
+                    let detail = dictionaries.unavailable_reason(id).unwrap_or_else(|| "not loaded".into());
+                    return Err(DecodeReason::UnknownDictionary { id, detail });
+                };
+                zstd::bulk::Decompressor::with_prepared_dictionary(&d.dictionary).and_then(|mut dec| dec.decompress(f.payload, size as usize))
+            }
+            .map_err(|e| DecodeReason::Zstd(e.to_string()))?;
             if out.len() as u64 != size {
                 return Err(DecodeReason::Zstd(format!("decompressed {} bytes, frame declares {size}", out.len())));
             }

@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{decode_status, encode_status, forward, with_metadata, Shared};
+use crate::rewrite::KeyValues;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{
@@ -51,7 +52,7 @@ impl KvService {
                 // Linearizable read of the compare's key range, at the current revision.
                 let read = RangeRequest { key: c.key.clone(), range_end: c.range_end.clone(), ..Default::default() };
                 let mut range = self.client.clone().range(with_metadata(metadata, read)).await?.into_inner();
-                rewrite::decode_range(&self.shared.codec, &mut range).map_err(decode_status)?;
+                decode_values(&self.shared, &mut range).await?;
                 let revision = range.header.as_ref().map_or(0, |h| h.revision);
                 let values: Vec<_> = range.kvs.iter().map(|kv| kv.value.clone()).collect();
                 let holds = rewrite::evaluate_value_compare(c, &values);
@@ -98,7 +99,7 @@ impl KvService {
                 return Err(Status::internal("etcd-squeeze: guarded Txn response carries no inner Txn response"));
             };
             inner_resp.header = resp.header;
-            rewrite::decode_txn(&self.shared.codec, &mut inner_resp).map_err(decode_status)?;
+            decode_values(&self.shared, &mut inner_resp).await?;
             return Ok(Response::from_parts(md, inner_resp, ext));
         }
         Err(Status::aborted(format!(
@@ -114,7 +115,7 @@ impl Kv for KvService {
     async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let response = self.client.clone().range(forward(request)).await?;
         let (md, mut resp, ext) = response.into_parts();
-        rewrite::decode_range(&self.shared.codec, &mut resp).map_err(decode_status)?;
+        decode_values(&self.shared, &mut resp).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -125,25 +126,22 @@ impl Kv for KvService {
     async fn range_stream(&self, request: Request<RangeRequest>) -> Result<Response<Self::RangeStreamStream>, Status> {
         let response = self.client.clone().range_stream(forward(request)).await?;
         let (md, upstream, ext) = response.into_parts();
-        let shared = self.shared.clone();
-        let chunks = decode_stream(upstream, move |chunk: &mut RangeStreamResponse| match chunk.range_response.as_mut() {
-            Some(r) => rewrite::decode_range(&shared.codec, r),
-            None => Ok(()),
-        });
+        let chunks = decode_stream(self.shared.clone(), upstream);
         Ok(Response::from_parts(md, Box::pin(chunks) as RangeStreamStream, ext))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let mut request = forward(request);
+        self.shared.dictionaries.observe(request.get_ref());
         rewrite::encode_put(&self.shared.codec, request.get_mut(), &mut EncodeStats::default()).map_err(encode_status)?;
         let (md, mut resp, ext) = self.client.clone().put(request).await?.into_parts();
-        rewrite::decode_put(&self.shared.codec, &mut resp).map_err(decode_status)?;
+        decode_values(&self.shared, &mut resp).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
     async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let (md, mut resp, ext) = self.client.clone().delete_range(forward(request)).await?.into_parts();
-        rewrite::decode_delete(&self.shared.codec, &mut resp).map_err(decode_status)?;
+        decode_values(&self.shared, &mut resp).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -153,9 +151,10 @@ impl Kv for KvService {
             return self.txn_with_value_compares(&metadata, txn).await;
         }
         let mut request = forward(request);
+        self.shared.dictionaries.observe_txn(request.get_ref());
         rewrite::encode_txn(&self.shared.codec, request.get_mut(), &mut EncodeStats::default()).map_err(encode_status)?;
         let (md, mut resp, ext) = self.client.clone().txn(request).await?.into_parts();
-        rewrite::decode_txn(&self.shared.codec, &mut resp).map_err(decode_status)?;
+        decode_values(&self.shared, &mut resp).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -164,24 +163,38 @@ impl Kv for KvService {
     }
 }
 
-/// Maps an upstream response stream through a decoder; the first decode error ends the
-/// stream with DATA_LOSS naming the key (no message is ever passed on half-decoded).
-pub(crate) fn decode_stream<T, F>(upstream: Streaming<T>, mut decode: F) -> impl Stream<Item = Result<T, Status>> + Send
+/// Decodes every value of a response: first loads the dictionaries its frames name (async,
+/// once per ID), then decodes synchronously. A value that cannot be decoded is DATA_LOSS naming
+/// the key (and the dictionary ID when that is what is missing).
+pub(crate) async fn decode_values<T: KeyValues>(shared: &Shared, msg: &mut T) -> Result<(), Status> {
+    shared.dictionaries.prefetch(msg).await?;
+    rewrite::decode(&shared.codec, msg).map_err(decode_status)
+}
+
+/// Decodes each message of an upstream response stream with [`decode_values`]; the first decode
+/// error ends the stream with DATA_LOSS naming the key (no message is ever passed on half-decoded).
+pub(crate) fn decode_stream<T>(shared: Arc<Shared>, upstream: Streaming<T>) -> impl Stream<Item = Result<T, Status>> + Send
 where
-    T: Send + 'static,
-    F: FnMut(&mut T) -> Result<(), crate::codec::DecodeError> + Send + 'static,
+    T: KeyValues + Send + 'static,
 {
+    let decoded = futures::StreamExt::then(upstream, move |item| {
+        let shared = shared.clone();
+        async move {
+            match item {
+                Ok(mut msg) => match decode_values(&shared, &mut msg).await {
+                    Ok(()) => (Ok(msg), false),
+                    Err(status) => (Err(status), true),
+                },
+                Err(status) => (Err(status), false),
+            }
+        }
+    });
     let mut failed = false;
-    upstream.map_while(move |item| {
+    decoded.map_while(move |(item, decode_failed)| {
         if failed {
             return None;
         }
-        Some(item.and_then(|mut msg| match decode(&mut msg) {
-            Ok(()) => Ok(msg),
-            Err(e) => {
-                failed = true;
-                Err(decode_status(e))
-            }
-        }))
+        failed = decode_failed;
+        Some(item)
     })
 }

@@ -19,23 +19,27 @@ use tonic::{Request, Status};
 
 use crate::codec::{DecodeError, EncodeError, ValueCodec};
 use crate::config::Config;
+use crate::dictionary::Dictionaries;
 use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::proto::etcdserverpb::watch_server::WatchServer;
 
-/// State shared by every request: the validated config and the value codec.
+/// State shared by every request: the validated config, the value codec and its dictionaries.
 #[derive(Debug)]
 pub struct Shared {
     /// The configuration the proxy started with.
     pub config: Config,
-    /// Prefix rules and limits.
+    /// Prefix rules, limits and the dictionary cache.
     pub codec: ValueCodec,
+    /// Loads the dictionaries responses need, samples Puts, follows the store, trains.
+    pub dictionaries: Arc<Dictionaries>,
 }
 
 impl Shared {
-    /// Builds the shared state from a validated config.
-    pub fn new(config: Config) -> Arc<Self> {
+    /// Builds the shared state from a validated config; dictionaries are read over `channel`.
+    pub fn new(config: Config, channel: tonic::transport::Channel) -> Arc<Self> {
         let codec = ValueCodec::from_config(&config);
-        Arc::new(Shared { config, codec })
+        let dictionaries = Dictionaries::new(&config, codec.clone(), channel);
+        Arc::new(Shared { config, codec, dictionaries })
     }
 }
 
@@ -68,7 +72,9 @@ pub async fn bind(
     let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
     let local = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
     let channel = crate::upstream::channel(&config.upstream)?;
-    let shared = Shared::new(config);
+    let shared = Shared::new(config, channel.clone());
+    // Dictionary store follower and trainer: they run while the server serves.
+    let dictionary_tasks = shared.dictionaries.spawn();
     let max_decoding = shared.config.limits.max_request_bytes.as_u64() as usize;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -97,6 +103,7 @@ pub async fn bind(
     tracing::info!(listen = %local, upstream = ?shared.config.upstream.endpoints,
         prefixes = ?shared.config.prefixes.iter().map(|p| p.prefix.as_str()).collect::<Vec<_>>(), "etcd-squeeze serving");
     let serve = async move {
+        let _dictionary_tasks = dictionary_tasks;
         router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?;
         Ok(())
     };

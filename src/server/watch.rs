@@ -20,7 +20,6 @@ use super::kv::decode_stream;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::watch_server::Watch;
 use crate::proto::etcdserverpb::{WatchRequest, WatchResponse};
-use crate::rewrite;
 
 /// The Watch service.
 #[derive(Clone)]
@@ -49,8 +48,7 @@ impl Watch for WatchService {
         // stream open for responses exactly as it does for a client that half-closes.
         let outbound = inbound.map_while(|r| r.ok());
         let (md, upstream, ext) = self.client.clone().watch(with_metadata(&metadata, outbound)).await?.into_parts();
-        let shared = self.shared.clone();
-        let responses = decode_stream(upstream, move |resp: &mut WatchResponse| rewrite::decode_watch(&shared.codec, resp));
+        let responses = decode_stream(self.shared.clone(), upstream);
         Ok(Response::from_parts(md, Box::pin(responses) as WatchStream, ext))
     }
 }

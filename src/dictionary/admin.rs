@@ -1,0 +1,358 @@
+//! Operator commands: `etcd-squeeze dict list | show ID | train --prefix P | gc [--yes]`.
+//!
+//! They talk to etcd directly (`upstream.endpoints` of the config, or `--endpoints`). `list` and
+//! `gc` read every stored value once (a page at a time) to count which dictionary each frame
+//! names; `gc` also replays etcd's history since the last compaction, because a Range or Watch
+//! at an older revision may still return values written with an older dictionary.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::transport::Channel;
+use tonic::Status;
+
+use super::store::{Record, Store};
+use super::{unix_now, Dictionaries, DictionaryError};
+use crate::codec::{frame, ValueCodec, RESERVED_PREFIX};
+use crate::config::Config;
+use crate::proto::etcdserverpb::kv_client::KvClient;
+use crate::proto::etcdserverpb::watch_client::WatchClient;
+use crate::proto::etcdserverpb::{watch_request, RangeRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest};
+
+/// A superseded dictionary is kept at least this long after its successor was published: a
+/// replica that has not yet seen the successor may still be writing with it.
+pub const GC_GRACE: Duration = Duration::from_secs(3600);
+/// Values read per page when counting references.
+const SCAN_PAGE: i64 = 64;
+
+/// `etcd-squeeze dict …`
+#[derive(Debug, clap::Subcommand)]
+pub enum DictCommand {
+    /// Every stored dictionary: ID, prefix, size, created, and how many stored values use it.
+    List(Target),
+    /// One dictionary's metadata, verified.
+    Show {
+        /// Dictionary ID.
+        id: u32,
+        /// Which etcd and configuration.
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Train a dictionary for a prefix from the values stored in etcd, and publish it if it beats
+    /// the current one by dictionaries.min_gain.
+    Train {
+        /// A [[prefixes]] prefix that uses dictionaries.
+        #[arg(long)]
+        prefix: String,
+        /// Which etcd and configuration.
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Delete dictionaries no stored value refers to (dry run unless --yes).
+    Gc {
+        /// Really delete.
+        #[arg(long)]
+        yes: bool,
+        /// Which etcd and configuration.
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Which etcd, and which configuration.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// TOML configuration file (dictionaries.key_prefix, [[prefixes]], upstream.endpoints).
+    #[arg(long, env = "ETCD_SQUEEZE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// etcd endpoint URL (repeatable), replacing upstream.endpoints.
+    #[arg(long = "endpoints")]
+    pub endpoints: Vec<String>,
+}
+
+impl Target {
+    /// The validated configuration with the endpoint override applied.
+    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if !self.endpoints.is_empty() {
+            config.upstream.endpoints = self.endpoints.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Runs one `dict` command, printing to stdout; errors go to stderr.
+pub async fn run(command: DictCommand) -> ExitCode {
+    let result = match command {
+        DictCommand::List(t) => with_config(&t, |c| async move { list(&c).await.map(|s| print!("{s}")) }).await,
+        DictCommand::Show { id, target } => with_config(&target, |c| async move { show(&c, id).await.map(|s| print!("{s}")) }).await,
+        DictCommand::Train { prefix, target } => {
+            with_config(&target, |c| async move { train(&c, &prefix).await.map(|s| print!("{s}")) }).await
+        }
+        DictCommand::Gc { yes, target } => with_config(&target, |c| async move { gc(&c, yes).await.map(|s| print!("{s}")) }).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("etcd-squeeze dict: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn with_config<F, Fut>(target: &Target, f: F) -> Result<(), Box<dyn std::error::Error>>
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<(), DictionaryError>>,
+{
+    Ok(f(target.load()?).await?)
+}
+
+fn channel(config: &Config) -> Result<Channel, DictionaryError> {
+    crate::upstream::channel(&config.upstream).map_err(|e| DictionaryError::Etcd(Status::invalid_argument(e.to_string())))
+}
+
+fn store(config: &Config) -> Result<Store, DictionaryError> {
+    Ok(Store::new(channel(config)?, config.dictionaries.key_prefix.clone()))
+}
+
+/// Counts, per dictionary ID, the stored values (outside `/etcd-squeeze/`) whose frame names it, at
+/// `revision` (0 = now).
+pub async fn references(kv: &KvClient<Channel>, revision: i64) -> Result<HashMap<u32, u64>, Status> {
+    let mut counts = HashMap::new();
+    let mut from = Bytes::from_static(b"\0");
+    let mut revision = revision;
+    loop {
+        let req = RangeRequest { key: from.clone(), range_end: Bytes::from_static(b"\0"), limit: SCAN_PAGE, revision, ..Default::default() };
+        let page = kv.clone().max_decoding_message_size(usize::MAX).range(req).await?.into_inner();
+        revision = page.header.as_ref().map_or(revision, |h| h.revision);
+        for kv in &page.kvs {
+            count_reference(&mut counts, &kv.key, &kv.value);
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => {
+                let mut next = last.key.to_vec();
+                next.push(0);
+                from = Bytes::from(next);
+            }
+            _ => return Ok(counts),
+        }
+    }
+}
+
+fn count_reference(counts: &mut HashMap<u32, u64>, key: &[u8], value: &[u8]) {
+    if key.starts_with(RESERVED_PREFIX) || !frame::is_framed(value) {
+        return;
+    }
+    if let Ok(f) = frame::parse(value) {
+        if f.dictionary_id != 0 {
+            *counts.entry(f.dictionary_id).or_default() += 1;
+        }
+    }
+}
+
+/// Counts dictionary references in etcd's history: every value written since the last compaction
+/// up to `until` (replayed with a watch on every key until etcd reports it caught up).
+pub async fn history_references(channel: Channel, until: i64) -> Result<HashMap<u32, u64>, Status> {
+    let mut start = 1;
+    'restart: loop {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let create = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(b"\0"),
+                range_end: Bytes::from_static(b"\0"),
+                start_revision: start,
+                ..Default::default()
+            })),
+        };
+        let _ = tx.send(create).await;
+        let mut client = WatchClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
+        let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let mut counts = HashMap::new();
+        let mut ticker = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let Some(resp) = msg? else { return Err(Status::unavailable("history watch ended")) };
+                    if resp.canceled {
+                        if resp.compact_revision > 0 {
+                            start = resp.compact_revision;
+                            continue 'restart;
+                        }
+                        return Err(Status::aborted(format!("history watch canceled: {}", resp.cancel_reason)));
+                    }
+                    let caught_up = !resp.created && resp.events.is_empty() && resp.header.as_ref().is_some_and(|h| h.revision >= until);
+                    for kv in resp.events.into_iter().filter_map(|e| e.kv) {
+                        if kv.mod_revision > until {
+                            return Ok(counts);
+                        }
+                        count_reference(&mut counts, &kv.key, &kv.value);
+                    }
+                    if caught_up {
+                        return Ok(counts);
+                    }
+                }
+                _ = ticker.tick() => {
+                    // etcd answers a progress request only once the watch has caught up.
+                    let progress = WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) };
+                    let _ = tx.send(progress).await;
+                }
+            }
+        }
+    }
+}
+
+fn created(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// `dict list`: one line per stored dictionary, newest first.
+pub async fn list(config: &Config) -> Result<String, DictionaryError> {
+    let store = store(config)?;
+    let (records, revision) = store.list().await?;
+    let refs = references(&store.kv(), revision).await?;
+    let mut out = format!("{:>6}  {:<44}  {:>9}  {:<20}  {:>7}  {:>6}  {:>8}\n", "ID", "prefix", "size", "created", "samples", "gain", "values");
+    for r in &records {
+        match r {
+            Ok(r) => {
+                let m = &r.meta;
+                let gain = 1.0 - m.heldout_after as f64 / m.heldout_before.max(1) as f64;
+                out.push_str(&format!(
+                    "{:>6}  {:<44}  {:>9}  {:<20}  {:>7}  {:>5.0}%  {:>8}\n",
+                    m.id, m.prefix, m.size, created(m.created_unix), m.samples, gain * 100.0, refs.get(&m.id).copied().unwrap_or(0)
+                ));
+            }
+            Err(e) => out.push_str(&format!("refused: {e}\n")),
+        }
+    }
+    out.push_str(&format!("{} dictionaries under {} (values counted at revision {revision})\n", records.len(), store.prefix()));
+    Ok(out)
+}
+
+/// `dict show ID`: the metadata of one dictionary, verified.
+pub async fn show(config: &Config, id: u32) -> Result<String, DictionaryError> {
+    let store = store(config)?;
+    let record = store.get(id).await?.ok_or_else(|| Status::not_found(format!("no dictionary {id} (key {})", String::from_utf8_lossy(&store.key(id)))))?;
+    let mut out = serde_json::to_string_pretty(&record.meta).expect("metadata serializes");
+    out.push_str(&format!("\ncreated {}; checksum verified; key {}\n", created(record.meta.created_unix), String::from_utf8_lossy(&store.key(id))));
+    Ok(out)
+}
+
+/// `dict train --prefix P`: one training round from etcd's values, published if it gains enough.
+pub async fn train(config: &Config, prefix: &str) -> Result<String, DictionaryError> {
+    let codec = ValueCodec::from_config(config);
+    let dictionaries = Dictionaries::new(config, codec, channel(config)?);
+    let p = dictionaries.prefix(prefix)?.clone();
+    dictionaries.sync().await?;
+    let report = dictionaries.train_prefix(&p, &[]).await?;
+    let (before, after) = report.heldout;
+    Ok(match &report.published {
+        Some(m) => format!(
+            "published dictionary {} for {:?}: {} bytes from {} samples; held-out values {before} -> {after} bytes ({:.0}% smaller)\n",
+            m.id, m.prefix, m.size, m.samples, report.gain() * 100.0
+        ),
+        None => format!(
+            "not published: held-out values {before} -> {after} bytes ({:.1}% smaller) is below dictionaries.min_gain = {}\n",
+            report.gain() * 100.0,
+            config.dictionaries.min_gain
+        ),
+    })
+}
+
+/// Whether gc may delete `r`: no reference now or since the last compaction, not the newest of
+/// its prefix, and superseded more than [`GC_GRACE`] ago.
+fn gc_verdict(r: &Record, all: &[&Record], refs: u64, now: u64) -> Result<(), String> {
+    if refs > 0 {
+        return Err(format!("{refs} stored values use it"));
+    }
+    let successor = all.iter().filter(|o| o.meta.prefix == r.meta.prefix && o.meta.id > r.meta.id).map(|o| o.meta.created_unix).min();
+    match successor {
+        None => Err("it is the newest dictionary of its prefix".into()),
+        Some(t) if now.saturating_sub(t) < GC_GRACE.as_secs() => Err(format!("superseded less than {} ago", humantime::format_duration(GC_GRACE))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// `dict gc [--yes]`: lists what may be deleted, and deletes it with `--yes` (each delete guarded
+/// by the key's mod_revision).
+pub async fn gc(config: &Config, yes: bool) -> Result<String, DictionaryError> {
+    let channel = channel(config)?;
+    let store = Store::new(channel.clone(), config.dictionaries.key_prefix.clone());
+    let (records, revision) = store.list().await?;
+    let mut refs = references(&store.kv(), revision).await?;
+    for (id, n) in history_references(channel, revision).await? {
+        *refs.entry(id).or_default() += n;
+    }
+    let valid: Vec<&Record> = records.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let now = unix_now();
+    let mut out = String::new();
+    let mut deletable = 0;
+    for r in &valid {
+        match gc_verdict(r, &valid, refs.get(&r.meta.id).copied().unwrap_or(0), now) {
+            Err(why) => out.push_str(&format!("keep   {:>6}  {}: {why}\n", r.meta.id, r.meta.prefix)),
+            Ok(()) if !yes => {
+                deletable += 1;
+                out.push_str(&format!("unused {:>6}  {}: would delete (run with --yes)\n", r.meta.id, r.meta.prefix));
+            }
+            Ok(()) => {
+                let deleted = store.delete(r.meta.id, r.mod_revision).await?;
+                deletable += deleted as usize;
+                let what = if deleted { "deleted" } else { "changed meanwhile, kept" };
+                out.push_str(&format!("unused {:>6}  {}: {what}\n", r.meta.id, r.meta.prefix));
+            }
+        }
+    }
+    for e in records.iter().filter_map(|r| r.as_ref().err()) {
+        out.push_str(&format!("refused record left alone: {e}\n"));
+    }
+    let verb = if yes { "deleted" } else { "deletable" };
+    out.push_str(&format!("{deletable} of {} dictionaries {verb}\n", records.len()));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dictionary::store::DictionaryMeta;
+
+    fn record(id: u32, prefix: &str, created_unix: u64) -> Record {
+        let meta = DictionaryMeta {
+            format: 1,
+            id,
+            prefix: prefix.into(),
+            created_unix,
+            samples: 0,
+            sample_bytes: 0,
+            level: 3,
+            size: 0,
+            sha256: String::new(),
+            heldout_before: 0,
+            heldout_after: 0,
+            trained_by: String::new(),
+        };
+        Record { meta, raw: Bytes::new(), mod_revision: 1 }
+    }
+
+    #[test]
+    fn gc_keeps_used_newest_and_recently_superseded() {
+        let now = 10_000_000;
+        let old = record(1, "/a/", now - 9000);
+        let mid = record(2, "/a/", now - 5000);
+        let recent = record(3, "/a/", now - 60);
+        let newest = record(4, "/a/", now - 30);
+        let other = record(5, "/b/", now - 9000);
+        let all = [&old, &mid, &recent, &newest, &other];
+        assert!(gc_verdict(&old, &all, 0, now).is_ok(), "superseded by 2 long ago, unused");
+        assert!(gc_verdict(&old, &all, 1, now).unwrap_err().contains("1 stored values"));
+        assert!(gc_verdict(&mid, &all, 0, now).unwrap_err().contains("superseded less than"));
+        assert!(gc_verdict(&newest, &all, 0, now).unwrap_err().contains("newest"));
+        assert!(gc_verdict(&other, &all, 0, now).unwrap_err().contains("newest"), "newest of its own prefix");
+    }
+}

@@ -1,0 +1,141 @@
+//! The shared cache of prepared dictionaries: what the codec reads on every request.
+//!
+//! Synchronous and lock-light (a `DashMap` read per compressed value), so the codec stays a pure
+//! function over bytes. Loading from etcd, single-flight and the watch live in
+//! [`super::Dictionaries`]; they fill this cache.
+//!
+//! Memory: a decoder is prepared for each dictionary some read needed (about the dictionary's
+//! size); an encoder (larger: zstd's match tables at the prefix's level) only for the current
+//! dictionary of each prefix that uses dictionaries.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use zstd::dict::{DecoderDictionary, EncoderDictionary};
+
+/// A dictionary prepared for decompression, once.
+pub struct PreparedDecoder {
+    /// The dictionary ID.
+    pub id: u32,
+    /// zstd's digested dictionary, shared by every decompression.
+    pub dictionary: DecoderDictionary<'static>,
+}
+
+/// The dictionary new values of one prefix are compressed with, prepared once at the prefix's level.
+pub struct CurrentEncoder {
+    /// The dictionary ID written in frame headers.
+    pub id: u32,
+    /// zstd's digested dictionary at the prefix's level.
+    pub dictionary: EncoderDictionary<'static>,
+    /// When it was trained (Unix seconds): the next training of the prefix is due a retrain
+    /// interval later.
+    pub created_unix: u64,
+}
+
+/// Dictionary ID → prepared decoder, and prefix → current encoder.
+#[derive(Default)]
+pub struct DictionaryCache {
+    decoders: DashMap<u32, Arc<PreparedDecoder>>,
+    /// Keyed by the `[[prefixes]]` prefix (not by key): one entry per prefix using dictionaries.
+    current: DashMap<Bytes, Arc<CurrentEncoder>>,
+    /// Why a dictionary could not be loaded, for the DATA_LOSS message of values that need it.
+    unavailable: DashMap<u32, String>,
+}
+
+impl fmt::Debug for DictionaryCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut ids: Vec<u32> = self.decoders.iter().map(|e| *e.key()).collect();
+        ids.sort_unstable();
+        let current: Vec<(String, u32)> =
+            self.current.iter().map(|e| (e.key().escape_ascii().to_string(), e.value().id)).collect();
+        f.debug_struct("DictionaryCache").field("decoders", &ids).field("current", &current).finish()
+    }
+}
+
+/// zstd refused a dictionary's bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("zstd cannot load dictionary {id}: {source}")]
+pub struct PrepareError {
+    /// The dictionary ID.
+    pub id: u32,
+    /// zstd's error.
+    pub source: std::io::Error,
+}
+
+impl DictionaryCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The prepared decoder of dictionary `id`, if loaded.
+    pub fn decoder(&self, id: u32) -> Option<Arc<PreparedDecoder>> {
+        self.decoders.get(&id).map(|e| e.value().clone())
+    }
+
+    /// True when dictionary `id` is ready for decoding.
+    pub fn has_decoder(&self, id: u32) -> bool {
+        self.decoders.contains_key(&id)
+    }
+
+    /// The current encoder for the `[[prefixes]]` prefix `prefix`, if it has one.
+    pub fn encoder(&self, prefix: &[u8]) -> Option<Arc<CurrentEncoder>> {
+        self.current.get(prefix).map(|e| e.value().clone())
+    }
+
+    /// The current dictionary ID of each prefix that has one.
+    pub fn current_ids(&self) -> Vec<(Bytes, u32)> {
+        self.current.iter().map(|e| (e.key().clone(), e.value().id)).collect()
+    }
+
+    /// Prepares and caches the decoder of dictionary `id` from its raw bytes (zstd copies them).
+    pub fn insert_decoder(&self, id: u32, raw: &[u8]) -> Result<Arc<PreparedDecoder>, PrepareError> {
+        if let Some(d) = self.decoder(id) {
+            return Ok(d);
+        }
+        let dictionary = DecoderDictionary::try_copy(raw).map_err(|source| PrepareError { id, source })?;
+        let prepared = Arc::new(PreparedDecoder { id, dictionary });
+        self.unavailable.remove(&id);
+        Ok(self.decoders.entry(id).or_insert(prepared).value().clone())
+    }
+
+    /// Makes dictionary `id` the current one of `prefix` (prepared at `level`) unless the prefix
+    /// already uses a newer one. Also prepares its decoder. Returns true when it became current.
+    pub fn install_current(&self, prefix: &[u8], id: u32, raw: &[u8], level: i32, created_unix: u64) -> Result<bool, PrepareError> {
+        self.insert_decoder(id, raw)?;
+        if self.encoder(prefix).is_some_and(|c| c.id >= id) {
+            return Ok(false);
+        }
+        let dictionary = EncoderDictionary::try_copy(raw, level).map_err(|source| PrepareError { id, source })?;
+        let candidate = Arc::new(CurrentEncoder { id, dictionary, created_unix });
+        let mut entry = self.current.entry(Bytes::copy_from_slice(prefix)).or_insert_with(|| candidate.clone());
+        if entry.id < id {
+            *entry = candidate;
+        }
+        Ok(entry.id == id)
+    }
+
+    /// Forgets dictionary `id` (its key was deleted): values that need it now fail to decode
+    /// until it is found again. Prefixes whose current dictionary it was are returned; they
+    /// compress without a dictionary until a rescan finds their newest remaining one.
+    pub fn remove(&self, id: u32) -> Vec<Bytes> {
+        self.decoders.remove(&id);
+        let prefixes: Vec<Bytes> = self.current.iter().filter(|e| e.id == id).map(|e| e.key().clone()).collect();
+        for p in &prefixes {
+            self.current.remove_if(p, |_, c| c.id == id);
+        }
+        prefixes
+    }
+
+    /// Records why dictionary `id` could not be loaded (shown in DATA_LOSS messages).
+    pub fn mark_unavailable(&self, id: u32, why: String) {
+        self.unavailable.insert(id, why);
+    }
+
+    /// Why dictionary `id` is not loaded, as recorded by the last failed load.
+    pub fn unavailable_reason(&self, id: u32) -> Option<String> {
+        self.unavailable.get(&id).map(|e| e.value().clone())
+    }
+}
