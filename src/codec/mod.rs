@@ -449,6 +449,50 @@ mod tests {
     }
 
     #[test]
+    fn dictionary_frames_name_their_dictionary() {
+        use crate::dictionary::{cache::DictionaryCache, store::set_zstd_dict_id};
+        let samples: Vec<Bytes> = (0..40).map(|i| json(10 + i)).collect();
+        let mut raw = zstd::dict::from_samples(&samples, 4096).unwrap();
+        set_zstd_dict_id(&mut raw, 5);
+        let cache = Arc::new(DictionaryCache::new());
+        assert!(cache.install_current(b"/registry/wf/", 5, &raw, 3, 0).unwrap());
+        let with = codec().with_dictionaries(cache.clone());
+        let v = json(25);
+        let (stored, outcome) = with.encode(KEY, &v).unwrap();
+        assert_eq!(outcome, EncodeOutcome::Compressed);
+        assert_eq!(frame::parse(&stored).unwrap().dictionary_id, 5);
+        assert_eq!(zstd::zstd_safe::get_dict_id_from_frame(&stored[frame::HEADER_LEN..]).map(|i| i.get()), Some(5));
+        assert_eq!(with.needed_dictionary(KEY, &stored), Some(5));
+        assert_eq!(with.decode(KEY, &stored).unwrap(), v);
+        let (plain, _) = codec().encode(KEY, &v).unwrap();
+        assert!(stored.len() * 2 < plain.len(), "{} vs {}", stored.len(), plain.len());
+        assert_eq!(with.needed_dictionary(KEY, &plain), None);
+        // Without the dictionary: an error naming the key and the ID, never garbage.
+        cache.remove(5);
+        cache.mark_unavailable(5, "its key was deleted".into());
+        let err = with.decode(KEY, &stored).unwrap_err().to_string();
+        assert!(err.contains("/registry/wf/ns/a") && err.contains("dictionary ID 5") && err.contains("deleted"), "{err}");
+        // A frame relabelled with another dictionary's ID is refused by zstd itself.
+        let mut other = raw.clone();
+        set_zstd_dict_id(&mut other, 6);
+        cache.insert_decoder(6, &other).unwrap();
+        let mut relabelled = stored.to_vec();
+        relabelled[6] = 6;
+        assert!(matches!(with.decode(KEY, &Bytes::from(relabelled)).unwrap_err().reason, DecodeReason::Zstd(_)));
+    }
+
+    #[test]
+    fn reserved_prefix_is_never_compressed() {
+        let every = ValueCodec::new(vec![PrefixRule { prefix: Bytes::new(), compress: true, level: 3, min_size: 0 }], 1 << 20);
+        let key = b"/etcd-squeeze/dictionaries/0000000001";
+        let v = json(500);
+        assert_eq!(every.encode(key, &v).unwrap(), (v.clone(), EncodeOutcome::Untouched));
+        let (framed, _) = every.encode(KEY, &v).unwrap();
+        assert_eq!(every.decode(key, &framed).unwrap(), framed, "returned as stored");
+        assert_eq!(every.needed_dictionary(key, &framed), None);
+    }
+
+    #[test]
     fn ranges_and_prefixes() {
         let c = codec();
         assert!(c.range_touches_prefix(b"/registry/wf/ns/a", b""));
