@@ -1,0 +1,291 @@
+//! Trained dictionaries on a real etcd: sharing between replicas, trainer failover, a deleted
+//! dictionary, rotation.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_client::{GetOptions, WatchOptions};
+use etcd_squeeze::codec::frame;
+use etcd_squeeze::config::Config;
+use etcd_squeeze::corpus::{self, Scenario, Topology};
+use etcd_squeeze::dictionary::store::{DictionaryMeta, Store, RECORD_FORMAT};
+use etcd_squeeze::dictionary::training;
+
+use crate::harness::{free_port, Etcd, Proxy, FLYTE};
+
+const DICTS: &str = "/etcd-squeeze/dictionaries/";
+
+/// A proxy config for tests: FlyteWorkflow prefix, small dictionaries, fast election and retraining.
+fn config(etcd: &Etcd, train: bool) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.upstream.endpoints = vec![etcd.url.clone()];
+    let d = &mut c.dictionaries;
+    d.train = train;
+    d.election_ttl = Duration::from_secs(1);
+    d.retrain_interval = Duration::from_millis(300);
+    d.samples = 64;
+    d.size = bytesize::ByteSize::kib(16);
+    c
+}
+
+/// Small FlyteWorkflow objects (3–20 KB) of varied shapes: what a dictionary helps most.
+fn population(n: u64, seed: u64) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let s = match i % 3 {
+                0 => Scenario::new(Topology::Created { tasks: 2 + i as usize % 5 }, 25, 0),
+                1 => Scenario::new(Topology::Failed { tasks: 2 + i as usize % 3 }, 25, 100),
+                _ => Scenario::new(Topology::StaticFanout { nodes: 4 + i as usize % 9 }, 25, 40),
+            };
+            corpus::generate(&s, seed * 1000 + i).json
+        })
+        .collect()
+}
+
+fn key(name: &str) -> String {
+    format!("{FLYTE}dict-ns/{name}")
+}
+
+/// The dictionary ID in the frame etcd stores for `key` (0 = none).
+async fn stored_dict_id(direct: &mut etcd_client::Client, key: &str) -> u32 {
+    let resp = direct.get(key, None).await.unwrap();
+    let value = resp.kvs()[0].value();
+    assert!(frame::is_framed(value), "{key} is framed");
+    frame::parse(value).unwrap().dictionary_id
+}
+
+/// Writes a probe through `via` until etcd stores it with dictionary `want` (any when None).
+async fn wait_for_dictionary(via: &mut etcd_client::Client, direct: &mut etcd_client::Client, want: Option<u32>) -> u32 {
+    let probe = population(1, 99).remove(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        via.put(key("probe"), probe.clone(), None).await.unwrap();
+        let id = stored_dict_id(direct, &key("probe")).await;
+        if id != 0 && want.is_none_or(|w| w == id) {
+            return id;
+        }
+        assert!(Instant::now() < deadline, "no dictionary {want:?} in use after 30 s (last: {id})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn store(etcd: &Etcd) -> Store {
+    Store::new(tonic::transport::Endpoint::from_shared(etcd.url.clone()).unwrap().connect_lazy(), DICTS)
+}
+
+/// Every dictionary record in etcd, each verified (none may be partial or corrupt).
+async fn all_dictionaries(etcd: &Etcd) -> Vec<DictionaryMeta> {
+    let (records, _) = store(etcd).list().await.unwrap();
+    records.into_iter().map(|r| r.expect("every visible dictionary is whole and verified").meta).collect()
+}
+
+fn assert_data_loss(err: etcd_client::Error, key: &str, id: u32) {
+    let etcd_client::Error::GRpcStatus(s) = err else { panic!("{err}") };
+    assert_eq!(s.code(), tonic::Code::DataLoss, "{}", s.message());
+    assert!(s.message().contains(key) && s.message().contains(&format!("dictionary ID {id}")), "{}", s.message());
+}
+
+/// A replica trains from the Puts it sees and publishes; a second replica, started afterwards with
+/// a cold cache, reads, lists and watches the same objects byte-identically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_replica_reads_lists_and_watches_values_written_with_a_dictionary() {
+    let etcd = Etcd::start().await;
+    let first = Proxy::start_config(config(&etcd, true)).await;
+    let (mut via, mut direct) = (first.client().await, etcd.client().await);
+    for (i, v) in population(40, 1).into_iter().enumerate() {
+        via.put(key(&format!("train-{i:02}")), v, None).await.unwrap();
+    }
+    let id = wait_for_dictionary(&mut via, &mut direct, None).await;
+    let metas = all_dictionaries(&etcd).await;
+    assert_eq!(metas.len(), 1, "one dictionary published");
+    assert_eq!((metas[0].id, metas[0].prefix.as_str()), (id, FLYTE));
+    assert!(metas[0].heldout_after * 10 < metas[0].heldout_before * 8, "at least 20% smaller: {:?}", metas[0]);
+
+    let objects: Vec<Vec<u8>> = population(12, 2).into_iter().chain(corpus::small_set(3).into_iter().map(|g| g.json)).collect();
+    let start = direct.get("x", None).await.unwrap().header().unwrap().revision() + 1;
+    for (i, v) in objects.iter().enumerate() {
+        via.put(key(&format!("obj-{i:02}")), v.clone(), None).await.unwrap();
+        assert_eq!(stored_dict_id(&mut direct, &key(&format!("obj-{i:02}"))).await, id);
+    }
+
+    let second = Proxy::start_config(config(&etcd, false)).await;
+    let mut cold = second.client().await;
+    for (i, v) in objects.iter().enumerate() {
+        let got = cold.get(key(&format!("obj-{i:02}")), None).await.unwrap();
+        assert_eq!(got.kvs()[0].value(), &v[..], "get obj-{i:02}");
+    }
+    let listed = cold.get(key("obj-"), Some(GetOptions::new().with_prefix())).await.unwrap();
+    let values: Vec<&[u8]> = listed.kvs().iter().map(|kv| kv.value()).collect();
+    assert_eq!(values, objects.iter().map(|v| &v[..]).collect::<Vec<_>>());
+    let mut stream = cold.watch(key("obj-"), Some(WatchOptions::new().with_prefix().with_start_revision(start))).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < objects.len() {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        seen.extend(r.events().iter().map(|e| e.kv().unwrap().value().to_vec()));
+    }
+    assert_eq!(seen, objects);
+}
+
+/// The elected trainer is killed while it trains: no partial dictionary ever appears, and another
+/// replica takes the election over once the lease expires and publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_trainer_is_replaced_and_leaves_no_partial_dictionary() {
+    let etcd = Etcd::start().await;
+    let mut direct = etcd.client().await;
+    // Enough stored values that sampling and training take a while.
+    let objects: Vec<Vec<u8>> = population(30, 3).into_iter().chain(corpus::small_set(4).into_iter().map(|g| g.json)).collect();
+    // Written directly: values stored before the proxy was installed are samples too.
+    for i in 0..120 {
+        direct.put(key(&format!("pop-{i:03}")), objects[i % objects.len()].clone(), None).await.unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{}\"]\n[[prefixes]]\nprefix = \"{FLYTE}\"\n\
+         [dictionaries]\nelection_ttl = \"1s\"\nretrain_interval = \"1h\"\nsamples = 512\nsize = \"112KiB\"\n",
+        etcd.url
+    );
+    std::fs::write(dir.path().join("a.toml"), toml).unwrap();
+    let log_path = dir.path().join("a.log");
+    let mut trainer = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("a.toml"))
+        .env("RUST_LOG", "etcd_squeeze=info")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log_path).unwrap().contains("training a dictionary") {
+        assert!(Instant::now() < deadline, "replica A never started training: {}", std::fs::read_to_string(&log_path).unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    trainer.kill().unwrap();
+    trainer.wait().unwrap();
+    // A's election key outlives A by its lease TTL.
+    let leader_a = String::from_utf8(trainer_key(&mut direct).await.expect("A leads until its lease expires")).unwrap();
+    // Every visible dictionary is whole (verified); A published at most the one it was training.
+    let by_a = all_dictionaries(&etcd).await.into_iter().filter(|m| m.trained_by == leader_a).count();
+    assert!(by_a <= 1);
+    if by_a == 1 {
+        eprintln!("replica A finished publishing before the kill landed; the takeover is still checked");
+    }
+
+    let b = Proxy::start_config(config(&etcd, true)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader_b = loop {
+        match trainer_key(&mut direct).await.map(|v| String::from_utf8(v).unwrap()) {
+            Some(l) if l != leader_a => break l,
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "replica B did not take the election over within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let expected = loop {
+        let metas = all_dictionaries(&etcd).await;
+        if let Some(m) = metas.iter().find(|m| m.trained_by == leader_b) {
+            break m.id;
+        }
+        if by_a == 1 {
+            // A's dictionary is as good as B's would be: B keeps it (min_gain) and uses it.
+            break metas[0].id;
+        }
+        assert!(Instant::now() < deadline, "replica B did not publish within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (mut via, mut direct2) = (b.client().await, etcd.client().await);
+    assert_eq!(wait_for_dictionary(&mut via, &mut direct2, Some(expected)).await, expected);
+}
+
+async fn trainer_key(direct: &mut etcd_client::Client) -> Option<Vec<u8>> {
+    direct.get("/etcd-squeeze/trainer", None).await.unwrap().kvs().first().map(|kv| kv.value().to_vec())
+}
+
+/// A dictionary key deleted by hand: values that need it fail with DATA_LOSS naming the key and
+/// the ID (on the replica that had it cached, and on a cold one); everything else keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_dictionary_is_data_loss_naming_key_and_id() {
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start_config(config(&etcd, true)).await;
+    let (mut via, mut direct) = (proxy.client().await, etcd.client().await);
+    for (i, v) in population(30, 4).into_iter().enumerate() {
+        via.put(key(&format!("train-{i:02}")), v, None).await.unwrap();
+    }
+    let id = wait_for_dictionary(&mut via, &mut direct, None).await;
+    let value = population(1, 5).remove(0);
+    let (needs, other) = (key("needs-dict"), "/registry/configmaps/default/other");
+    via.put(needs.as_str(), value.clone(), None).await.unwrap();
+    via.put(other, value.clone(), None).await.unwrap();
+    assert_eq!(stored_dict_id(&mut direct, &needs).await, id);
+    assert_eq!(via.get(needs.as_str(), None).await.unwrap().kvs()[0].value(), &value[..]);
+
+    direct.delete(format!("{DICTS}{id:010}"), None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match via.get(needs.as_str(), None).await {
+            Err(e) => break e,
+            Ok(_) => assert!(Instant::now() < deadline, "the deletion was not noticed within 10 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_data_loss(err, &needs, id);
+    let cold = Proxy::start_config(config(&etcd, false)).await;
+    let mut cold = cold.client().await;
+    assert_data_loss(cold.get(needs.as_str(), None).await.unwrap_err(), &needs, id);
+
+    for c in [&mut via, &mut cold] {
+        assert_eq!(c.get(other, None).await.unwrap().kvs()[0].value(), &value[..]);
+        assert_eq!(c.get(key("train-00"), None).await.unwrap().kvs()[0].value(), &population(1, 4)[0][..]);
+    }
+    // New writes work and do not name the deleted dictionary.
+    via.put(key("after"), value.clone(), None).await.unwrap();
+    assert_ne!(stored_dict_id(&mut direct, &key("after")).await, id);
+    assert_eq!(cold.get(key("after"), None).await.unwrap().kvs()[0].value(), &value[..]);
+}
+
+/// Values written under dictionary 1, then 2, then 3 all read back byte-identical, on the writing
+/// replica and on a cold one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_every_value_readable() {
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start_config(config(&etcd, false)).await;
+    let (mut via, mut direct) = (proxy.client().await, etcd.client().await);
+    let store = store(&etcd);
+    let mut written = Vec::new();
+    for round in 1..=3u64 {
+        let samples: Vec<Bytes> = population(30, 10 + round).into_iter().map(Bytes::from).collect();
+        let candidate = training::train(&samples, 8 << 10, 3, None).unwrap();
+        let meta = DictionaryMeta {
+            format: RECORD_FORMAT,
+            id: 0,
+            prefix: FLYTE.into(),
+            created_unix: etcd_squeeze::dictionary::unix_now(),
+            samples: candidate.samples,
+            sample_bytes: candidate.sample_bytes,
+            level: 3,
+            size: 0,
+            sha256: String::new(),
+            heldout_before: candidate.heldout_before,
+            heldout_after: candidate.heldout_after,
+            trained_by: format!("rotation test round {round}"),
+        };
+        let record = store.publish(meta, &candidate.raw, &[]).await.unwrap();
+        assert_eq!(record.meta.id, round as u32, "IDs count up from 1");
+        wait_for_dictionary(&mut via, &mut direct, Some(record.meta.id)).await;
+        for (i, v) in population(4, 20 + round).into_iter().enumerate() {
+            let k = key(&format!("rot-{round}-{i}"));
+            via.put(k.as_str(), v.clone(), None).await.unwrap();
+            assert_eq!(stored_dict_id(&mut direct, &k).await, record.meta.id);
+            written.push((k, v));
+        }
+    }
+    let cold = Proxy::start_config(config(&etcd, false)).await;
+    let mut cold = cold.client().await;
+    for c in [&mut via, &mut cold] {
+        for (k, v) in &written {
+            assert_eq!(c.get(k.as_str(), None).await.unwrap().kvs()[0].value(), &v[..], "{k}");
+        }
+    }
+    assert_eq!(all_dictionaries(&etcd).await.iter().map(|m| m.id).collect::<Vec<_>>(), vec![3, 2, 1]);
+}
