@@ -7,7 +7,7 @@ use bytes::Bytes;
 use etcd_client::{GetOptions, WatchOptions};
 use etcd_squeeze::codec::frame;
 use etcd_squeeze::config::Config;
-use etcd_squeeze::corpus::{self, Scenario, Topology};
+use etcd_squeeze::corpus;
 use etcd_squeeze::dictionary::store::{DictionaryMeta, Store, RECORD_FORMAT};
 use etcd_squeeze::dictionary::training;
 
@@ -29,18 +29,9 @@ fn config(etcd: &Etcd, train: bool) -> Config {
     c
 }
 
-/// Small FlyteWorkflow objects (3–20 KB) of varied shapes: what a dictionary helps most.
+/// Small FlyteWorkflow objects of varied shapes: what a dictionary helps most.
 fn population(n: u64, seed: u64) -> Vec<Vec<u8>> {
-    (0..n)
-        .map(|i| {
-            let s = match i % 3 {
-                0 => Scenario::new(Topology::Created { tasks: 2 + i as usize % 5 }, 25, 0),
-                1 => Scenario::new(Topology::Failed { tasks: 2 + i as usize % 3 }, 25, 100),
-                _ => Scenario::new(Topology::StaticFanout { nodes: 4 + i as usize % 9 }, 25, 40),
-            };
-            corpus::generate(&s, seed * 1000 + i).json
-        })
-        .collect()
+    corpus::training_set(n, seed).into_iter().map(|g| g.json).collect()
 }
 
 fn key(name: &str) -> String {
@@ -220,6 +211,7 @@ async fn deleted_dictionary_is_data_loss_naming_key_and_id() {
     assert_eq!(stored_dict_id(&mut direct, &needs).await, id);
     assert_eq!(via.get(needs.as_str(), None).await.unwrap().kvs()[0].value(), &value[..]);
 
+    let record_bytes = direct.get(format!("{DICTS}{id:010}"), None).await.unwrap().kvs()[0].value().to_vec();
     direct.delete(format!("{DICTS}{id:010}"), None).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let err = loop {
@@ -242,6 +234,15 @@ async fn deleted_dictionary_is_data_loss_naming_key_and_id() {
     via.put(key("after"), value.clone(), None).await.unwrap();
     assert_ne!(stored_dict_id(&mut direct, &key("after")).await, id);
     assert_eq!(cold.get(key("after"), None).await.unwrap().kvs()[0].value(), &value[..]);
+
+    // A record put back with altered dictionary bytes is refused (checksum), not used.
+    let mut forged = record_bytes.to_vec();
+    *forged.last_mut().unwrap() ^= 0x01;
+    direct.put(format!("{DICTS}{id:010}"), forged, None).await.unwrap();
+    let fresh = Proxy::start_config(config(&etcd, false)).await;
+    let err = fresh.client().await.get(needs.as_str(), None).await.unwrap_err();
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    assert_data_loss(err, &needs, id);
 }
 
 /// Values written under dictionary 1, then 2, then 3 all read back byte-identical, on the writing

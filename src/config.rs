@@ -351,7 +351,7 @@ pub const DEFAULT_ELECTION_KEY: &str = "/etcd-squeeze/trainer";
 /// 10 s election lease: a dead trainer is replaced within 10 s; keepalives every ~3 s.
 pub const DEFAULT_ELECTION_TTL: Duration = Duration::from_secs(10);
 /// 64 KiB dictionaries: FlyteWorkflow objects share field names, task names, URIs and phase
-/// strings that fit in far less; larger dictionaries gain <2% on the corpus (docs/benchmarks.md).
+/// strings that fit in far less; 32 KiB and 112 KiB do no better on the corpus (docs/benchmarks.md).
 pub const DEFAULT_DICTIONARY_SIZE: u64 = 64 << 10;
 /// 256 samples per prefix: enough variety for zstd's trainer; the reservoir holds at most
 /// 256 × 64 KiB = 16 MiB per prefix.

@@ -1,13 +1,18 @@
 //! The driver behind `scripts/demo`: writes FlyteWorkflow objects through the proxy exactly as
 //! kube-apiserver does (create = Txn on mod_revision == 0; status update = GuaranteedUpdate, a
 //! Txn on mod_revision == rev with a Range in the else branch), reads them back through the
-//! proxy, checks they are byte-identical, and measures what etcd actually stores.
+//! proxy, checks they are byte-identical, and measures what etcd actually stores. Before that it
+//! trains a shared dictionary from a population of other workflows, as `etcd-squeeze dict train`
+//! does, and waits until the proxy compresses with it; the table compares what etcd stores with
+//! what plain zstd (no dictionary) would store.
 
 use std::path::Path;
 
 use bytes::Bytes;
 use tonic::transport::Channel;
 
+use crate::codec::{frame, ValueCodec};
+use crate::config::{Config, FLYTEWORKFLOW_PREFIX};
 use crate::corpus::{self, Generated};
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
@@ -24,6 +29,49 @@ pub struct Row {
     pub json_bytes: usize,
     /// Bytes etcd stores, read directly from etcd (summed over every version for a series).
     pub stored_bytes: usize,
+    /// Bytes plain zstd (no dictionary) would store at the same level, frame included.
+    pub plain_bytes: usize,
+}
+
+/// Training population written before the measured objects: this many small workflows.
+pub const TRAINING_OBJECTS: u64 = 96;
+
+/// Writes a population of other workflows through `proxy`, trains a dictionary for the
+/// FlyteWorkflow prefix from what etcd stores (as `etcd-squeeze dict train` does) and waits until
+/// the proxy compresses with it. Returns its ID and a one-line description.
+pub async fn train_dictionary(proxy: &str, etcd: &str, seed: u64) -> Result<(u32, String), DemoError> {
+    let mut via = client(proxy).await?;
+    let population = corpus::training_set(TRAINING_OBJECTS, seed.wrapping_add(100));
+    for (i, obj) in population.iter().enumerate() {
+        let key = Bytes::from(format!("{FLYTEWORKFLOW_PREFIX}demo-training/{i:03}"));
+        via.put(PutRequest { key, value: Bytes::from(obj.json.clone()), ..Default::default() }).await?;
+    }
+    let mut config = Config::default();
+    config.upstream.endpoints = vec![etcd.to_string()];
+    let report = crate::dictionary::admin::train_report(&config, FLYTEWORKFLOW_PREFIX).await?;
+    let mut line = format!(
+        "trained a dictionary from {} stored workflows: held-out values {} -> {} bytes ({:.0}% smaller than plain zstd)",
+        report.candidate_samples, report.heldout.0, report.heldout.1, report.gain() * 100.0
+    );
+    if report.published.is_none() {
+        line.push_str("; the dictionary already in etcd is as good, kept");
+    }
+    // The proxy learns of it through its watch on the dictionary store: probe until it uses it.
+    let mut direct = client(etcd).await?;
+    let probe = Bytes::from(format!("{FLYTEWORKFLOW_PREFIX}demo-training/probe"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        via.put(PutRequest { key: probe.clone(), value: Bytes::from(population[0].json.clone()), ..Default::default() }).await?;
+        let (stored, _) = read(&mut direct, &probe).await?;
+        let id = frame::parse(&stored).map(|f| f.dictionary_id).unwrap_or(0);
+        if id != 0 && report.published.as_ref().is_none_or(|m| m.id == id) {
+            return Ok((id, format!("{line}; the proxy compresses with dictionary {id}")));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("the proxy did not start using the trained dictionary within 15 s".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// A demo failure: a connection or RPC error, or a value that did not read back identical.
@@ -99,6 +147,7 @@ pub fn json_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
 pub async fn run(proxy: &str, etcd: &str, objects: Vec<Generated>, series: Vec<Generated>) -> Result<Vec<Row>, DemoError> {
     let mut via = client(proxy).await?;
     let mut direct = client(etcd).await?;
+    let plain = ValueCodec::from_config(&Config::default());
     let mut rows = Vec::new();
     for (i, obj) in objects.iter().enumerate() {
         let key = Bytes::from(format!("{}demo/{i:03}-{}", crate::config::FLYTEWORKFLOW_PREFIX, obj.name));
@@ -108,7 +157,7 @@ pub async fn run(proxy: &str, etcd: &str, objects: Vec<Generated>, series: Vec<G
             Err(_) => 0,
         };
         write(&mut via, &key, json.clone(), rev).await?;
-        rows.push(verify(&mut via, &mut direct, &key, &obj.name, &json, 1).await?);
+        rows.push(verify(&mut via, &mut direct, &plain, &key, &obj.name, &json).await?);
     }
     if let Some(first) = series.first() {
         // One workflow's whole history: every status change rewrites the object, and etcd keeps
@@ -116,26 +165,28 @@ pub async fn run(proxy: &str, etcd: &str, objects: Vec<Generated>, series: Vec<G
         let key = Bytes::from(format!("{}demo/series-{}", crate::config::FLYTEWORKFLOW_PREFIX, first.name));
         let mut rev = read(&mut via, &key).await.map(|(_, r)| r).unwrap_or(0);
         let name = format!("{} history ({} versions)", first.name.split('.').next().unwrap_or(&first.name), series.len());
-        let mut total = Row { name, versions: series.len(), json_bytes: 0, stored_bytes: 0 };
+        let mut total = Row { name, versions: series.len(), json_bytes: 0, stored_bytes: 0, plain_bytes: 0 };
         for version in &series {
             let json = Bytes::from(version.json.clone());
             rev = write(&mut via, &key, json.clone(), rev).await?;
-            let row = verify(&mut via, &mut direct, &key, &version.name, &json, 1).await?;
+            let row = verify(&mut via, &mut direct, &plain, &key, &version.name, &json).await?;
             total.json_bytes += row.json_bytes;
             total.stored_bytes += row.stored_bytes;
+            total.plain_bytes += row.plain_bytes;
         }
         rows.push(total);
     }
     Ok(rows)
 }
 
-async fn verify(via: &mut KvClient<Channel>, direct: &mut KvClient<Channel>, key: &Bytes, name: &str, json: &Bytes, versions: usize) -> Result<Row, DemoError> {
+async fn verify(via: &mut KvClient<Channel>, direct: &mut KvClient<Channel>, plain: &ValueCodec, key: &Bytes, name: &str, json: &Bytes) -> Result<Row, DemoError> {
     let (back, _) = read(via, key).await?;
     if back != *json {
         return Err(format!("{name}: read back through the proxy differs from what was written").into());
     }
     let (stored, _) = read(direct, key).await?;
-    Ok(Row { name: name.to_string(), versions, json_bytes: json.len(), stored_bytes: stored.len() })
+    let plain_bytes = plain.encode(key, json)?.0.len();
+    Ok(Row { name: name.to_string(), versions: 1, json_bytes: json.len(), stored_bytes: stored.len(), plain_bytes })
 }
 
 /// etcd's database size in bytes (Maintenance.Status.db_size), read directly from etcd.
@@ -144,24 +195,28 @@ pub async fn db_size(etcd: &str) -> Result<i64, DemoError> {
     Ok(MaintenanceClient::new(channel).status(StatusRequest {}).await?.into_inner().db_size)
 }
 
-/// Renders the savings table.
+/// Renders the savings table: JSON, what plain zstd would store, what etcd stores (with the
+/// dictionary), the ratio and the dictionary's gain over plain zstd.
 pub fn table(rows: &[Row]) -> String {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(6).max(6);
-    let mut out = format!("{:<width$}  {:>12}  {:>12}  {:>7}\n", "object", "JSON bytes", "stored", "ratio");
-    out.push_str(&format!("{}\n", "-".repeat(width + 37)));
-    let (mut json, mut stored) = (0usize, 0usize);
+    let line = |name: &str, json: usize, plain: usize, stored: usize| {
+        format!(
+            "{name:<width$}  {json:>12}  {plain:>12}  {stored:>13}  {:>6.1}x  {:>8.2}x\n",
+            json as f64 / stored.max(1) as f64,
+            plain as f64 / stored.max(1) as f64
+        )
+    };
+    let rule = format!("{}\n", "-".repeat(width + 62));
+    let mut out = format!("{:<width$}  {:>12}  {:>12}  {:>13}  {:>7}  {:>9}\n", "object", "JSON bytes", "plain zstd", "stored (dict)", "ratio", "dict gain");
+    out.push_str(&rule);
+    let (mut json, mut plain, mut stored) = (0, 0, 0);
     for r in rows {
-        out.push_str(&format!(
-            "{:<width$}  {:>12}  {:>12}  {:>6.1}x\n",
-            r.name,
-            r.json_bytes,
-            r.stored_bytes,
-            r.json_bytes as f64 / r.stored_bytes.max(1) as f64
-        ));
+        out.push_str(&line(&r.name, r.json_bytes, r.plain_bytes, r.stored_bytes));
         json += r.json_bytes;
+        plain += r.plain_bytes;
         stored += r.stored_bytes;
     }
-    out.push_str(&format!("{}\n", "-".repeat(width + 37)));
-    out.push_str(&format!("{:<width$}  {:>12}  {:>12}  {:>6.1}x\n", "total", json, stored, json as f64 / stored.max(1) as f64));
+    out.push_str(&rule);
+    out.push_str(&line("total", json, plain, stored));
     out
 }

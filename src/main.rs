@@ -160,6 +160,14 @@ async fn demo(args: DemoArgs) -> ExitCode {
         }
     };
     let series = if args.corpus.is_some() { Vec::new() } else { corpus::update_series(&corpus::Scenario::demo_series(), 20, args.seed) };
+    println!("writing {} other workflows through the proxy at {} and training a shared dictionary from them...", demo::TRAINING_OBJECTS, args.proxy);
+    match demo::train_dictionary(&args.proxy, &args.etcd, args.seed).await {
+        Ok((_, line)) => println!("{line}"),
+        Err(e) => {
+            eprintln!("etcd-squeeze demo: dictionary: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     println!("writing {} objects{} through the proxy at {} the way kube-apiserver does...", objects.len(),
         if series.is_empty() { String::new() } else { format!(" and a {}-version update series", series.len()) }, args.proxy);
     match demo::run(&args.proxy, &args.etcd, objects, series).await {

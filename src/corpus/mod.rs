@@ -238,6 +238,24 @@ pub fn small_set(seed: u64) -> Vec<Generated> {
     set(false, seed)
 }
 
+/// `n` small objects (≈3–40 KB) of varied shapes — just created, failed, small static and dynamic
+/// fan-outs at every progress point — each of its own seed: the stream of workflows a cluster
+/// writes, for training dictionaries (the demo, the dictionary tests and benchmark).
+pub fn training_set(n: u64, seed: u64) -> Vec<Generated> {
+    (0..n)
+        .map(|i| {
+            let k = i as usize;
+            let s = match i % 4 {
+                0 => Scenario::new(Topology::Created { tasks: 2 + k % 6 }, 25, 0),
+                1 => Scenario::new(Topology::Failed { tasks: 2 + k % 3 }, 25, 100),
+                2 => Scenario::new(Topology::StaticFanout { nodes: 3 + k % 12 }, 25, (i % 101) as u8),
+                _ => Scenario::new(Topology::Dynamic { children: 5 + k % 20 }, 25, (i % 101) as u8),
+            };
+            generate(&s, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i)
+        })
+        .collect()
+}
+
 /// The update series written by [`write_dir`]: [`Scenario::demo_series`] (a dynamic fan-out of 2,000
 /// children at parallelism 100), 12 versions from just created to all succeeded.
 pub fn standard_series(seed: u64) -> Vec<Generated> {

@@ -245,13 +245,19 @@ pub async fn show(config: &Config, id: u32) -> Result<String, DictionaryError> {
     Ok(out)
 }
 
-/// `dict train --prefix P`: one training round from etcd's values, published if it gains enough.
-pub async fn train(config: &Config, prefix: &str) -> Result<String, DictionaryError> {
+/// One training round for `prefix` from the values stored in etcd, published if it gains at least
+/// `dictionaries.min_gain` over the prefix's newest dictionary.
+pub async fn train_report(config: &Config, prefix: &str) -> Result<super::TrainReport, DictionaryError> {
     let codec = ValueCodec::from_config(config);
     let dictionaries = Dictionaries::new(config, codec, channel(config)?);
     let p = dictionaries.prefix(prefix)?.clone();
     dictionaries.sync().await?;
-    let report = dictionaries.train_prefix(&p, &[]).await?;
+    dictionaries.train_prefix(&p, &[]).await
+}
+
+/// `dict train --prefix P`: [`train_report`], described in one line.
+pub async fn train(config: &Config, prefix: &str) -> Result<String, DictionaryError> {
+    let report = train_report(config, prefix).await?;
     let (before, after) = report.heldout;
     Ok(match &report.published {
         Some(m) => format!(

@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn trained_dictionary_beats_none_on_small_objects() {
-        let samples: Vec<Bytes> = (0..40).map(|i| Bytes::from(crate::corpus::generate(&small(i), i).json)).collect();
+        let samples: Vec<Bytes> = crate::corpus::training_set(40, 1).into_iter().map(|g| Bytes::from(g.json)).collect();
         let c = train(&samples, 16 << 10, 3, None).unwrap();
         assert!(c.gain() > 0.3, "gain {:.2}: {} -> {}", c.gain(), c.heldout_before, c.heldout_after);
         assert!(c.raw.len() <= 16 << 10);
@@ -318,14 +318,5 @@ mod tests {
         let again = train(&samples, 16 << 10, 3, Some(&c.raw)).unwrap();
         assert!(again.gain().abs() < 0.05, "{}", again.gain());
         assert!(matches!(train(&samples[..5], 1024, 3, None), Err(TrainError::TooFewSamples { have: 5, .. })));
-    }
-
-    fn small(i: u64) -> crate::corpus::Scenario {
-        use crate::corpus::{Scenario, Topology};
-        match i % 3 {
-            0 => Scenario::new(Topology::Created { tasks: 2 + i as usize % 4 }, 25, 0),
-            1 => Scenario::new(Topology::Failed { tasks: 2 }, 25, 100),
-            _ => Scenario::new(Topology::StaticFanout { nodes: 5 + i as usize % 7 }, 25, 40),
-        }
     }
 }

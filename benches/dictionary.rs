@@ -1,0 +1,158 @@
+//! Trained dictionary vs plain zstd, by size class (< 20 KB, 20–200 KB, > 200 KB): stored bytes and
+//! compress/decompress MB/s with a prepared dictionary, through the real codec (frames included).
+//!
+//! `cargo bench --bench dictionary` prints the markdown table of docs/benchmarks.md.
+//! Under `cargo test --all-targets` it only runs a quick smoke pass.
+//!
+//! Training and measured objects never overlap: the dictionary (the default 64 KiB, from samples cut
+//! to 64 KiB as the trainer does) is trained on generated objects of other seeds and on the odd-numbered
+//! files of the real corpus (`../shared/corpus` or `ETCD_SQUEEZE_CORPUS`, when present); the table
+//! measures the standard set, a small set of another seed, the update series and the even-numbered
+//! real files.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_squeeze::codec::{PrefixRule, ValueCodec};
+use etcd_squeeze::config::{DEFAULT_DICTIONARY_SIZE, DEFAULT_LEVEL, DEFAULT_SAMPLE_MAX_BYTES, FLYTEWORKFLOW_PREFIX};
+use etcd_squeeze::corpus;
+use etcd_squeeze::dictionary::{cache::DictionaryCache, store::set_zstd_dict_id};
+
+const KEY: &[u8] = b"/registry/flyte.lyft.com/flyteworkflows/ns/wf";
+const CLASSES: [&str; 3] = ["< 20 KB", "20–200 KB", "> 200 KB"];
+
+fn class(len: usize) -> usize {
+    match len {
+        0..20_000 => 0,
+        20_000..200_000 => 1,
+        _ => 2,
+    }
+}
+
+fn real_corpus() -> Vec<Vec<u8>> {
+    let dir = std::env::var_os("ETCD_SQUEEZE_CORPUS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"));
+    if !dir.is_dir() {
+        return Vec::new();
+    }
+    etcd_squeeze::demo::json_files(&dir).unwrap_or_default().iter().filter_map(|p| std::fs::read(p).ok()).collect()
+}
+
+fn small_shapes(n: u64, seed: u64) -> Vec<Vec<u8>> {
+    corpus::training_set(n, seed).into_iter().map(|g| g.json).collect()
+}
+
+fn codec(cache: Option<Arc<DictionaryCache>>) -> ValueCodec {
+    let rule = PrefixRule { prefix: Bytes::from_static(FLYTEWORKFLOW_PREFIX.as_bytes()), compress: true, level: DEFAULT_LEVEL, min_size: 256 };
+    let c = ValueCodec::new(vec![rule], 64 << 20);
+    match cache {
+        Some(cache) => c.with_dictionaries(cache),
+        None => c,
+    }
+}
+
+/// MB/s of `f` over `bytes` input bytes, repeated for at least `min` (once in smoke mode).
+fn mbps(bytes: usize, min: Duration, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    let mut rounds = 0u32;
+    loop {
+        f();
+        rounds += 1;
+        if start.elapsed() >= min {
+            break;
+        }
+    }
+    (bytes as f64 * rounds as f64) / start.elapsed().as_secs_f64() / 1e6
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let real = if full { real_corpus() } else { Vec::new() };
+    let (real_train, real_measure): (Vec<_>, Vec<_>) = real.into_iter().enumerate().partition(|(i, _)| i % 2 == 1);
+
+    let mut training: Vec<Vec<u8>> = small_shapes(if full { 200 } else { 30 }, 1000);
+    if full {
+        for seed in 100..104 {
+            training.extend(corpus::small_set(seed).into_iter().map(|g| g.json));
+        }
+    }
+    training.extend(real_train.into_iter().map(|(_, v)| v));
+    let max = DEFAULT_SAMPLE_MAX_BYTES as usize;
+    let samples: Vec<Bytes> = training.iter().map(|v| Bytes::copy_from_slice(&v[..v.len().min(max)])).collect();
+    let started = Instant::now();
+    // BENCH_DICT_SIZE=bytes compares other dictionary sizes.
+    let size = std::env::var("BENCH_DICT_SIZE").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_DICTIONARY_SIZE as usize);
+    let mut raw = zstd::dict::from_samples(&samples, size).expect("training");
+    let train_time = started.elapsed();
+    set_zstd_dict_id(&mut raw, 1);
+    let cache = Arc::new(DictionaryCache::new());
+    cache.install_current(FLYTEWORKFLOW_PREFIX.as_bytes(), 1, &raw, DEFAULT_LEVEL, 0).unwrap();
+    let (plain, dict) = (codec(None), codec(Some(cache)));
+
+    let mut measured: Vec<Vec<u8>> = if full {
+        let mut m: Vec<Vec<u8>> = corpus::standard_set(1).into_iter().map(|g| g.json).collect();
+        m.extend(corpus::small_set(2).into_iter().map(|g| g.json));
+        m.extend(corpus::standard_series(1).into_iter().map(|g| g.json));
+        m.extend(small_shapes(60, 2000));
+        m
+    } else {
+        small_shapes(6, 2000)
+    };
+    measured.extend(real_measure.into_iter().map(|(_, v)| v));
+
+    // Per class: objects, JSON bytes, plain stored, dict stored, worst per-object ratio of dict/plain.
+    let mut rows = [(0usize, 0usize, 0usize, 0usize, 0f64); 3];
+    let mut values: [Vec<(Bytes, Bytes)>; 3] = Default::default();
+    for v in &measured {
+        let value = Bytes::from(v.clone());
+        let (p, _) = plain.encode(KEY, &value).unwrap();
+        let (d, _) = dict.encode(KEY, &value).unwrap();
+        assert_eq!(dict.decode(KEY, &d).unwrap(), value, "round trip");
+        let c = class(v.len());
+        let r = &mut rows[c];
+        r.0 += 1;
+        r.1 += v.len();
+        r.2 += p.len();
+        r.3 += d.len();
+        r.4 = r.4.max(d.len() as f64 / p.len() as f64);
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            eprintln!("{:>9} bytes: plain {:>8} dict {:>8} ({:.3})", v.len(), p.len(), d.len(), d.len() as f64 / p.len() as f64);
+        }
+        values[c].push((value, d));
+    }
+    let min = if full { Duration::from_millis(500) } else { Duration::ZERO };
+    println!(
+        "dictionary: {} bytes trained in {:.2} s from {} samples ({} bytes); zstd level {DEFAULT_LEVEL}\n",
+        raw.len(),
+        train_time.as_secs_f64(),
+        samples.len(),
+        samples.iter().map(|s| s.len()).sum::<usize>()
+    );
+    println!("| size class | objects | JSON bytes | stored, plain zstd | stored, dictionary | ratio plain | ratio dictionary | dictionary gain | worst object | compress MB/s plain / dict | decompress MB/s plain / dict |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (c, name) in CLASSES.iter().enumerate() {
+        let (n, json, p, d, worst) = rows[c];
+        if n == 0 {
+            continue;
+        }
+        let vals = &values[c];
+        let enc = |codec: &ValueCodec| mbps(json, min, || vals.iter().for_each(|(v, _)| drop(codec.encode(KEY, v).unwrap())));
+        let stored_plain: Vec<Bytes> = vals.iter().map(|(v, _)| plain.encode(KEY, v).unwrap().0).collect();
+        let dec_plain = mbps(json, min, || stored_plain.iter().for_each(|s| drop(plain.decode(KEY, s).unwrap())));
+        let dec_dict = mbps(json, min, || vals.iter().for_each(|(_, s)| drop(dict.decode(KEY, s).unwrap())));
+        println!(
+            "| {name} | {n} | {json} | {p} | {d} | {:.1}x | {:.1}x | {:.2}x smaller | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} |",
+            json as f64 / p as f64,
+            json as f64 / d as f64,
+            p as f64 / d as f64,
+            worst,
+            enc(&plain),
+            enc(&dict),
+            dec_plain,
+            dec_dict
+        );
+    }
+}
