@@ -290,3 +290,77 @@ async fn rotation_keeps_every_value_readable() {
     }
     assert_eq!(all_dictionaries(&etcd).await.iter().map(|m| m.id).collect::<Vec<_>>(), vec![3, 2, 1]);
 }
+
+fn dict_cli(etcd: &Etcd, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
+        .arg("dict")
+        .args(args)
+        .args(["--endpoints", &etcd.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dict {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The operator commands: train from etcd, list with usage counts, show, and gc that keeps every
+/// dictionary a stored value (now or in the uncompacted history) refers to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dict_commands_train_list_show_and_gc() {
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start_config(config(&etcd, false)).await;
+    let (mut via, mut direct) = (proxy.client().await, etcd.client().await);
+    for (i, v) in population(40, 6).into_iter().enumerate() {
+        via.put(key(&format!("train-{i:02}")), v, None).await.unwrap();
+    }
+    let out = dict_cli(&etcd, &["train", "--prefix", FLYTE]);
+    assert!(out.starts_with("published dictionary 1 for"), "{out}");
+    wait_for_dictionary(&mut via, &mut direct, Some(1)).await;
+    let values = population(3, 7);
+    for (i, v) in values.iter().enumerate() {
+        via.put(key(&format!("v{i}")), v.clone(), None).await.unwrap();
+    }
+    let list = dict_cli(&etcd, &["list"]);
+    let line = list.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap_or_else(|| panic!("{list}"));
+    assert!(line.contains(FLYTE) && line.trim_end().ends_with(" 4"), "3 values and the probe use it: {list}");
+    let show = dict_cli(&etcd, &["show", "1"]);
+    assert!(show.contains("\"id\": 1") && show.contains("checksum verified"), "{show}");
+
+    // Dictionary 2 supersedes 1 (published two hours ago, past the gc grace period).
+    let samples: Vec<Bytes> = population(30, 8).into_iter().map(Bytes::from).collect();
+    let c = training::train(&samples, 8 << 10, 3, None).unwrap();
+    let meta = DictionaryMeta {
+        format: RECORD_FORMAT,
+        id: 0,
+        prefix: FLYTE.into(),
+        created_unix: etcd_squeeze::dictionary::unix_now() - 7200,
+        samples: c.samples,
+        sample_bytes: c.sample_bytes,
+        level: 3,
+        size: 0,
+        sha256: String::new(),
+        heldout_before: c.heldout_before,
+        heldout_after: c.heldout_after,
+        trained_by: "test".into(),
+    };
+    assert_eq!(store(&etcd).publish(meta, &c.raw, &[]).await.unwrap().meta.id, 2);
+    wait_for_dictionary(&mut via, &mut direct, Some(2)).await;
+    let gc = dict_cli(&etcd, &["gc"]);
+    assert!(gc.contains("keep        1") && gc.contains("stored values use it"), "{gc}");
+    // Rewritten with dictionary 2: no current value uses 1, but etcd's history still does.
+    for (i, v) in values.iter().enumerate() {
+        via.put(key(&format!("v{i}")), v.clone(), None).await.unwrap();
+    }
+    let gc = dict_cli(&etcd, &["gc"]);
+    assert!(gc.contains("keep        1") && gc.contains("stored values use it"), "history counts: {gc}");
+    let rev = direct.get("x", None).await.unwrap().header().unwrap().revision();
+    direct.compact(rev, None).await.unwrap();
+    let gc = dict_cli(&etcd, &["gc"]);
+    assert!(gc.contains("unused      1") && gc.contains("would delete") && gc.contains("keep        2"), "{gc}");
+    assert_eq!(all_dictionaries(&etcd).await.len(), 2, "a dry run deletes nothing");
+    let gc = dict_cli(&etcd, &["gc", "--yes"]);
+    assert!(gc.contains("1 of 2 dictionaries deleted"), "{gc}");
+    assert_eq!(all_dictionaries(&etcd).await.iter().map(|m| m.id).collect::<Vec<_>>(), vec![2]);
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(via.get(key(&format!("v{i}")), None).await.unwrap().kvs()[0].value(), &v[..]);
+    }
+}

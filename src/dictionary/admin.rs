@@ -20,11 +20,13 @@ use crate::codec::{frame, ValueCodec, RESERVED_PREFIX};
 use crate::config::Config;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
-use crate::proto::etcdserverpb::{watch_request, RangeRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest};
+use crate::proto::etcdserverpb::{watch_request, RangeRequest, WatchCreateRequest, WatchRequest};
 
 /// A superseded dictionary is kept at least this long after its successor was published: a
 /// replica that has not yet seen the successor may still be writing with it.
 pub const GC_GRACE: Duration = Duration::from_secs(3600);
+/// A history replay that receives nothing for this long has stalled.
+const HISTORY_SILENCE: Duration = Duration::from_secs(30);
 /// Values read per page when counting references.
 const SCAN_PAGE: i64 = 64;
 
@@ -159,11 +161,16 @@ fn count_reference(counts: &mut HashMap<u32, u64>, key: &[u8], value: &[u8]) {
 }
 
 /// Counts dictionary references in etcd's history: every value written since the last compaction
-/// up to `until` (replayed with a watch on every key until etcd reports it caught up).
+/// up to revision `until`, replayed with a watch on every key. Every revision is made by a write,
+/// so the replay has reached `until` when it sees an event of that revision.
 pub async fn history_references(channel: Channel, until: i64) -> Result<HashMap<u32, u64>, Status> {
+    let mut counts = HashMap::new();
     let mut start = 1;
+    if until <= 1 {
+        return Ok(counts); // nothing was ever written
+    }
     'restart: loop {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        counts.clear();
         let create = WatchRequest {
             request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
                 key: Bytes::from_static(b"\0"),
@@ -172,38 +179,29 @@ pub async fn history_references(channel: Channel, until: i64) -> Result<HashMap<
                 ..Default::default()
             })),
         };
-        let _ = tx.send(create).await;
+        let requests = futures::StreamExt::chain(futures::stream::iter([create]), futures::stream::pending());
         let mut client = WatchClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
-        let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-        let mut counts = HashMap::new();
-        let mut ticker = tokio::time::interval(Duration::from_millis(200));
+        let mut stream = client.watch(requests).await?.into_inner();
         loop {
-            tokio::select! {
-                msg = stream.message() => {
-                    let Some(resp) = msg? else { return Err(Status::unavailable("history watch ended")) };
-                    if resp.canceled {
-                        if resp.compact_revision > 0 {
-                            start = resp.compact_revision;
-                            continue 'restart;
-                        }
-                        return Err(Status::aborted(format!("history watch canceled: {}", resp.cancel_reason)));
-                    }
-                    let caught_up = !resp.created && resp.events.is_empty() && resp.header.as_ref().is_some_and(|h| h.revision >= until);
-                    for kv in resp.events.into_iter().filter_map(|e| e.kv) {
-                        if kv.mod_revision > until {
-                            return Ok(counts);
-                        }
-                        count_reference(&mut counts, &kv.key, &kv.value);
-                    }
-                    if caught_up {
-                        return Ok(counts);
-                    }
+            let next = tokio::time::timeout(HISTORY_SILENCE, stream.message()).await;
+            let resp = next.map_err(|_| Status::deadline_exceeded("etcd's history replay stalled"))??;
+            let resp = resp.ok_or_else(|| Status::unavailable("history watch ended"))?;
+            if resp.canceled {
+                if resp.compact_revision > 0 {
+                    start = resp.compact_revision;
+                    continue 'restart;
                 }
-                _ = ticker.tick() => {
-                    // etcd answers a progress request only once the watch has caught up.
-                    let progress = WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {})) };
-                    let _ = tx.send(progress).await;
+                return Err(Status::aborted(format!("history watch canceled: {}", resp.cancel_reason)));
+            }
+            let mut reached = false;
+            for kv in resp.events.into_iter().filter_map(|e| e.kv) {
+                reached |= kv.mod_revision >= until;
+                if kv.mod_revision <= until {
+                    count_reference(&mut counts, &kv.key, &kv.value);
                 }
+            }
+            if reached {
+                return Ok(counts);
             }
         }
     }
