@@ -77,6 +77,9 @@ enum LoadFailure {
     Etcd(Status),
 }
 
+/// One dictionary fetch, awaited by every request that needs that dictionary meanwhile.
+type Fetch = Shared<BoxFuture<'static, Result<(), LoadFailure>>>;
+
 /// What one training round did.
 #[derive(Debug, Clone)]
 pub struct TrainReport {
@@ -128,7 +131,7 @@ pub struct Dictionaries {
     config: DictionariesConfig,
     prefixes: Vec<DictionaryPrefix>,
     reservoirs: HashMap<Bytes, Mutex<Reservoir>>,
-    inflight: Mutex<HashMap<u32, Shared<BoxFuture<'static, Result<(), LoadFailure>>>>>,
+    inflight: Mutex<HashMap<u32, Fetch>>,
     identity: String,
 }
 

@@ -131,10 +131,9 @@ pub fn train(samples: &[Bytes], max_size: usize, level: i32, current: Option<&[u
     if samples.len() < MIN_SAMPLES {
         return Err(TrainError::TooFewSamples { have: samples.len(), need: MIN_SAMPLES });
     }
-    let (heldout, training): (Vec<(usize, &Bytes)>, Vec<(usize, &Bytes)>) =
-        samples.iter().enumerate().partition(|(i, _)| i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1);
-    let training: Vec<&Bytes> = training.into_iter().map(|(_, s)| s).collect();
-    let heldout: Vec<&Bytes> = heldout.into_iter().map(|(_, s)| s).collect();
+    let held_out = |i: usize| i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1;
+    let training: Vec<&Bytes> = samples.iter().enumerate().filter(|(i, _)| !held_out(*i)).map(|(_, s)| s).collect();
+    let heldout: Vec<&Bytes> = samples.iter().enumerate().filter(|(i, _)| held_out(*i)).map(|(_, s)| s).collect();
     let sample_bytes: u64 = training.iter().map(|s| s.len() as u64).sum();
     // zstd wants ~10-100x more sample bytes than dictionary; never ask for more than a quarter.
     let size = max_size.min(sample_bytes as usize / 4).max(1024);
