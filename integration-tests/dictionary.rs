@@ -8,7 +8,7 @@ use etcd_client::{GetOptions, WatchOptions};
 use etcd_squeeze::codec::frame;
 use etcd_squeeze::config::Config;
 use etcd_squeeze::corpus;
-use etcd_squeeze::dictionary::store::{DictionaryMeta, Store, RECORD_FORMAT};
+use etcd_squeeze::dictionary::store::{DictionaryMeta, Store};
 use etcd_squeeze::dictionary::training;
 
 use crate::harness::{free_port, Etcd, Proxy, FLYTE};
@@ -77,17 +77,34 @@ fn assert_data_loss(err: etcd_client::Error, key: &str, id: u32) {
     assert!(s.message().contains(key) && s.message().contains(&format!("dictionary ID {id}")), "{}", s.message());
 }
 
+/// etcd and a training replica that has published a dictionary from 40 small workflows it was sent
+/// (`train-00`…, `population(40, seed)`), and uses it.
+struct Trained {
+    etcd: Etcd,
+    proxy: Proxy,
+    via: etcd_client::Client,
+    direct: etcd_client::Client,
+    id: u32,
+}
+
+impl Trained {
+    async fn start(seed: u64) -> Trained {
+        let etcd = Etcd::start().await;
+        let proxy = Proxy::start_config(config(&etcd, true)).await;
+        let (mut via, mut direct) = (proxy.client().await, etcd.client().await);
+        for (i, v) in population(40, seed).into_iter().enumerate() {
+            via.put(key(&format!("train-{i:02}")), v, None).await.unwrap();
+        }
+        let id = wait_for_dictionary(&mut via, &mut direct, None).await;
+        Trained { etcd, proxy, via, direct, id }
+    }
+}
+
 /// A replica trains from the Puts it sees and publishes; a second replica, started afterwards with
 /// a cold cache, reads, lists and watches the same objects byte-identically.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_replica_reads_lists_and_watches_values_written_with_a_dictionary() {
-    let etcd = Etcd::start().await;
-    let first = Proxy::start_config(config(&etcd, true)).await;
-    let (mut via, mut direct) = (first.client().await, etcd.client().await);
-    for (i, v) in population(40, 1).into_iter().enumerate() {
-        via.put(key(&format!("train-{i:02}")), v, None).await.unwrap();
-    }
-    let id = wait_for_dictionary(&mut via, &mut direct, None).await;
+    let Trained { etcd, proxy: _first, mut via, mut direct, id } = Trained::start(1).await;
     let metas = all_dictionaries(&etcd).await;
     assert_eq!(metas.len(), 1, "one dictionary published");
     assert_eq!((metas[0].id, metas[0].prefix.as_str()), (id, FLYTE));
@@ -197,13 +214,7 @@ async fn trainer_key(direct: &mut etcd_client::Client) -> Option<Vec<u8>> {
 /// the ID (on the replica that had it cached, and on a cold one); everything else keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_dictionary_is_data_loss_naming_key_and_id() {
-    let etcd = Etcd::start().await;
-    let proxy = Proxy::start_config(config(&etcd, true)).await;
-    let (mut via, mut direct) = (proxy.client().await, etcd.client().await);
-    for (i, v) in population(30, 4).into_iter().enumerate() {
-        via.put(key(&format!("train-{i:02}")), v, None).await.unwrap();
-    }
-    let id = wait_for_dictionary(&mut via, &mut direct, None).await;
+    let Trained { etcd, proxy: _proxy, mut via, mut direct, id } = Trained::start(4).await;
     let value = population(1, 5).remove(0);
     let (needs, other) = (key("needs-dict"), "/registry/configmaps/default/other");
     via.put(needs.as_str(), value.clone(), None).await.unwrap();
@@ -257,20 +268,7 @@ async fn rotation_keeps_every_value_readable() {
     for round in 1..=3u64 {
         let samples: Vec<Bytes> = population(30, 10 + round).into_iter().map(Bytes::from).collect();
         let candidate = training::train(&samples, 8 << 10, 3, None).unwrap();
-        let meta = DictionaryMeta {
-            format: RECORD_FORMAT,
-            id: 0,
-            prefix: FLYTE.into(),
-            created_unix: etcd_squeeze::dictionary::unix_now(),
-            samples: candidate.samples,
-            sample_bytes: candidate.sample_bytes,
-            level: 3,
-            size: 0,
-            sha256: String::new(),
-            heldout_before: candidate.heldout_before,
-            heldout_after: candidate.heldout_after,
-            trained_by: format!("rotation test round {round}"),
-        };
+        let meta = candidate.meta(FLYTE, 3, &format!("rotation test round {round}"));
         let record = store.publish(meta, &candidate.raw, &[]).await.unwrap();
         assert_eq!(record.meta.id, round as u32, "IDs count up from 1");
         wait_for_dictionary(&mut via, &mut direct, Some(record.meta.id)).await;
@@ -328,20 +326,7 @@ async fn dict_commands_train_list_show_and_gc() {
     // Dictionary 2 supersedes 1 (published two hours ago, past the gc grace period).
     let samples: Vec<Bytes> = population(30, 8).into_iter().map(Bytes::from).collect();
     let c = training::train(&samples, 8 << 10, 3, None).unwrap();
-    let meta = DictionaryMeta {
-        format: RECORD_FORMAT,
-        id: 0,
-        prefix: FLYTE.into(),
-        created_unix: etcd_squeeze::dictionary::unix_now() - 7200,
-        samples: c.samples,
-        sample_bytes: c.sample_bytes,
-        level: 3,
-        size: 0,
-        sha256: String::new(),
-        heldout_before: c.heldout_before,
-        heldout_after: c.heldout_after,
-        trained_by: "test".into(),
-    };
+    let meta = DictionaryMeta { created_unix: etcd_squeeze::dictionary::unix_now() - 7200, ..c.meta(FLYTE, 3, "test") };
     assert_eq!(store(&etcd).publish(meta, &c.raw, &[]).await.unwrap().meta.id, 2);
     wait_for_dictionary(&mut via, &mut direct, Some(2)).await;
     let gc = dict_cli(&etcd, &["gc"]);

@@ -327,20 +327,7 @@ mod tests {
     use crate::dictionary::store::DictionaryMeta;
 
     fn record(id: u32, prefix: &str, created_unix: u64) -> Record {
-        let meta = DictionaryMeta {
-            format: 1,
-            id,
-            prefix: prefix.into(),
-            created_unix,
-            samples: 0,
-            sample_bytes: 0,
-            level: 3,
-            size: 0,
-            sha256: String::new(),
-            heldout_before: 0,
-            heldout_after: 0,
-            trained_by: String::new(),
-        };
+        let meta = DictionaryMeta { id, prefix: prefix.into(), created_unix, ..Default::default() };
         Record { meta, raw: Bytes::new(), mod_revision: 1 }
     }
 

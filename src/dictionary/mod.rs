@@ -428,20 +428,7 @@ impl Dictionaries {
         if candidate.gain() < self.config.min_gain {
             return Ok(report);
         }
-        let meta = DictionaryMeta {
-            format: store::RECORD_FORMAT,
-            id: 0,
-            prefix: p.name(),
-            created_unix: unix_now(),
-            samples: candidate.samples,
-            sample_bytes: candidate.sample_bytes,
-            level,
-            size: 0,
-            sha256: String::new(),
-            heldout_before: candidate.heldout_before,
-            heldout_after: candidate.heldout_after,
-            trained_by: self.identity.clone(),
-        };
+        let meta = candidate.meta(&p.name(), level, &self.identity);
         let record = self.store.publish(meta, &candidate.raw, guard).await?;
         self.install(&record);
         report.published = Some(record.meta);

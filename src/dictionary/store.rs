@@ -36,7 +36,7 @@ const PUBLISH_ATTEMPTS: u32 = 16;
 const LIST_PAGE: i64 = 16;
 
 /// What a dictionary record says about its dictionary.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DictionaryMeta {
     /// Record format ([`RECORD_FORMAT`]).
     pub format: u32,

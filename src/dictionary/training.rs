@@ -87,6 +87,23 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    /// The metadata of this candidate as a dictionary of `prefix` trained now at `level` by
+    /// `trained_by` (ID, size and checksum are filled in when it is published).
+    pub fn meta(&self, prefix: &str, level: i32, trained_by: &str) -> super::store::DictionaryMeta {
+        super::store::DictionaryMeta {
+            format: super::store::RECORD_FORMAT,
+            prefix: prefix.into(),
+            created_unix: super::unix_now(),
+            samples: self.samples,
+            sample_bytes: self.sample_bytes,
+            level,
+            heldout_before: self.heldout_before,
+            heldout_after: self.heldout_after,
+            trained_by: trained_by.into(),
+            ..Default::default()
+        }
+    }
+
     /// Fraction of held-out bytes saved over the current dictionary: 0.2 = 20% smaller.
     pub fn gain(&self) -> f64 {
         1.0 - self.heldout_after as f64 / self.heldout_before.max(1) as f64
