@@ -167,3 +167,22 @@ fn invalid_config_names_the_key() {
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 }
+
+/// Several upstream endpoints: calls go to the ones that are up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failover_skips_a_dead_endpoint() {
+    use crate::harness::{free_port, Etcd, Proxy, FLYTE};
+    let etcd = Etcd::start().await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut config = etcd_squeeze::config::Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.upstream.endpoints = vec![dead, etcd.url.clone()];
+    config.upstream.connect_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start_config(config).await;
+    let mut via = proxy.client().await;
+    let key = format!("{FLYTE}ns/failover");
+    for i in 0..20 {
+        via.put(key.as_str(), format!("{{\"n\":{i}}}"), None).await.unwrap();
+        assert_eq!(via.get(key.as_str(), None).await.unwrap().kvs()[0].value(), format!("{{\"n\":{i}}}").as_bytes());
+    }
+}
