@@ -68,42 +68,51 @@ pub fn encode_txn(codec: &ValueCodec, txn: &mut TxnRequest, stats: &mut EncodeSt
     Ok(())
 }
 
-/// Decodes one `mvccpb.KeyValue.value` in place.
-pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue) -> Result<(), DecodeError> {
+/// Decodes one `mvccpb.KeyValue.value` in place, charging `budget` (decompressed bytes left
+/// for the whole response, see [`ValueCodec::decode_within`]).
+pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue, budget: &mut u64) -> Result<(), DecodeError> {
     if !kv.value.is_empty() {
-        kv.value = codec.decode(&kv.key, &kv.value)?;
+        kv.value = codec.decode_within(&kv.key, &kv.value, budget)?;
     }
     Ok(())
 }
 
-fn decode_kvs(codec: &ValueCodec, kvs: &mut [KeyValue]) -> Result<(), DecodeError> {
-    kvs.iter_mut().try_for_each(|kv| decode_kv(codec, kv))
+fn decode_kvs(codec: &ValueCodec, kvs: &mut [KeyValue], budget: &mut u64) -> Result<(), DecodeError> {
+    kvs.iter_mut().try_for_each(|kv| decode_kv(codec, kv, budget))
 }
 
 /// Decodes `RangeResponse.kvs` (empty for `count_only`/`keys_only`: nothing to do).
 pub fn decode_range(codec: &ValueCodec, resp: &mut RangeResponse) -> Result<(), DecodeError> {
-    decode_kvs(codec, &mut resp.kvs)
+    decode_kvs(codec, &mut resp.kvs, &mut codec.max_response_bytes())
 }
 
 /// Decodes `PutResponse.prev_kv`.
 pub fn decode_put(codec: &ValueCodec, resp: &mut PutResponse) -> Result<(), DecodeError> {
-    resp.prev_kv.as_mut().map_or(Ok(()), |kv| decode_kv(codec, kv))
+    resp.prev_kv.as_mut().map_or(Ok(()), |kv| decode_kv(codec, kv, &mut codec.max_response_bytes()))
 }
 
 /// Decodes `DeleteRangeResponse.prev_kvs`.
 pub fn decode_delete(codec: &ValueCodec, resp: &mut DeleteRangeResponse) -> Result<(), DecodeError> {
-    decode_kvs(codec, &mut resp.prev_kvs)
+    decode_kvs(codec, &mut resp.prev_kvs, &mut codec.max_response_bytes())
 }
 
 /// Decodes every value in a Txn response: Range results, Put and DeleteRange `prev_kv`s,
-/// recursing into nested Txn responses.
+/// recursing into nested Txn responses. One budget for the whole response.
 pub fn decode_txn(codec: &ValueCodec, resp: &mut TxnResponse) -> Result<(), DecodeError> {
+    decode_txn_within(codec, resp, &mut codec.max_response_bytes())
+}
+
+fn decode_txn_within(codec: &ValueCodec, resp: &mut TxnResponse, budget: &mut u64) -> Result<(), DecodeError> {
     for op in resp.responses.iter_mut() {
         match &mut op.response {
-            Some(response_op::Response::ResponseRange(r)) => decode_range(codec, r)?,
-            Some(response_op::Response::ResponsePut(r)) => decode_put(codec, r)?,
-            Some(response_op::Response::ResponseDeleteRange(r)) => decode_delete(codec, r)?,
-            Some(response_op::Response::ResponseTxn(r)) => decode_txn(codec, r)?,
+            Some(response_op::Response::ResponseRange(r)) => decode_kvs(codec, &mut r.kvs, budget)?,
+            Some(response_op::Response::ResponsePut(r)) => {
+                if let Some(kv) = r.prev_kv.as_mut() {
+                    decode_kv(codec, kv, budget)?;
+                }
+            }
+            Some(response_op::Response::ResponseDeleteRange(r)) => decode_kvs(codec, &mut r.prev_kvs, budget)?,
+            Some(response_op::Response::ResponseTxn(r)) => decode_txn_within(codec, r, budget)?,
             None => {}
         }
     }
@@ -113,12 +122,13 @@ pub fn decode_txn(codec: &ValueCodec, resp: &mut TxnResponse) -> Result<(), Deco
 /// Decodes `events[].kv` and `events[].prev_kv` of a WatchResponse. A `fragment`ed response
 /// carries whole events, so each fragment is decoded on its own; the flag passes through.
 pub fn decode_watch(codec: &ValueCodec, resp: &mut WatchResponse) -> Result<(), DecodeError> {
+    let budget = &mut codec.max_response_bytes();
     for ev in resp.events.iter_mut() {
         if let Some(kv) = ev.kv.as_mut() {
-            decode_kv(codec, kv)?;
+            decode_kv(codec, kv, budget)?;
         }
         if let Some(kv) = ev.prev_kv.as_mut() {
-            decode_kv(codec, kv)?;
+            decode_kv(codec, kv, budget)?;
         }
     }
     Ok(())
