@@ -167,3 +167,51 @@ fn invalid_config_names_the_key() {
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 }
+
+/// Several upstream endpoints: calls go to the ones that are up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failover_skips_a_dead_endpoint() {
+    use crate::harness::{free_port, Etcd, Proxy, FLYTE};
+    let etcd = Etcd::start().await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut config = etcd_squeeze::config::Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.upstream.endpoints = vec![dead, etcd.url.clone()];
+    config.upstream.connect_timeout = Duration::from_millis(500);
+    let proxy = Proxy::start_config(config).await;
+    let mut via = proxy.client().await;
+    let key = format!("{FLYTE}ns/failover");
+    for i in 0..20 {
+        via.put(key.as_str(), format!("{{\"n\":{i}}}"), None).await.unwrap();
+        assert_eq!(via.get(key.as_str(), None).await.unwrap().kvs()[0].value(), format!("{{\"n\":{i}}}").as_bytes());
+    }
+}
+
+/// Tiny frames cannot make one response decompress beyond `limits.max_response_bytes`, and a
+/// value over `limits.max_value_bytes` is refused with etcd's own error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_budget_and_value_limit() {
+    use crate::harness::{Etcd, Proxy, FLYTE};
+    let etcd = Etcd::start().await;
+    let mut config = etcd_squeeze::config::Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.upstream.endpoints = vec![etcd.url.clone()];
+    config.limits.max_value_bytes = bytesize::ByteSize::mib(3);
+    config.limits.max_response_bytes = bytesize::ByteSize::mib(5);
+    let proxy = Proxy::start_config(config).await;
+    let mut via = proxy.client().await;
+    let prefix = format!("{FLYTE}bomb/");
+    let bomb = vec![b' '; 2 << 20];
+    for i in 0..3 {
+        via.put(format!("{prefix}{i}"), bomb.clone(), None).await.unwrap();
+    }
+    // Each alone is fine; all three in one response are over the 5 MiB budget.
+    assert_eq!(via.get(format!("{prefix}1"), None).await.unwrap().kvs()[0].value().len(), 2 << 20);
+    let err = via.get(prefix.as_str(), Some(GetOptions::new().with_prefix())).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(s) = err else { panic!("{err}") };
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+    assert!(s.message().contains("limits.max_response_bytes"), "{}", s.message());
+    let err = via.put(format!("{prefix}huge"), vec![b' '; 4 << 20], None).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(s) = err else { panic!("{err}") };
+    assert_eq!((s.code(), s.message()), (tonic::Code::InvalidArgument, "etcdserver: request is too large"));
+}

@@ -4,7 +4,7 @@ use etcd_client::{EventType, WatchOptions};
 
 use crate::harness::Env;
 
-crate::suite!(watch_history_with_prev_kv, watch_from_compacted_revision, watch_progress_and_cancel);
+crate::suite!(watch_history_with_prev_kv, watch_from_compacted_revision, watch_progress_and_cancel, corrupt_value_cancels_only_its_watch);
 
 async fn next(stream: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
     tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
@@ -100,4 +100,33 @@ async fn watch_progress_and_cancel(mut env: Env) {
     let canceled = next(&mut stream).await;
     assert!(canceled.canceled());
     assert_eq!(canceled.watch_id(), id);
+}
+
+async fn corrupt_value_cancels_only_its_watch(mut env: Env) {
+    let bad = env.wf_key("wbad");
+    let good = env.wf_key("wgood");
+    let obj = etcd_squeeze::corpus::small_set(2).remove(3);
+    env.via.put(bad.as_str(), obj.json.clone(), None).await.unwrap();
+    let mut raw = env.direct.get(bad.as_str(), None).await.unwrap().kvs()[0].value().to_vec();
+    let mid = raw.len() / 2;
+    raw[mid] ^= 0x5A;
+    let mut stream = env.via.watch(bad.as_str(), Some(WatchOptions::new().with_prev_key())).await.unwrap();
+    let bad_id = next(&mut stream).await.watch_id();
+    stream.watch(good.as_str(), None).await.unwrap();
+    let good_id = next(&mut stream).await.watch_id();
+    env.direct.put(bad.as_str(), raw, None).await.unwrap();
+    let canceled = next(&mut stream).await;
+    assert!(canceled.canceled());
+    assert_eq!(canceled.watch_id(), bad_id);
+    assert!(canceled.cancel_reason().contains(&bad), "{}", canceled.cancel_reason());
+    // The other watch on the same stream keeps receiving events.
+    env.via.put(good.as_str(), obj.json.clone(), None).await.unwrap();
+    env.via.put(bad.as_str(), "{}", None).await.unwrap();
+    env.via.put(good.as_str(), "{\"again\":1}", None).await.unwrap();
+    let first = next(&mut stream).await;
+    assert_eq!(first.watch_id(), good_id);
+    assert_eq!(first.events()[0].kv().unwrap().value(), &obj.json[..]);
+    let second = next(&mut stream).await;
+    assert_eq!(second.watch_id(), good_id, "nothing more from the canceled watch");
+    assert_eq!(second.events()[0].kv().unwrap().value(), b"{\"again\":1}");
 }

@@ -25,15 +25,24 @@ free_port() {
     done
 }
 
-# Waits until `etcdctl endpoint health` succeeds against $1 (up to 30 s). The scheme is stripped:
-# etcdctl 3.4 sends an http:// endpoint verbatim as the HTTP/2 :authority, which h2 refuses.
+# wait_healthy NAME URL PID LOG: waits until `etcdctl endpoint health` succeeds against URL (about
+# 30 s at most) while process PID is alive; on failure names the component and prints its log.
+# The scheme is stripped: etcdctl 3.4 sends an http:// endpoint verbatim as the HTTP/2 :authority,
+# which h2 (the proxy's HTTP/2 library) refuses.
 wait_healthy() {
-    for _ in $(seq 1 300); do
-        if ETCDCTL_API=3 etcdctl --endpoints="${1#http://}" --command-timeout=1s endpoint health >/dev/null 2>&1; then
+    local name="$1" url="$2" pid="$3" log="$4"
+    for _ in $(seq 1 100); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "$name exited before it became healthy; its log ($log):" >&2
+            tail -n 40 "$log" >&2
+            return 1
+        fi
+        if ETCDCTL_API=3 etcdctl --endpoints="${url#http://}" --dial-timeout=200ms --command-timeout=200ms endpoint health >/dev/null 2>&1; then
             return 0
         fi
         sleep 0.1
     done
-    echo "timed out waiting for $1" >&2
+    echo "timed out waiting for $name at $url; its log ($log):" >&2
+    tail -n 40 "$log" >&2
     return 1
 }

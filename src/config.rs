@@ -19,8 +19,12 @@ pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:22379";
 /// Largest gRPC message accepted from clients: 32 MiB, so a 5 MB FlyteWorkflow that compresses
 /// below etcd's 1.5 MiB `--max-request-bytes` can be stored (apiserver itself sends ≤ 2 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 32 << 20;
-/// Largest decompressed value: 32 MiB; larger frames are refused as decompression bombs.
-pub const DEFAULT_MAX_VALUE_BYTES: u64 = 32 << 20;
+/// Largest value under a compressed prefix: 16 MiB (room for 5 MB FlyteWorkflows and more).
+/// Larger writes get etcd's `request is too large`; larger frames are refused as decompression bombs.
+pub const DEFAULT_MAX_VALUE_BYTES: u64 = 16 << 20;
+/// Largest total of decompressed values in one response: 1 GiB. A LIST of 10,000 100 KB objects
+/// (kube-apiserver's watch-cache sync page) is 1 GB of JSON; more is refused with RESOURCE_EXHAUSTED.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 1 << 30;
 /// zstd level 3: zstd's own default, ~10x on status-heavy FlyteWorkflow objects at >100 MB/s.
 pub const DEFAULT_LEVEL: i32 = 3;
 /// Below 256 bytes a zstd frame rarely pays for itself; such values go in a raw frame.
@@ -89,12 +93,22 @@ pub struct UpstreamConfig {
 pub struct LimitsConfig {
     /// `limits.max_request_bytes`: largest decoded gRPC message accepted from a client. Default 32 MiB.
     pub max_request_bytes: ByteSize,
-    /// `limits.max_value_bytes`: largest decompressed value; a frame declaring more is refused
-    /// with DATA_LOSS naming the key. Default 32 MiB.
+    /// `limits.max_value_bytes`: largest value under a compressed prefix. A larger write gets
+    /// etcd's own `etcdserver: request is too large`; a stored frame declaring more is refused with
+    /// DATA_LOSS naming the key. Default 16 MiB.
     pub max_value_bytes: ByteSize,
+    /// `limits.max_response_bytes`: largest total of decompressed values in one response (a
+    /// Range page, a Txn, a watch response). Beyond it the call fails with RESOURCE_EXHAUSTED naming
+    /// the key, before decompressing: a few small frames cannot make the proxy allocate gigabytes.
+    /// Default 1 GiB.
+    pub max_response_bytes: ByteSize,
     /// `limits.value_compare_attempts`: how often a Txn with a VALUE compare on a compressed key
     /// is retried when the key changes between the proxy's read and its guarded Txn. Default 16.
     pub value_compare_attempts: u32,
+    /// `limits.max_txn_ops`: etcd's `--max-txn-ops` (default 128). A VALUE compare over a range of
+    /// compressed keys needs one guard compare per key read; beyond this the proxy refuses the
+    /// Txn with a clear INVALID_ARGUMENT instead of sending it.
+    pub max_txn_ops: u32,
 }
 
 /// One `[[prefixes]]` table.
@@ -211,7 +225,9 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_request_bytes: ByteSize::b(DEFAULT_MAX_REQUEST_BYTES),
             max_value_bytes: ByteSize::b(DEFAULT_MAX_VALUE_BYTES),
+            max_response_bytes: ByteSize::b(DEFAULT_MAX_RESPONSE_BYTES),
             value_compare_attempts: 16,
+            max_txn_ops: 128,
         }
     }
 }
@@ -306,11 +322,18 @@ impl Config {
             if uri.scheme_str() != Some("http") || uri.port_u16().is_none() {
                 return invalid(&key, format!("{e:?} must be http://host:port (TLS toward etcd is not supported yet)"));
             }
+            if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+                return invalid(&key, format!("{e:?} has a path or query; etcd endpoints are http://host:port"));
+            }
+            if self.upstream.endpoints[..i].contains(e) {
+                return invalid(&key, format!("{e:?} is listed twice"));
+            }
             if let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) {
-                let same_port = port == self.server.listen.port();
-                let same_host = host == self.server.listen.ip().to_string()
-                    || (host == "localhost" && self.server.listen.ip().is_loopback());
-                if same_port && same_host {
+                let listen = self.server.listen;
+                let host_ip = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok();
+                let local = host == "localhost" || host_ip.is_some_and(|ip| ip.is_loopback() || ip.is_unspecified());
+                let same_host = host_ip == Some(listen.ip()) || (local && (listen.ip().is_loopback() || listen.ip().is_unspecified()));
+                if port == listen.port() && same_host {
                     return invalid(&key, format!("{e:?} is the proxy's own listen address (server.listen)"));
                 }
             }
@@ -323,6 +346,27 @@ impl Config {
         }
         if self.limits.max_value_bytes.as_u64() < 2 << 20 {
             return invalid("limits.max_value_bytes", format!("{} is below 2 MiB", self.limits.max_value_bytes));
+        }
+        if self.limits.max_value_bytes.as_u64() > 1 << 30 {
+            return invalid("limits.max_value_bytes", format!("{} is over 1 GiB", self.limits.max_value_bytes));
+        }
+        if self.limits.max_response_bytes < self.limits.max_value_bytes {
+            return invalid(
+                "limits.max_response_bytes",
+                format!("{} is below limits.max_value_bytes ({})", self.limits.max_response_bytes, self.limits.max_value_bytes),
+            );
+        }
+        if self.limits.max_txn_ops == 0 {
+            return invalid("limits.max_txn_ops", "must be at least 1 (etcd's default is 128)".into());
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.keepalive_interval", self.upstream.keepalive_interval),
+            ("upstream.keepalive_timeout", self.upstream.keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be greater than 0s".into());
+            }
         }
         if self.limits.value_compare_attempts == 0 {
             return invalid("limits.value_compare_attempts", "must be at least 1".into());
@@ -497,7 +541,7 @@ mod tests {
         for key in [
             "listen", "allow_non_loopback", "max_concurrent_streams", "endpoints", "connect_timeout",
             "keepalive_interval", "keepalive_timeout", "max_request_bytes", "max_value_bytes",
-            "value_compare_attempts", "prefix", "codec", "level", "min_size", "compress", "format",
+            "value_compare_attempts", "max_response_bytes", "max_txn_ops", "prefix", "codec", "level", "min_size", "compress", "format",
             // [dictionaries] and the per-prefix dictionary keys
             "dictionary", "allow_sensitive_dictionary", "enabled", "key_prefix", "train", "election_key",
             "election_ttl", "size", "samples", "sample_max_bytes", "retrain_interval", "min_gain", "sensitive_prefixes",
@@ -540,6 +584,11 @@ mod tests {
             ("[upstream]\nendpoints = []\n", "upstream.endpoints"),
             ("[upstream]\nendpoints = [\"ftp://x\"]\n", "upstream.endpoints[0]"),
             ("[upstream]\nendpoints = [\"http://127.0.0.1:2379\"]\n", "upstream.endpoints[0]"),
+            ("[server]\nlisten = \"[::1]:2379\"\n[upstream]\nendpoints = [\"http://[::1]:2379\"]\n", "upstream.endpoints[0]"),
+            ("[upstream]\nendpoints = [\"http://127.0.0.1:1/foo?x=1\"]\n", "upstream.endpoints[0]"),
+            ("[upstream]\nendpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:1\"]\n", "upstream.endpoints[1]"),
+            ("[upstream]\nconnect_timeout = \"0s\"\n", "upstream.connect_timeout"),
+            ("[limits]\nmax_response_bytes = \"3MiB\"\n", "limits.max_response_bytes"),
             ("[limits]\nmax_request_bytes = \"1MiB\"\n", "limits.max_request_bytes"),
             ("[server]\nlistne = \"127.0.0.1:1\"\n", "listne"),
             ("[[prefixes]]\nprefix = \"/a/\"\ncodec = \"lz4\"\n", "lz4"),

@@ -102,7 +102,8 @@ fn load_config(args: &ServeArgs) -> Result<Config, etcd_squeeze::config::ConfigE
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -130,9 +131,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check_config {
-        println!("{config:#?}");
-        println!("configuration OK");
+        use std::io::Write;
+        // A closed stdout (`| head`) is not an error worth a panic.
+        let _ = writeln!(std::io::stdout(), "{config:#?}\nconfiguration OK");
         return ExitCode::SUCCESS;
+    }
+    if config.prefixes.is_empty() {
+        eprintln!("etcd-squeeze: warning: no [[prefixes]]: nothing is compressed, and frames already stored are returned as stored bytes; keep a prefix with compress = false until its values are decompressed");
     }
     init_tracing(&config);
     match etcd_squeeze::server::bind(config, shutdown_signal()).await {

@@ -141,18 +141,21 @@ impl KeyValues for RangeStreamResponse {
     }
 }
 
-/// Decodes one `mvccpb.KeyValue.value` in place.
-pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue) -> Result<(), DecodeError> {
+/// Decodes one `mvccpb.KeyValue.value` in place, charging `budget` (decompressed bytes left
+/// for the whole response, see [`ValueCodec::decode_within`]).
+pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue, budget: &mut u64) -> Result<(), DecodeError> {
     if !kv.value.is_empty() {
-        kv.value = codec.decode(&kv.key, &kv.value)?;
+        kv.value = codec.decode_within(&kv.key, &kv.value, budget)?;
     }
     Ok(())
 }
 
-/// Decodes every value of a response in place. Nothing is returned half-decoded: on error the
-/// caller drops the message and answers DATA_LOSS.
+/// Decodes every value of a response in place, within one budget of `limits.max_response_bytes`
+/// decompressed bytes for the whole message (a fragment of a watch response is a message of
+/// its own). Nothing is returned half-decoded: on error the caller drops the message.
 pub fn decode<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Result<(), DecodeError> {
-    msg.try_for_each_kv(&mut |kv| decode_kv(codec, kv))
+    let mut budget = codec.max_response_bytes();
+    msg.try_for_each_kv(&mut |kv| decode_kv(codec, kv, &mut budget))
 }
 
 /// The dictionary IDs that decoding `msg` needs, each once, in order of first use.

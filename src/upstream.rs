@@ -1,6 +1,15 @@
 //! The connection to the real etcd: one HTTP/2 channel balanced across every endpoint, with
-//! reconnect and failover (tonic's `Channel::balance_list`). All connection code lives here.
+//! reconnect and failover. All connection code lives here.
+//!
+//! With several endpoints, a background task probes each one (a TCP connect) every
+//! [`PROBE_INTERVAL`] and keeps only the reachable ones in tonic's balancer
+//! (`Channel::balance_channel`): tonic's static `balance_list` would keep routing calls to an
+//! endpoint that refuses connections. When none is reachable, all are kept, so calls fail fast
+//! with etcd-like UNAVAILABLE instead of waiting.
 
+use std::time::Duration;
+
+use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::UpstreamConfig;
@@ -43,9 +52,48 @@ pub fn channel(config: &UpstreamConfig) -> Result<Channel, UpstreamError> {
                 .map_err(|source| UpstreamError { endpoint: e.clone(), source })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(if endpoints.len() == 1 {
-        endpoints.into_iter().next().expect("one").connect_lazy()
-    } else {
-        Channel::balance_list(endpoints.into_iter())
-    })
+    if endpoints.len() == 1 {
+        return Ok(endpoints.into_iter().next().expect("one").connect_lazy());
+    }
+    let (channel, changes) = Channel::balance_channel(endpoints.len());
+    tokio::spawn(probe_loop(endpoints, changes, config.connect_timeout));
+    Ok(channel)
+}
+
+/// How often each endpoint's reachability is checked when there are several.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps the balancer's endpoint set equal to the reachable endpoints (all of them when none
+/// is). Ends when the channel is dropped.
+async fn probe_loop(endpoints: Vec<Endpoint>, changes: tokio::sync::mpsc::Sender<Change<usize, Endpoint>>, timeout: Duration) {
+    let mut member = vec![false; endpoints.len()];
+    loop {
+        let probes = endpoints.iter().map(|e| reachable(e, timeout));
+        let up: Vec<bool> = futures::future::join_all(probes).await;
+        let any_up = up.iter().any(|u| *u);
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            let want = up[i] || !any_up;
+            if want == member[i] {
+                continue;
+            }
+            let change = if want { Change::Insert(i, endpoint.clone()) } else { Change::Remove(i) };
+            if want != up[i] || !want {
+                tracing::warn!(endpoint = %endpoint.uri(), reachable = up[i], "upstream endpoint state changed");
+            } else {
+                tracing::info!(endpoint = %endpoint.uri(), "upstream endpoint reachable");
+            }
+            if changes.send(change).await.is_err() {
+                return;
+            }
+            member[i] = want;
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+/// True when a TCP connection to the endpoint's host and port succeeds within `timeout`.
+async fn reachable(endpoint: &Endpoint, timeout: Duration) -> bool {
+    let uri = endpoint.uri();
+    let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else { return false };
+    matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await, Ok(Ok(_)))
 }

@@ -116,16 +116,42 @@ pub enum DecodeReason {
     /// zstd refused the payload (corrupt data or checksum mismatch).
     #[error("zstd: {0}")]
     Zstd(String),
+    /// Decoding this value would take the response over `limits.max_response_bytes` of
+    /// decompressed values. Not data loss: the client should page (`limit`) its request.
+    #[error("decompressing {size} more bytes would take the response over limits.max_response_bytes ({limit} bytes); page the request with a smaller limit")]
+    ResponseTooLarge {
+        /// Declared decompressed size of this value in bytes.
+        size: u64,
+        /// The configured per-response limit in bytes.
+        limit: u64,
+    },
 }
 
-/// Why a value could not be encoded (an internal zstd failure: never expected).
+/// Why a value could not be encoded.
 #[derive(Debug, thiserror::Error)]
-#[error("etcd-squeeze: cannot compress the value of key {}: {source}", KeyDisplay(key))]
+#[error("etcd-squeeze: cannot store the value of key {}: {reason}", KeyDisplay(key))]
 pub struct EncodeError {
     /// The etcd key.
     pub key: Bytes,
-    /// zstd's error.
-    pub source: std::io::Error,
+    /// What went wrong.
+    pub reason: EncodeReason,
+}
+
+/// Why a value could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeReason {
+    /// The value is larger than `limits.max_value_bytes`: it could never be read back. Answered
+    /// with etcd's own `etcdserver: request is too large`, so kube-apiserver reacts as it does to etcd.
+    #[error("value is {size} bytes, over limits.max_value_bytes ({limit} bytes)")]
+    TooLarge {
+        /// The value's size in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// zstd failed (not expected).
+    #[error("zstd: {0}")]
+    Zstd(#[from] std::io::Error),
 }
 
 /// The prefix rules, limits and trained dictionaries, shared by every request (cheap to clone).
@@ -134,6 +160,7 @@ pub struct ValueCodec {
     /// Sorted longest prefix first, so the first match is the most specific.
     rules: Vec<PrefixRule>,
     max_value_bytes: usize,
+    max_response_bytes: u64,
     dictionaries: Arc<DictionaryCache>,
 }
 
@@ -149,7 +176,7 @@ impl ValueCodec {
     /// No dictionary is used until [`ValueCodec::with_dictionaries`] gives it a cache.
     pub fn new(mut rules: Vec<PrefixRule>, max_value_bytes: usize) -> Self {
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        ValueCodec { rules, max_value_bytes, dictionaries: Arc::default() }
+        ValueCodec { rules, max_value_bytes, max_response_bytes: u64::MAX, dictionaries: Arc::default() }
     }
 
     /// Uses the dictionaries of `cache`: each prefix's current encoder for new values, and any
@@ -164,10 +191,22 @@ impl ValueCodec {
         &self.dictionaries
     }
 
+    /// Bounds the decompressed bytes one response may carry (see [`ValueCodec::decode_within`]).
+    pub fn with_max_response_bytes(mut self, max_response_bytes: u64) -> Self {
+        self.max_response_bytes = max_response_bytes;
+        self
+    }
+
+    /// The per-response budget of decompressed bytes (`limits.max_response_bytes`).
+    pub fn max_response_bytes(&self) -> u64 {
+        self.max_response_bytes
+    }
+
     /// Builds the codec from a validated [`Config`].
     pub fn from_config(config: &Config) -> Self {
         let rules = config.prefixes.iter().map(PrefixRule::from).collect();
         Self::new(rules, config.limits.max_value_bytes.as_u64() as usize)
+            .with_max_response_bytes(config.limits.max_response_bytes.as_u64())
     }
 
     /// The most specific rule whose prefix `key` starts with, if any. Keys under
@@ -212,6 +251,10 @@ impl ValueCodec {
         let Some(rule) = self.rule_for(key) else {
             return Ok((value.clone(), EncodeOutcome::Untouched));
         };
+        if value.len() > self.max_value_bytes {
+            let reason = EncodeReason::TooLarge { size: value.len(), limit: self.max_value_bytes };
+            return Err(EncodeError { key: Bytes::copy_from_slice(key), reason });
+        }
         let must_frame = frame::is_framed(value);
         if !must_frame && (!rule.compress || value.starts_with(K8S_ENCRYPTED_PREFIX)) {
             return Ok((value.clone(), EncodeOutcome::StoredAsIs));
@@ -245,7 +288,7 @@ impl ValueCodec {
                 c.compress_to_buffer(&value[..], &mut out[frame::HEADER_LEN..])
             }),
         }
-        .map_err(|source| EncodeError { key: Bytes::copy_from_slice(key), source })?;
+        .map_err(|e| EncodeError { key: Bytes::copy_from_slice(key), reason: e.into() })?;
         out.truncate(frame::HEADER_LEN + written);
         if out.len() >= frame::HEADER_LEN + value.len() {
             return Ok((raw_frame(value), EncodeOutcome::RawFrame));
@@ -259,12 +302,33 @@ impl ValueCodec {
     /// installed, or stored as they are), the value is returned unchanged. A frame that cannot
     /// be decoded is a [`DecodeError`] naming the key; never garbage.
     pub fn decode(&self, key: &[u8], value: &Bytes) -> Result<Bytes, DecodeError> {
+        let mut unbounded = u64::MAX;
+        self.decode_within(key, value, &mut unbounded)
+    }
+
+    /// [`ValueCodec::decode`], charging the decompressed size against `budget` (bytes left for
+    /// the whole response; start from [`ValueCodec::max_response_bytes`]). A value that would
+    /// overdraw it fails with [`DecodeReason::ResponseTooLarge`] before anything is decompressed,
+    /// so small stored values cannot make one response take gigabytes of memory.
+    pub fn decode_within(&self, key: &[u8], value: &Bytes, budget: &mut u64) -> Result<Bytes, DecodeError> {
         if !frame::is_framed(value) || self.rule_for(key).is_none() {
             return Ok(value.clone());
         }
-        decode_frame(value, self.max_value_bytes, &self.dictionaries)
-            .map(|decoded| decoded.unwrap_or_else(|| value.slice(frame::HEADER_LEN..)))
-            .map_err(|reason| DecodeError { key: Bytes::copy_from_slice(key), reason })
+        let error = |reason| DecodeError { key: Bytes::copy_from_slice(key), reason };
+        if let Some(size) = declared_size(value) {
+            if size > *budget {
+                return Err(error(DecodeReason::ResponseTooLarge { size, limit: self.max_response_bytes }));
+            }
+        }
+        let decoded = decode_frame(value, self.max_value_bytes, &self.dictionaries)
+            .map_err(error)?;
+        Ok(match decoded {
+            Some(bytes) => {
+                *budget = budget.saturating_sub(bytes.len() as u64);
+                bytes
+            }
+            None => value.slice(frame::HEADER_LEN..),
+        })
     }
 
     /// The dictionary ID that decoding this stored value needs, if any: the server makes sure it
@@ -276,6 +340,12 @@ impl ValueCodec {
         }
         frame::parse(value).ok().filter(|f| f.codec == Codec::Zstd && f.dictionary_id != 0).map(|f| f.dictionary_id)
     }
+}
+
+/// The decompressed size a zstd frame declares, if `value` is one with a readable header.
+fn declared_size(value: &[u8]) -> Option<u64> {
+    let f = frame::parse(value).ok()?;
+    (f.codec == Codec::Zstd).then(|| zstd::zstd_safe::get_frame_content_size(f.payload).ok().flatten()).flatten()
 }
 
 /// Decodes a framed value. `Ok(None)` means a raw frame: the original bytes are the payload.
@@ -495,6 +565,22 @@ mod tests {
         let (framed, _) = every.encode(KEY, &v).unwrap();
         assert_eq!(every.decode(key, &framed).unwrap(), framed, "returned as stored");
         assert_eq!(every.needed_dictionary(key, &framed), None);
+    }
+
+    #[test]
+    fn response_budget_and_value_limit() {
+        let c = codec();
+        let (stored, _) = c.encode(KEY, &json(500)).unwrap();
+        let size = json(500).len() as u64;
+        let mut budget = size * 2 + 10;
+        c.decode_within(KEY, &stored, &mut budget).unwrap();
+        c.decode_within(KEY, &stored, &mut budget).unwrap();
+        let err = c.decode_within(KEY, &stored, &mut budget).unwrap_err();
+        assert!(matches!(err.reason, DecodeReason::ResponseTooLarge { .. }), "{err}");
+        let too_big = Bytes::from(vec![b' '; (1 << 20) + 1]);
+        let err = c.encode(KEY, &too_big).unwrap_err();
+        assert!(matches!(err.reason, EncodeReason::TooLarge { .. }), "{err}");
+        assert!(c.encode(b"/elsewhere", &too_big).is_ok(), "outside the prefixes etcd decides");
     }
 
     #[test]

@@ -449,15 +449,14 @@ impl Dictionaries {
             let mut page = kv.range(req).await?.into_inner();
             revision = page.header.as_ref().map_or(0, |h| h.revision);
             self.prefetch(&mut page).await?;
-            for item in &mut page.kvs {
+            for item in &page.kvs {
                 scanned += 1;
-                let belongs = self.codec.rule_for(&item.key).is_some_and(|r| r.prefix == p.prefix);
-                if !belongs || rewrite::decode_kv(&self.codec, item).is_err() {
+                if self.codec.rule_for(&item.key).is_none_or(|r| r.prefix != p.prefix) {
                     continue;
                 }
-                let v = &item.value;
+                let Ok(v) = self.codec.decode(&item.key, &item.value) else { continue };
                 if v.len() >= p.min_size.max(1) && !v.starts_with(K8S_ENCRYPTED_PREFIX) {
-                    reservoir.offer(v, &mut rand::rng());
+                    reservoir.offer(&v, &mut rand::rng());
                 }
             }
             match page.kvs.last() {

@@ -11,12 +11,12 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{decode_status, encode_status, forward, with_metadata, Shared};
+use super::{applied_decode_status, decode_status, encode_status, forward, with_metadata, Shared};
 use crate::rewrite::KeyValues;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{
-    compare, request_op, response_op, CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest,
+    compare, range_request, request_op, response_op, CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest,
     DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RangeStreamResponse, RequestOp,
     TxnRequest, TxnResponse,
 };
@@ -52,7 +52,7 @@ impl KvService {
                 // Linearizable read of the compare's key range, at the current revision.
                 let read = RangeRequest { key: c.key.clone(), range_end: c.range_end.clone(), ..Default::default() };
                 let mut range = self.client.clone().range(with_metadata(metadata, read)).await?.into_inner();
-                decode_values(&self.shared, &mut range).await?;
+                decode_values(&self.shared, &mut range, plain_decode_status).await?;
                 let revision = range.header.as_ref().map_or(0, |h| h.revision);
                 let values: Vec<_> = range.kvs.iter().map(|kv| kv.value.clone()).collect();
                 let holds = rewrite::evaluate_value_compare(c, &values);
@@ -82,6 +82,13 @@ impl KvService {
                     mod_compare(compare::CompareResult::Greater, &c.key, &c.range_end, revision)
                 });
             }
+            let limit = self.shared.config.limits.max_txn_ops as usize;
+            if guards.len() > limit {
+                return Err(Status::invalid_argument(format!(
+                    "etcd-squeeze: VALUE compares over compressed keys read {} keys; guarding them needs one compare each, over etcd's --max-txn-ops (limits.max_txn_ops = {limit})",
+                    guards.len()
+                )));
+            }
             let mut inner = txn.clone();
             rewrite::replace_value_compares(&self.shared.codec, &mut inner, &mut fixed.into_iter());
             let mut stats = EncodeStats::default();
@@ -99,7 +106,7 @@ impl KvService {
                 return Err(Status::internal("etcd-squeeze: guarded Txn response carries no inner Txn response"));
             };
             inner_resp.header = resp.header;
-            decode_values(&self.shared, &mut inner_resp).await?;
+            decode_values(&self.shared, &mut inner_resp, txn_decode_status).await?;
             return Ok(Response::from_parts(md, inner_resp, ext));
         }
         Err(Status::aborted(format!(
@@ -108,14 +115,71 @@ impl KvService {
     }
 }
 
+impl KvService {
+    /// A Range sorted by VALUE over compressed keys: etcd would sort by the stored frames. The
+    /// proxy reads the whole range unsorted and unlimited, decodes, then sorts and limits the
+    /// way etcd's `Range` does (sort before `keys_only`; NONE order means ASCEND for a non-KEY
+    /// target; `more` set when the limit cut the result; `count` is etcd's). Sorting inside a
+    /// Txn is not rewritten (one Txn cannot be split).
+    async fn range_sorted_by_value(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let (metadata, _, want) = request.into_parts();
+        let read = RangeRequest {
+            limit: 0,
+            sort_order: range_request::SortOrder::None as i32,
+            sort_target: range_request::SortTarget::Key as i32,
+            keys_only: false,
+            ..want.clone()
+        };
+        let (md, mut resp, ext) = self.client.clone().range(with_metadata(&metadata, read)).await?.into_parts();
+        decode_values(&self.shared, &mut resp, plain_decode_status).await?;
+        resp.kvs.sort_by(|a, b| a.value.cmp(&b.value));
+        if want.sort_order == range_request::SortOrder::Descend as i32 {
+            resp.kvs.reverse();
+        }
+        if want.limit > 0 && resp.kvs.len() > want.limit as usize {
+            resp.kvs.truncate(want.limit as usize);
+            resp.more = true;
+        }
+        if want.keys_only {
+            resp.kvs.iter_mut().for_each(|kv| kv.value = bytes::Bytes::new());
+        }
+        Ok(Response::from_parts(md, resp, ext))
+    }
+}
+
+/// [`decode_status`], for [`decode_values`] when no write was applied.
+fn plain_decode_status<T>(e: crate::codec::DecodeError, _: &T) -> Status {
+    decode_status(e)
+}
+
+/// [`decode_status`] for a Txn response: says the write was applied when the executed branch wrote.
+fn txn_decode_status(e: crate::codec::DecodeError, resp: &TxnResponse) -> Status {
+    fn wrote(resp: &TxnResponse) -> bool {
+        resp.responses.iter().any(|op| match &op.response {
+            Some(response_op::Response::ResponsePut(_) | response_op::Response::ResponseDeleteRange(_)) => true,
+            Some(response_op::Response::ResponseTxn(inner)) => wrote(inner),
+            _ => false,
+        })
+    }
+    if wrote(resp) {
+        applied_decode_status(e, resp.header.as_ref())
+    } else {
+        decode_status(e)
+    }
+}
+
 type RangeStreamStream = Pin<Box<dyn Stream<Item = Result<RangeStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let r = request.get_ref();
+        if r.sort_target == range_request::SortTarget::Value as i32 && !r.count_only && self.shared.codec.range_touches_prefix(&r.key, &r.range_end) {
+            return self.range_sorted_by_value(request).await;
+        }
         let response = self.client.clone().range(forward(request)).await?;
         let (md, mut resp, ext) = response.into_parts();
-        decode_values(&self.shared, &mut resp).await?;
+        decode_values(&self.shared, &mut resp, plain_decode_status).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -135,13 +199,13 @@ impl Kv for KvService {
         self.shared.dictionaries.observe(request.get_ref());
         rewrite::encode_put(&self.shared.codec, request.get_mut(), &mut EncodeStats::default()).map_err(encode_status)?;
         let (md, mut resp, ext) = self.client.clone().put(request).await?.into_parts();
-        decode_values(&self.shared, &mut resp).await?;
+        decode_values(&self.shared, &mut resp, |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
     async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let (md, mut resp, ext) = self.client.clone().delete_range(forward(request)).await?.into_parts();
-        decode_values(&self.shared, &mut resp).await?;
+        decode_values(&self.shared, &mut resp, |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -154,7 +218,7 @@ impl Kv for KvService {
         self.shared.dictionaries.observe_txn(request.get_ref());
         rewrite::encode_txn(&self.shared.codec, request.get_mut(), &mut EncodeStats::default()).map_err(encode_status)?;
         let (md, mut resp, ext) = self.client.clone().txn(request).await?.into_parts();
-        decode_values(&self.shared, &mut resp).await?;
+        decode_values(&self.shared, &mut resp, txn_decode_status).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -164,16 +228,21 @@ impl Kv for KvService {
 }
 
 /// Decodes every value of a response: first loads the dictionaries its frames name (async,
-/// once per ID), then decodes synchronously. A value that cannot be decoded is DATA_LOSS naming
-/// the key (and the dictionary ID when that is what is missing).
-pub(crate) async fn decode_values<T: KeyValues>(shared: &Shared, msg: &mut T) -> Result<(), Status> {
+/// once per ID), then decodes synchronously. A value that cannot be decoded becomes the status
+/// `status` makes of it (DATA_LOSS naming the key, and the dictionary ID when that is what is
+/// missing); etcd being unreachable while loading a dictionary is etcd's own status.
+pub(crate) async fn decode_values<T: KeyValues>(
+    shared: &Shared,
+    msg: &mut T,
+    status: impl FnOnce(crate::codec::DecodeError, &T) -> Status,
+) -> Result<(), Status> {
     shared.dictionaries.prefetch(msg).await?;
-    rewrite::decode(&shared.codec, msg).map_err(decode_status)
+    rewrite::decode(&shared.codec, msg).map_err(|e| status(e, msg))
 }
 
 /// Decodes each message of an upstream response stream with [`decode_values`]; the first decode
 /// error ends the stream with DATA_LOSS naming the key (no message is ever passed on half-decoded).
-pub(crate) fn decode_stream<T>(shared: Arc<Shared>, upstream: Streaming<T>) -> impl Stream<Item = Result<T, Status>> + Send
+fn decode_stream<T>(shared: Arc<Shared>, upstream: Streaming<T>) -> impl Stream<Item = Result<T, Status>> + Send
 where
     T: KeyValues + Send + 'static,
 {
@@ -181,7 +250,7 @@ where
         let shared = shared.clone();
         async move {
             match item {
-                Ok(mut msg) => match decode_values(&shared, &mut msg).await {
+                Ok(mut msg) => match decode_values(&shared, &mut msg, plain_decode_status).await {
                     Ok(()) => (Ok(msg), false),
                     Err(status) => (Err(status), true),
                 },

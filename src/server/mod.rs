@@ -12,12 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Server;
 use tonic::{Request, Status};
 
-use crate::codec::{DecodeError, EncodeError, ValueCodec};
+use crate::codec::{DecodeError, DecodeReason, EncodeError, EncodeReason, KeyDisplay, ValueCodec};
+use crate::proto::etcdserverpb::ResponseHeader;
 use crate::config::Config;
 use crate::dictionary::Dictionaries;
 use crate::proto::etcdserverpb::kv_server::KvServer;
@@ -104,7 +104,10 @@ pub async fn bind(
         prefixes = ?shared.config.prefixes.iter().map(|p| p.prefix.as_str()).collect::<Vec<_>>(), "etcd-squeeze serving");
     let serve = async move {
         let _dictionary_tasks = dictionary_tasks;
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await?;
+        // Accepted sockets need TCP_NODELAY explicitly (the builder's setting only applies to
+        // listeners it binds itself): without it small responses wait ~40 ms for delayed ACKs.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        router.serve_with_incoming_shutdown(incoming, shutdown).await?;
         Ok(())
     };
     Ok((local, serve))
@@ -137,14 +140,40 @@ pub fn with_metadata<T>(metadata: &MetadataMap, message: T) -> Request<T> {
     r
 }
 
-/// A stored frame that cannot be decoded: `DATA_LOSS` naming the key and the reason.
+/// A stored frame that cannot be decoded: `DATA_LOSS` naming the key and the reason; a
+/// response that would decompress beyond `limits.max_response_bytes`: `RESOURCE_EXHAUSTED`.
 pub fn decode_status(e: DecodeError) -> Status {
-    tracing::error!(key = %crate::codec::KeyDisplay(&e.key), reason = %e.reason, "cannot decode stored value");
+    if let DecodeReason::ResponseTooLarge { .. } = e.reason {
+        tracing::warn!(key = %KeyDisplay(&e.key), reason = %e.reason, "response too large");
+        return Status::resource_exhausted(e.to_string());
+    }
+    tracing::error!(key = %KeyDisplay(&e.key), reason = %e.reason, "cannot decode stored value");
     Status::data_loss(e.to_string())
 }
 
-/// zstd failed to compress (not expected): `INTERNAL` naming the key.
-pub fn encode_status(e: EncodeError) -> Status {
-    tracing::error!(key = %crate::codec::KeyDisplay(&e.key), error = %e.source, "cannot compress value");
-    Status::internal(e.to_string())
+/// [`decode_status`] for a response whose write etcd has already applied (a `prev_kv` that
+/// cannot be decoded): the status says so, so a client does not take the write for failed.
+pub fn applied_decode_status(e: DecodeError, header: Option<&ResponseHeader>) -> Status {
+    let status = decode_status(e);
+    let revision = header.map_or(0, |h| h.revision);
+    Status::new(status.code(), format!("{} (the write itself was applied at revision {revision})", status.message()))
 }
+
+/// A value that cannot be stored. Over `limits.max_value_bytes`: etcd's own
+/// `InvalidArgument "etcdserver: request is too large"`, byte-exact, so kube-apiserver (and
+/// Flyte) react as they do to etcd. A zstd failure (not expected): `INTERNAL` naming the key.
+pub fn encode_status(e: EncodeError) -> Status {
+    match e.reason {
+        EncodeReason::TooLarge { .. } => {
+            tracing::info!(key = %KeyDisplay(&e.key), reason = %e.reason, "refused: value too large");
+            Status::invalid_argument(ETCD_REQUEST_TOO_LARGE)
+        }
+        EncodeReason::Zstd(_) => {
+            tracing::error!(key = %KeyDisplay(&e.key), reason = %e.reason, "cannot compress value");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+/// etcd's `rpctypes.ErrGRPCRequestTooLarge` message (code INVALID_ARGUMENT).
+pub const ETCD_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";

@@ -6,6 +6,11 @@
 //! `events[].prev_kv` decoded; created/canceled/compaction/progress responses are not merged,
 //! split or dropped. When the upstream stream ends or fails, the client stream ends with the
 //! same status (kube-apiserver then re-watches from its last revision).
+//!
+//! A response whose values cannot be decoded cancels only its own watch: the client gets
+//! `canceled = true` with a `cancel_reason` naming the key, the proxy cancels that watch
+//! upstream and drops whatever etcd still sends for it. Other watches on the stream (kube-apiserver
+//! multiplexes every watch of a client on one stream) keep going.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,11 +20,11 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{with_metadata, Shared};
-use super::kv::decode_stream;
+use super::{decode_status, with_metadata, Shared};
 use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::watch_server::Watch;
-use crate::proto::etcdserverpb::{WatchRequest, WatchResponse};
+use crate::proto::etcdserverpb::{watch_request, WatchCancelRequest, WatchRequest, WatchResponse};
+use crate::rewrite;
 
 /// The Watch service.
 #[derive(Clone)]
@@ -44,11 +49,60 @@ impl Watch for WatchService {
 
     async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let (metadata, _, inbound) = request.into_parts();
-        // A client-side stream error (or half-close) ends what we send upstream; etcd keeps the
-        // stream open for responses exactly as it does for a client that half-closes.
-        let outbound = inbound.map_while(|r| r.ok());
+        // A client-side stream error (or half-close) ends what the client sends upstream; etcd
+        // keeps the stream open for responses exactly as it does for a client that half-closes.
+        // The proxy's own cancel requests (for watches it had to cancel) are merged in.
+        let (cancel_tx, cancel_rx) = tokio::sync::mpsc::unbounded_channel::<WatchRequest>();
+        let outbound = futures::stream::select(
+            inbound.map_while(|r| r.ok()),
+            tokio_stream::wrappers::UnboundedReceiverStream::new(cancel_rx),
+        );
         let (md, upstream, ext) = self.client.clone().watch(with_metadata(&metadata, outbound)).await?.into_parts();
-        let responses = decode_stream(self.shared.clone(), upstream);
+        // First load the dictionaries a response's frames name (async, once per ID); one that
+        // cannot be loaded shows up below as a decode error that cancels only its own watch.
+        let loader = self.shared.clone();
+        let loaded = futures::StreamExt::then(upstream, move |item| {
+            let shared = loader.clone();
+            async move {
+                let mut resp = item?;
+                if let Err(status) = shared.dictionaries.prefetch(&mut resp).await {
+                    tracing::warn!(error = %status, "cannot load a dictionary for a watch response");
+                }
+                Ok(resp)
+            }
+        });
+        let shared = self.shared.clone();
+        let mut canceled_here = std::collections::HashSet::<i64>::new();
+        let responses = loaded.filter_map(move |item: Result<WatchResponse, Status>| {
+            let mut resp = match item {
+                Ok(resp) => resp,
+                Err(status) => return Some(Err(status)),
+            };
+            if canceled_here.contains(&resp.watch_id) {
+                // Already canceled towards the client: drop what etcd still sends, up to and
+                // including its own cancel confirmation (after which the ID may be reused).
+                if resp.canceled {
+                    canceled_here.remove(&resp.watch_id);
+                }
+                return None;
+            }
+            match rewrite::decode(&shared.codec, &mut resp) {
+                Ok(()) => Some(Ok(resp)),
+                Err(e) => {
+                    let reason = decode_status(e).message().to_string();
+                    canceled_here.insert(resp.watch_id);
+                    let cancel = watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: resp.watch_id });
+                    let _ = cancel_tx.send(WatchRequest { request_union: Some(cancel) });
+                    Some(Ok(WatchResponse {
+                        header: resp.header,
+                        watch_id: resp.watch_id,
+                        canceled: true,
+                        cancel_reason: reason,
+                        ..Default::default()
+                    }))
+                }
+            }
+        });
         Ok(Response::from_parts(md, Box::pin(responses) as WatchStream, ext))
     }
 }
