@@ -80,6 +80,8 @@ impl Drop for Etcd {
 pub struct Proxy {
     /// `http://127.0.0.1:PORT`
     pub url: String,
+    /// `http://127.0.0.1:PORT` of `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_url: String,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -93,17 +95,21 @@ impl Proxy {
         Self::start_config(config).await
     }
 
-    /// Starts a proxy with a full config (`server.listen` should be port 0).
-    pub async fn start_config(config: Config) -> Proxy {
+    /// Starts a proxy with a full config (`server.listen` should be port 0). A default
+    /// `metrics.listen` is moved to a free port, so that tests can run side by side.
+    pub async fn start_config(mut config: Config) -> Proxy {
+        if config.metrics.listen == Config::default().metrics.listen {
+            config.metrics.listen = "127.0.0.1:0".parse().unwrap();
+        }
         config.validate().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let (addr, serve) = etcd_squeeze::server::bind(config, async move {
+        let running = etcd_squeeze::server::start(config, async move {
             let _ = stopped.await;
         })
         .await
         .unwrap();
-        tokio::spawn(serve);
-        Proxy { url: format!("http://{addr}"), stop: Some(stop) }
+        tokio::spawn(running.serve);
+        Proxy { url: format!("http://{}", running.addr), metrics_url: format!("http://{}", running.metrics_addr), stop: Some(stop) }
     }
 
     /// An etcd-client talking to the proxy.

@@ -97,6 +97,21 @@ pub enum DecodeReason {
     Zstd(String),
 }
 
+impl DecodeReason {
+    /// A stable name for the kind of failure (the `reason` label of
+    /// `etcd_squeeze_decode_errors_total`; see `metrics::DECODE_ERROR_KINDS`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeReason::Header(_) => "header",
+            DecodeReason::UnknownDictionary(_) => "unknown_dictionary",
+            DecodeReason::NoContentSize => "no_content_size",
+            DecodeReason::TooLarge { .. } => "too_large",
+            DecodeReason::FrameLength { .. } => "frame_length",
+            DecodeReason::Zstd(_) => "zstd",
+        }
+    }
+}
+
 /// Why a value could not be encoded (an internal zstd failure: never expected).
 #[derive(Debug, thiserror::Error)]
 #[error("etcd-squeeze: cannot compress the value of key {}: {source}", KeyDisplay(key))]

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use futures::Stream;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{with_metadata, Shared};
@@ -21,18 +20,19 @@ use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::watch_server::Watch;
 use crate::proto::etcdserverpb::{WatchRequest, WatchResponse};
 use crate::rewrite;
+use crate::upstream::Upstream;
 
 /// The Watch service.
 #[derive(Clone)]
 pub struct WatchService {
     shared: Arc<Shared>,
-    client: WatchClient<Channel>,
+    client: WatchClient<Upstream>,
 }
 
 impl WatchService {
-    /// A Watch service forwarding over `channel`.
-    pub fn new(shared: Arc<Shared>, channel: Channel) -> Self {
-        let client = WatchClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    /// A Watch service forwarding to `upstream`.
+    pub fn new(shared: Arc<Shared>, upstream: Upstream) -> Self {
+        let client = WatchClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         WatchService { shared, client }
     }
 }
@@ -50,7 +50,28 @@ impl Watch for WatchService {
         let outbound = inbound.map_while(|r| r.ok());
         let (md, upstream, ext) = self.client.clone().watch(with_metadata(&metadata, outbound)).await?.into_parts();
         let shared = self.shared.clone();
-        let responses = decode_stream(upstream, move |resp: &mut WatchResponse| rewrite::decode_watch(&shared.codec, resp));
+        let open = OpenStream::new();
+        let responses = decode_stream(upstream, move |resp: &mut WatchResponse| {
+            let _counted_while_the_stream_lives = &open;
+            crate::metrics::get().watch_events.inc_by(resp.events.len() as u64);
+            rewrite::decode_watch(&shared.codec, resp)
+        });
         Ok(Response::from_parts(md, Box::pin(responses) as WatchStream, ext))
+    }
+}
+
+/// Counts a client Watch stream in `etcd_squeeze_watch_streams_active` while it is open.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> Self {
+        crate::metrics::get().watch_streams_active.inc();
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        crate::metrics::get().watch_streams_active.dec();
     }
 }
