@@ -6,6 +6,8 @@
 mod harness;
 mod kv;
 mod other;
+mod pki;
+mod tls;
 mod watch;
 
 /// Expands each listed `async fn(Env)` case into one test per prefix configuration.
