@@ -243,6 +243,24 @@ pub fn check(config: &Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// A client's request stream, forwarded upstream, that also ends when the returned
+/// [`EndRequests`] is dropped.
+///
+/// An upstream bidi call (Watch, LeaseKeepAlive) keeps polling the client's requests for as
+/// long as the client sends; when the response to the client ends first (shutdown, DATA_LOSS,
+/// etcd ending it), dropping the guard kept with the response ends the requests too. Both
+/// directions of the client's HTTP/2 stream then close, and a graceful shutdown can finish.
+pub fn requests_until_dropped<S>(requests: S) -> (impl futures::Stream<Item = S::Item> + Send, EndRequests)
+where
+    S: futures::Stream + Send,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    (futures::StreamExt::take_until(requests, rx), EndRequests(tx))
+}
+
+/// Ends the request stream of [`requests_until_dropped`] when dropped.
+pub struct EndRequests(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
+
 /// Headers that belong to this hop, not to the call: tonic sets its own, and a forwarded
 /// `grpc-accept-encoding` could make etcd compress responses the proxy did not ask for.
 const HOP_HEADERS: &[&str] = &["te", "content-type", "user-agent", "grpc-encoding", "grpc-accept-encoding", "host", "connection"];

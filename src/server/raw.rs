@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes};
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use http::uri::PathAndQuery;
 use tokio_stream::StreamExt;
 use tonic::body::Body;
@@ -20,7 +21,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{with_metadata, Shared};
+use super::{requests_until_dropped, with_metadata, Shared};
 use crate::upstream::Upstream;
 
 /// The shape of a gRPC method.
@@ -179,16 +180,25 @@ impl tonic::server::ServerStreamingService<Bytes> for Forwarder {
 
 impl tonic::server::StreamingService<Bytes> for Forwarder {
     type Response = Bytes;
-    type ResponseStream = Streaming<Bytes>;
-    type Future = BoxFuture<'static, Result<Response<Streaming<Bytes>>, Status>>;
+    type ResponseStream = BoxStream<'static, Result<Bytes, Status>>;
+    type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
         let this = self.clone();
-        // A client-side stream error (or half-close) ends what is sent upstream.
-        let request = request.map(|inbound| inbound.map_while(|r| r.ok()));
+        // A client-side stream error (or half-close) ends what is sent upstream, and so does
+        // the end of the response stream (see `requests_until_dropped`).
+        let (metadata, extensions, inbound) = request.into_parts();
+        let (outbound, end_requests) = requests_until_dropped(inbound.map_while(|r| r.ok()));
+        let request = Request::from_parts(metadata, extensions, outbound);
         Box::pin(async move {
             let (mut grpc, path, request) = this.start(request).await?;
-            grpc.streaming(request, path, RawCodec).await
+            let response = grpc.streaming(request, path, RawCodec).await?;
+            Ok(response.map(|responses| {
+                futures::StreamExt::boxed(responses.map(move |r| {
+                    let _until_the_responses_end = &end_requests;
+                    r
+                }))
+            }))
         })
     }
 }

@@ -14,7 +14,7 @@ use futures::Stream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{with_metadata, Shared};
+use super::{requests_until_dropped, with_metadata, Shared};
 use super::kv::decode_stream;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::watch_server::Watch;
@@ -47,12 +47,13 @@ impl Watch for WatchService {
         let (metadata, _, inbound) = request.into_parts();
         // A client-side stream error (or half-close) ends what we send upstream; etcd keeps the
         // stream open for responses exactly as it does for a client that half-closes.
-        let outbound = inbound.map_while(|r| r.ok());
+        let (outbound, end_requests) = requests_until_dropped(inbound.map_while(|r| r.ok()));
         let (md, upstream, ext) = self.client.clone().watch(with_metadata(&metadata, outbound)).await?.into_parts();
         let shared = self.shared.clone();
         let open = OpenStream::new();
         let responses = decode_stream(upstream, move |resp: &mut WatchResponse| {
-            let _counted_while_the_stream_lives = &open;
+            // Both live as long as the response stream, and are dropped with it.
+            let _guards = (&open, &end_requests);
             crate::metrics::get().watch_events.inc_by(resp.events.len() as u64);
             rewrite::decode_watch(&shared.codec, resp)
         });
