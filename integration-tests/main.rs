@@ -3,6 +3,7 @@
 //! Every case of [`suite!`] runs twice: with the default FlyteWorkflow prefix, and with a proxy
 //! that compresses every key (prefix "").
 
+mod dashboard;
 mod harness;
 mod kv;
 mod ops;

@@ -195,6 +195,11 @@ impl Metrics {
         for kind in DECODE_ERROR_KINDS {
             m.decode_errors.with_label_values(&[kind]).inc_by(0);
         }
+        for side in ["server", "upstream"] {
+            for result in ["ok", "error"] {
+                m.tls_reloads.with_label_values(&[side, result]).inc_by(0);
+            }
+        }
         m
     }
 
