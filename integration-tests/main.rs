@@ -4,6 +4,7 @@
 //! that compresses every key (prefix "").
 
 mod dashboard;
+mod deploy;
 mod harness;
 mod kv;
 mod ops;

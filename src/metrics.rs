@@ -34,6 +34,7 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     /// `etcd_squeeze_grpc_requests_total{method, code}`: finished calls (streams count when they end).
     pub grpc_requests: IntCounterVec,
     /// `etcd_squeeze_grpc_request_duration_seconds{method}`: unary call latency, request to trailers.
@@ -95,23 +96,38 @@ pub fn get() -> &'static Metrics {
 impl Metrics {
     fn register() -> Metrics {
         let registry = Registry::new();
-        fn reg<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: M) -> M {
-            registry.register(Box::new(m.clone())).expect("metric names are unique");
-            m
-        }
-        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric"));
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        let names = std::cell::RefCell::new(Vec::new());
+        let reg = |m: Box<dyn prometheus::core::Collector>| {
+            names.borrow_mut().extend(m.desc().iter().map(|d| d.fq_name.clone()));
+            registry.register(m).expect("metric names are unique");
         };
-        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric"));
+        let counter = |name: &str, help: &str| {
+            let m = IntCounter::new(name, help).expect("valid metric");
+            reg(Box::new(m.clone()));
+            m
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            reg(Box::new(m.clone()));
+            m
+        };
+        let gauge = |name: &str, help: &str| {
+            let m = IntGauge::new(name, help).expect("valid metric");
+            reg(Box::new(m.clone()));
+            m
+        };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            reg(Box::new(m.clone()));
+            m
         };
         let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
             let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS_SECONDS.to_vec());
-            reg(&registry, HistogramVec::new(opts, labels).expect("valid metric"))
+            let m = HistogramVec::new(opts, labels).expect("valid metric");
+            reg(Box::new(m.clone()));
+            m
         };
-        let m = Metrics {
+        let mut m = Metrics {
             grpc_requests: counter_vec(
                 "etcd_squeeze_grpc_requests_total",
                 "gRPC calls finished, by method (gRPC path) and status code; streams count when they end.",
@@ -189,8 +205,10 @@ impl Metrics {
                 "Client connections that failed the TLS handshake (no or untrusted certificate, timeout).",
             ),
             build_info: gauge_vec("etcd_squeeze_build_info", "Always 1; the version label is the build's.", &["version"]),
+            names: Vec::new(),
             registry,
         };
+        m.names = names.into_inner();
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for kind in DECODE_ERROR_KINDS {
             m.decode_errors.with_label_values(&[kind]).inc_by(0);
@@ -230,6 +248,11 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// The name of every registered metric (histograms without their `_bucket`, `_sum`, `_count`).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition of every metric.
