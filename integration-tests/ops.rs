@@ -217,3 +217,53 @@ async fn sigterm_ends_streams_drains_unary_calls_and_exits_zero() {
     assert!(log.contains("\"level\":\"TRACE\"") || log.contains("\"level\":\"DEBUG\""), "logs at trace level: {log}");
     assert!(!log.contains(secret), "a value was logged:\n{log}");
 }
+
+/// Plain text beyond loopback: refused without `server.allow_non_loopback`, and with it the
+/// proxy serves but logs a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_beyond_loopback_needs_the_flag_and_warns() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let write = |allow: bool| {
+        let path = dir.path().join(format!("allow-{allow}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"0.0.0.0:{port}\"\nallow_non_loopback = {allow}\n[upstream]\nendpoints = [\"{}\"]\n\
+                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+                etcd.url
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let bin = env!("CARGO_BIN_EXE_etcd-squeeze");
+    let refused = Command::new(bin).args(["serve", "--config"]).arg(write(false)).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("server.listen") && stderr.contains("allow_non_loopback"), "{stderr}");
+
+    let log_path = dir.path().join("proxy.log");
+    let child = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(write(true))
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}");
+    eventually(Duration::from_secs(20), "the proxy to be ready", || async { matches!(http_get(&metrics_url, "/readyz").await, Ok((200, _))) }).await;
+    let mut via = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await.unwrap();
+    via.put(format!("{FLYTE}ns/x"), "{}", None).await.unwrap();
+    signal(child.id(), "TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("WARN") && log.contains("plain text beyond loopback"), "{log}");
+}

@@ -268,3 +268,57 @@ impl<T: AsyncRead + AsyncWrite + Unpin, G: Unpin> AsyncWrite for Conn<T, G> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reloads(side: &str, result: &str) -> u64 {
+        crate::metrics::get().tls_reloads.with_label_values(&[side, result]).get()
+    }
+
+    #[test]
+    fn rebuilt_when_a_file_changes_and_kept_when_the_new_one_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cert.pem");
+        std::fs::write(&file, "one").unwrap();
+        let path = file.clone();
+        let build = move || {
+            let text = std::fs::read_to_string(&path).map_err(|e| TlsError::new("server.tls_cert_file", &path, e))?;
+            if text.starts_with("broken") {
+                return Err(TlsError::new("server.tls_cert_file", &path, "broken"));
+            }
+            Ok(text)
+        };
+        let reloading = Reloading::new("test", vec![file.clone()], build).unwrap();
+        assert_eq!(*reloading.current(), "one");
+        assert_eq!(*reloading.current(), "one", "unchanged files are not re-read");
+
+        let replace = |text: &str| {
+            let tmp = dir.path().join("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &file).unwrap();
+        };
+        replace("two");
+        assert_eq!(*reloading.current(), "two");
+        assert_eq!(reloads("test", "ok"), 1);
+        replace("broken!");
+        assert_eq!(*reloading.current(), "two", "a broken file keeps the previous config");
+        assert_eq!(*reloading.current(), "two");
+        assert_eq!(reloads("test", "error"), 1, "a broken file is reported once, not on every connection");
+        replace("three");
+        assert_eq!(*reloading.current(), "three");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.crt");
+        let err = load_certs("upstream.tls_ca_file", &missing).unwrap_err().to_string();
+        assert!(err.starts_with("upstream.tls_ca_file: ") && err.contains("missing.crt"), "{err}");
+        let empty = dir.path().join("empty.crt");
+        std::fs::write(&empty, "no PEM here").unwrap();
+        assert!(load_certs("server.tls_cert_file", &empty).unwrap_err().to_string().contains("no PEM certificate"));
+        assert!(load_key("server.tls_key_file", &empty).unwrap_err().to_string().contains("server.tls_key_file"));
+    }
+}
