@@ -95,39 +95,15 @@ pub fn get() -> &'static Metrics {
 
 impl Metrics {
     fn register() -> Metrics {
-        let registry = Registry::new();
-        let names = std::cell::RefCell::new(Vec::new());
-        let reg = |m: Box<dyn prometheus::core::Collector>| {
-            names.borrow_mut().extend(m.desc().iter().map(|d| d.fq_name.clone()));
-            registry.register(m).expect("metric names are unique");
-        };
-        let counter = |name: &str, help: &str| {
-            let m = IntCounter::new(name, help).expect("valid metric");
-            reg(Box::new(m.clone()));
-            m
-        };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            reg(Box::new(m.clone()));
-            m
-        };
-        let gauge = |name: &str, help: &str| {
-            let m = IntGauge::new(name, help).expect("valid metric");
-            reg(Box::new(m.clone()));
-            m
-        };
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            reg(Box::new(m.clone()));
-            m
-        };
+        let r = Registrar { registry: Registry::new(), names: std::cell::RefCell::new(Vec::new()) };
+        let counter = |name: &str, help: &str| r.add(IntCounter::new(name, help));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| r.add(IntCounterVec::new(Opts::new(name, help), labels));
+        let gauge = |name: &str, help: &str| r.add(IntGauge::new(name, help));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| r.add(IntGaugeVec::new(Opts::new(name, help), labels));
         let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
-            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS_SECONDS.to_vec());
-            let m = HistogramVec::new(opts, labels).expect("valid metric");
-            reg(Box::new(m.clone()));
-            m
+            r.add(HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS_SECONDS.to_vec()), labels))
         };
-        let mut m = Metrics {
+        let m = Metrics {
             grpc_requests: counter_vec(
                 "etcd_squeeze_grpc_requests_total",
                 "gRPC calls finished, by method (gRPC path) and status code; streams count when they end.",
@@ -205,10 +181,10 @@ impl Metrics {
                 "Client connections that failed the TLS handshake (no or untrusted certificate, timeout).",
             ),
             build_info: gauge_vec("etcd_squeeze_build_info", "Always 1; the version label is the build's.", &["version"]),
-            names: Vec::new(),
-            registry,
+            // Last: every metric above is registered by now.
+            names: r.names.take(),
+            registry: r.registry.clone(),
         };
-        m.names = names.into_inner();
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for kind in DECODE_ERROR_KINDS {
             m.decode_errors.with_label_values(&[kind]).inc_by(0);
@@ -260,6 +236,21 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into a Vec cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// Registers each metric once and remembers its name.
+struct Registrar {
+    registry: Registry,
+    names: std::cell::RefCell<Vec<String>>,
+}
+
+impl Registrar {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(&self, metric: prometheus::Result<M>) -> M {
+        let m = metric.expect("valid metric name and labels");
+        self.names.borrow_mut().extend(m.desc().iter().map(|d| d.fq_name.clone()));
+        self.registry.register(Box::new(m.clone())).expect("metric names are unique");
+        m
     }
 }
 
