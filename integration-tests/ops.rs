@@ -124,6 +124,61 @@ async fn an_unreachable_endpoint_is_skipped() {
     assert_eq!(http_get(&proxy.metrics_url, "/readyz").await.unwrap().0, 200);
 }
 
+/// The real binary, started with a config file (`{port}` and `{metrics}` are replaced by free
+/// loopback ports), its stderr in `log`. Killed on drop if still running.
+struct Binary {
+    child: std::process::Child,
+    port: u16,
+    url: String,
+    metrics_url: String,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    async fn start(config: &str) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, metrics) = (free_port(), free_port());
+        let path = dir.path().join("etcd-squeeze.toml");
+        std::fs::write(&path, config.replace("{port}", &port.to_string()).replace("{metrics}", &metrics.to_string())).unwrap();
+        let log = dir.path().join("proxy.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let b = Binary { child, port, url: format!("http://127.0.0.1:{port}"), metrics_url: format!("http://127.0.0.1:{metrics}"), log, _dir: dir };
+        eventually(Duration::from_secs(20), "the proxy to be ready", || async {
+            matches!(http_get(&b.metrics_url, "/readyz").await, Ok((200, _)))
+        })
+        .await;
+        b
+    }
+
+    /// Waits for the process to exit (at most `timeout`); its status and its log.
+    async fn exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the proxy did not exit within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        (status, std::fs::read_to_string(&self.log).unwrap())
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn is_unavailable(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable)
 }
@@ -134,32 +189,13 @@ fn is_unavailable(e: &etcd_client::Error) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_streams_drains_unary_calls_and_exits_zero() {
     let etcd = Etcd::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (port, metrics_port) = (free_port(), free_port());
-    let config = dir.path().join("etcd-squeeze.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"20s\"\n[upstream]\nendpoints = [\"{}\"]\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[log]\nlevel = \"etcd_squeeze=trace,info\"\nformat = \"json\"\n",
-            etcd.url
-        ),
-    )
-    .unwrap();
-    let log_path = dir.path().join("proxy.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let (url, metrics_url) = (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{metrics_port}"));
-    eventually(Duration::from_secs(20), "the proxy to be ready", || async {
-        matches!(http_get(&metrics_url, "/readyz").await, Ok((200, _)))
-    })
+    let mut proxy = Binary::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\nshutdown_grace = \"20s\"\n[upstream]\nendpoints = [\"{}\"]\n\
+         [metrics]\nlisten = \"127.0.0.1:{{metrics}}\"\n[log]\nlevel = \"etcd_squeeze=trace,info\"\nformat = \"json\"\n",
+        etcd.url
+    ))
     .await;
+    let url = proxy.url.clone();
 
     // A value that must never appear in the logs, even at trace level.
     let secret = "value-bytes-never-logged-7f3a";
@@ -183,13 +219,13 @@ async fn sigterm_ends_streams_drains_unary_calls_and_exits_zero() {
     assert!(!in_flight.is_finished());
 
     let sigterm = Instant::now();
-    signal(child.id(), "TERM");
+    signal(proxy.child.id(), "TERM");
     let ended = tokio::time::timeout(Duration::from_secs(5), watch.message()).await.expect("the watch ends at once");
     assert!(ended.as_ref().is_err_and(is_unavailable), "the watch ends with UNAVAILABLE: {ended:?}");
     let ended = tokio::time::timeout(Duration::from_secs(5), keepalives.message()).await.expect("LeaseKeepAlive ends at once");
     assert!(ended.as_ref().is_err_and(is_unavailable), "LeaseKeepAlive ends with UNAVAILABLE: {ended:?}");
     eventually(Duration::from_secs(5), "the listener to close", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err()
+        tokio::net::TcpStream::connect(("127.0.0.1", proxy.port)).await.is_err()
     })
     .await;
     assert!(sigterm.elapsed() < Duration::from_secs(5));
@@ -198,15 +234,7 @@ async fn sigterm_ends_streams_drains_unary_calls_and_exits_zero() {
     etcd.freeze(false);
     let got = tokio::time::timeout(Duration::from_secs(10), in_flight).await.unwrap().unwrap().expect("the in-flight Range completes");
     assert_eq!(got.kvs()[0].value(), value.as_bytes());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the proxy did not exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let (status, log) = proxy.exit(Duration::from_secs(15)).await;
     assert!(status.success(), "exit status {status:?}; log:\n{log}");
 
     for line in log.lines() {
@@ -223,47 +251,53 @@ async fn sigterm_ends_streams_drains_unary_calls_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_text_beyond_loopback_needs_the_flag_and_warns() {
     let etcd = Etcd::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (port, metrics_port) = (free_port(), free_port());
-    let write = |allow: bool| {
-        let path = dir.path().join(format!("allow-{allow}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "[server]\nlisten = \"0.0.0.0:{port}\"\nallow_non_loopback = {allow}\n[upstream]\nendpoints = [\"{}\"]\n\
-                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
-                etcd.url
-            ),
+    let config = |allow: bool| {
+        format!(
+            "[server]\nlisten = \"0.0.0.0:{{port}}\"\nallow_non_loopback = {allow}\n[upstream]\nendpoints = [\"{}\"]\n\
+             [metrics]\nlisten = \"127.0.0.1:{{metrics}}\"\n",
+            etcd.url
         )
-        .unwrap();
-        path
     };
-    let bin = env!("CARGO_BIN_EXE_etcd-squeeze");
-    let refused = Command::new(bin).args(["serve", "--config"]).arg(write(false)).output().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let refused_config = dir.path().join("refused.toml");
+    std::fs::write(&refused_config, config(false).replace("{port}", &free_port().to_string()).replace("{metrics}", "0")).unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_etcd-squeeze")).args(["serve", "--config"]).arg(&refused_config).output().unwrap();
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("server.listen") && stderr.contains("allow_non_loopback"), "{stderr}");
 
-    let log_path = dir.path().join("proxy.log");
-    let child = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(write(true))
-        .env_remove("RUST_LOG")
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let metrics_url = format!("http://127.0.0.1:{metrics_port}");
-    eventually(Duration::from_secs(20), "the proxy to be ready", || async { matches!(http_get(&metrics_url, "/readyz").await, Ok((200, _))) }).await;
-    let mut via = etcd_client::Client::connect([format!("http://127.0.0.1:{port}")], None).await.unwrap();
+    let mut proxy = Binary::start(&config(true)).await;
+    let mut via = etcd_client::Client::connect([proxy.url.as_str()], None).await.unwrap();
     via.put(format!("{FLYTE}ns/x"), "{}", None).await.unwrap();
-    signal(child.id(), "TERM");
-    let status = tokio::task::spawn_blocking(move || {
-        let mut child = child;
-        child.wait().unwrap()
-    })
-    .await
-    .unwrap();
+    signal(proxy.child.id(), "TERM");
+    let (status, log) = proxy.exit(Duration::from_secs(15)).await;
     assert!(status.success());
-    let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("WARN") && log.contains("plain text beyond loopback"), "{log}");
+}
+
+/// `server.shutdown_grace` bounds the drain: a call still waiting for etcd when it expires is
+/// cut, and the process exits 0 all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_bounds_the_drain() {
+    let etcd = Etcd::start().await;
+    let mut proxy = Binary::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\nshutdown_grace = \"1s\"\n[upstream]\nendpoints = [\"{}\"]\n\
+         [metrics]\nlisten = \"127.0.0.1:{{metrics}}\"\n",
+        etcd.url
+    ))
+    .await;
+    let mut client = etcd_client::Client::connect([proxy.url.as_str()], None).await.unwrap();
+    client.put(format!("{FLYTE}ns/x"), "{}", None).await.unwrap();
+    etcd.freeze(true);
+    let in_flight = tokio::spawn(async move { client.get(format!("{FLYTE}ns/x"), None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sigterm = Instant::now();
+    signal(proxy.child.id(), "TERM");
+    let (status, log) = proxy.exit(Duration::from_secs(10)).await;
+    let took = sigterm.elapsed();
+    etcd.freeze(false);
+    assert!(status.success(), "{log}");
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(5), "exited after {took:?}");
+    assert!(log.contains("shutdown_grace expired"), "{log}");
+    assert!(tokio::time::timeout(Duration::from_secs(5), in_flight).await.unwrap().unwrap().is_err(), "the cut call fails");
 }

@@ -68,13 +68,19 @@ impl EndpointState {
 
 /// The channel to etcd: a tower service for tonic's generated clients
 /// (`KvClient<Upstream>`), cheap to clone.
-#[derive(Clone)]
 pub struct Upstream {
     endpoints: Arc<[Arc<EndpointState>]>,
     channels: Vec<Channel>,
     next: Arc<AtomicUsize>,
     /// The endpoint chosen by `poll_ready`, used by the following `call`.
     picked: Option<usize>,
+}
+
+impl Clone for Upstream {
+    fn clone(&self) -> Self {
+        // A clone has not been polled ready: it picks its own endpoint.
+        Upstream { endpoints: self.endpoints.clone(), channels: self.channels.clone(), next: self.next.clone(), picked: None }
+    }
 }
 
 impl std::fmt::Debug for Upstream {
