@@ -124,8 +124,27 @@ async fn an_unreachable_endpoint_is_skipped() {
     assert_eq!(http_get(&proxy.metrics_url, "/readyz").await.unwrap().0, 200);
 }
 
-/// The real binary, started with a config file (`{port}` and `{metrics}` are replaced by free
-/// loopback ports), its stderr in `log`. Killed on drop if still running.
+/// A config file for the real binary: `[server]` on `listen_ip` with `server` keys added, etcd at
+/// `upstream`, metrics on loopback, then `more` (other sections).
+struct BinaryConfig<'a> {
+    listen_ip: &'a str,
+    upstream: &'a str,
+    server: &'a str,
+    more: &'a str,
+}
+
+impl BinaryConfig<'_> {
+    fn render(&self, port: u16, metrics: u16) -> String {
+        let BinaryConfig { listen_ip, upstream, server, more } = self;
+        format!(
+            "[server]\nlisten = \"{listen_ip}:{port}\"\n{server}\n[upstream]\nendpoints = [\"{upstream}\"]\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n{more}\n"
+        )
+    }
+}
+
+/// The real binary, started with a config file on free ports, its stderr in `log`. Killed on
+/// drop if still running.
 struct Binary {
     child: std::process::Child,
     port: u16,
@@ -136,11 +155,11 @@ struct Binary {
 }
 
 impl Binary {
-    async fn start(config: &str) -> Binary {
+    async fn start(config: BinaryConfig<'_>) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let (port, metrics) = (free_port(), free_port());
         let path = dir.path().join("etcd-squeeze.toml");
-        std::fs::write(&path, config.replace("{port}", &port.to_string()).replace("{metrics}", &metrics.to_string())).unwrap();
+        std::fs::write(&path, config.render(port, metrics)).unwrap();
         let log = dir.path().join("proxy.log");
         let child = Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
             .args(["serve", "--config"])
@@ -189,11 +208,12 @@ fn is_unavailable(e: &etcd_client::Error) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_streams_drains_unary_calls_and_exits_zero() {
     let etcd = Etcd::start().await;
-    let mut proxy = Binary::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:{{port}}\"\nshutdown_grace = \"20s\"\n[upstream]\nendpoints = [\"{}\"]\n\
-         [metrics]\nlisten = \"127.0.0.1:{{metrics}}\"\n[log]\nlevel = \"etcd_squeeze=trace,info\"\nformat = \"json\"\n",
-        etcd.url
-    ))
+    let mut proxy = Binary::start(BinaryConfig {
+        listen_ip: "127.0.0.1",
+        upstream: &etcd.url,
+        server: "shutdown_grace = \"20s\"",
+        more: "[log]\nlevel = \"etcd_squeeze=trace,info\"\nformat = \"json\"",
+    })
     .await;
     let url = proxy.url.clone();
 
@@ -251,22 +271,16 @@ async fn sigterm_ends_streams_drains_unary_calls_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_text_beyond_loopback_needs_the_flag_and_warns() {
     let etcd = Etcd::start().await;
-    let config = |allow: bool| {
-        format!(
-            "[server]\nlisten = \"0.0.0.0:{{port}}\"\nallow_non_loopback = {allow}\n[upstream]\nendpoints = [\"{}\"]\n\
-             [metrics]\nlisten = \"127.0.0.1:{{metrics}}\"\n",
-            etcd.url
-        )
-    };
+    let config = |server| BinaryConfig { listen_ip: "0.0.0.0", upstream: &etcd.url, server, more: "" };
     let dir = tempfile::tempdir().unwrap();
     let refused_config = dir.path().join("refused.toml");
-    std::fs::write(&refused_config, config(false).replace("{port}", &free_port().to_string()).replace("{metrics}", "0")).unwrap();
+    std::fs::write(&refused_config, config("allow_non_loopback = false").render(free_port(), 0)).unwrap();
     let refused = Command::new(env!("CARGO_BIN_EXE_etcd-squeeze")).args(["serve", "--config"]).arg(&refused_config).output().unwrap();
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("server.listen") && stderr.contains("allow_non_loopback"), "{stderr}");
 
-    let mut proxy = Binary::start(&config(true)).await;
+    let mut proxy = Binary::start(config("allow_non_loopback = true")).await;
     let mut via = etcd_client::Client::connect([proxy.url.as_str()], None).await.unwrap();
     via.put(format!("{FLYTE}ns/x"), "{}", None).await.unwrap();
     signal(proxy.child.id(), "TERM");
@@ -280,12 +294,7 @@ async fn plain_text_beyond_loopback_needs_the_flag_and_warns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_grace_bounds_the_drain() {
     let etcd = Etcd::start().await;
-    let mut proxy = Binary::start(&format!(
-        "[server]\nlisten = \"127.0.0.1:{{port}}\"\nshutdown_grace = \"1s\"\n[upstream]\nendpoints = [\"{}\"]\n\
-         [metrics]\nlisten = \"127.0.0.1:{{metrics}}\"\n",
-        etcd.url
-    ))
-    .await;
+    let mut proxy = Binary::start(BinaryConfig { listen_ip: "127.0.0.1", upstream: &etcd.url, server: "shutdown_grace = \"1s\"", more: "" }).await;
     let mut client = etcd_client::Client::connect([proxy.url.as_str()], None).await.unwrap();
     client.put(format!("{FLYTE}ns/x"), "{}", None).await.unwrap();
     etcd.freeze(true);
