@@ -26,7 +26,8 @@ use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::RangeRequest;
 use crate::upstream::Upstream;
 
-/// Where trained zstd dictionaries are stored in etcd (see `docs/frame-format.md`).
+/// Where trained zstd dictionaries are stored in etcd. The probe only needs the read to
+/// succeed: an empty store (no dictionary trained yet) is ready.
 pub const DICTIONARY_STORE_PREFIX: &str = "/etcd-squeeze/dictionaries/";
 
 /// The proxy's readiness, shared by the prober, the HTTP handlers and the gRPC health service.
