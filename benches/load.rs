@@ -154,7 +154,7 @@ fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String)> {
         Front::SqueezeOff | Front::SqueezeZstd => {
             let config = dir.join("squeeze.toml");
             let compress = front == Front::SqueezeZstd;
-            std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{etcd}\"]\n[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ncompress = {compress}\n[log]\nlevel = \"warn\"\n")).unwrap();
+            std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{etcd}\"]\n[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ncompress = {compress}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n")).unwrap();
             Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
                 .args(["serve", "--config"])
                 .arg(&config)

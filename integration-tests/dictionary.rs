@@ -62,7 +62,8 @@ async fn wait_for_dictionary(via: &mut etcd_client::Client, direct: &mut etcd_cl
 }
 
 fn store(etcd: &Etcd) -> Store {
-    Store::new(tonic::transport::Endpoint::from_shared(etcd.url.clone()).unwrap().connect_lazy(), DICTS)
+    let config = etcd_squeeze::config::UpstreamConfig { endpoints: vec![etcd.url.clone()], ..Default::default() };
+    Store::new(etcd_squeeze::upstream::Upstream::new(&config).unwrap(), DICTS)
 }
 
 /// Every dictionary record in etcd, each verified (none may be partial or corrupt).

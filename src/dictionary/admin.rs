@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tonic::transport::Channel;
+use crate::upstream::Upstream;
 use tonic::Status;
 
 use super::store::{Record, Store};
@@ -117,8 +117,8 @@ where
     Ok(f(target.load()?).await?)
 }
 
-fn channel(config: &Config) -> Result<Channel, DictionaryError> {
-    crate::upstream::channel(&config.upstream).map_err(|e| DictionaryError::Etcd(Status::invalid_argument(e.to_string())))
+fn channel(config: &Config) -> Result<Upstream, DictionaryError> {
+    Upstream::new(&config.upstream).map_err(|e| DictionaryError::Etcd(Status::invalid_argument(e.to_string())))
 }
 
 fn store(config: &Config) -> Result<Store, DictionaryError> {
@@ -127,7 +127,7 @@ fn store(config: &Config) -> Result<Store, DictionaryError> {
 
 /// Counts, per dictionary ID, the stored values (outside `/etcd-squeeze/`) whose frame names it, at
 /// `revision` (0 = now).
-pub async fn references(kv: &KvClient<Channel>, revision: i64) -> Result<HashMap<u32, u64>, Status> {
+pub async fn references(kv: &KvClient<Upstream>, revision: i64) -> Result<HashMap<u32, u64>, Status> {
     let mut counts = HashMap::new();
     let mut from = Bytes::from_static(b"\0");
     let mut revision = revision;
@@ -163,7 +163,7 @@ fn count_reference(counts: &mut HashMap<u32, u64>, key: &[u8], value: &[u8]) {
 /// Counts dictionary references in etcd's history: every value written since the last compaction
 /// up to revision `until`, replayed with a watch on every key. Every revision is made by a write,
 /// so the replay has reached `until` when it sees an event of that revision.
-pub async fn history_references(channel: Channel, until: i64) -> Result<HashMap<u32, u64>, Status> {
+pub async fn history_references(channel: Upstream, until: i64) -> Result<HashMap<u32, u64>, Status> {
     let mut counts = HashMap::new();
     let mut start = 1;
     if until <= 1 {

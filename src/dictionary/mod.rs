@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use tonic::transport::Channel;
+use crate::upstream::Upstream;
 use tonic::Status;
 
 use crate::codec::{frame, ValueCodec, K8S_ENCRYPTED_PREFIX};
@@ -127,7 +127,7 @@ pub enum DictionaryError {
 pub struct Dictionaries {
     codec: ValueCodec,
     store: Store,
-    channel: Channel,
+    channel: Upstream,
     config: DictionariesConfig,
     prefixes: Vec<DictionaryPrefix>,
     reservoirs: HashMap<Bytes, Mutex<Reservoir>>,
@@ -155,7 +155,7 @@ impl Drop for Background {
 
 impl Dictionaries {
     /// The dictionaries for `config`, reading and filling `codec`'s cache, talking to etcd over `channel`.
-    pub fn new(config: &Config, codec: ValueCodec, channel: Channel) -> Arc<Self> {
+    pub fn new(config: &Config, codec: ValueCodec, channel: Upstream) -> Arc<Self> {
         let d = &config.dictionaries;
         let prefixes = DictionaryPrefix::from_config(config);
         let max_bytes = d.sample_max_bytes.as_u64() as usize;

@@ -17,7 +17,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
+use crate::upstream::Upstream;
 
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::{
@@ -195,13 +195,13 @@ pub fn decode_record(id: u32, value: &Bytes) -> Result<(DictionaryMeta, Bytes), 
 /// The dictionaries in etcd, under one key prefix.
 #[derive(Debug, Clone)]
 pub struct Store {
-    kv: KvClient<Channel>,
+    kv: KvClient<Upstream>,
     prefix: String,
 }
 
 impl Store {
     /// A store under `prefix` (e.g. `/etcd-squeeze/dictionaries/`), talking to etcd over `channel`.
-    pub fn new(channel: Channel, prefix: impl Into<String>) -> Self {
+    pub fn new(channel: Upstream, prefix: impl Into<String>) -> Self {
         let kv = KvClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         Store { kv, prefix: prefix.into() }
     }
@@ -226,7 +226,7 @@ impl Store {
     }
 
     /// A KV client on the same channel (for the election and the operator commands).
-    pub fn kv(&self) -> KvClient<Channel> {
+    pub fn kv(&self) -> KvClient<Upstream> {
         self.kv.clone()
     }
 
@@ -432,8 +432,8 @@ mod tests {
 
     #[tokio::test]
     async fn keys_sort_by_id() {
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
-        let s = Store::new(channel, "/etcd-squeeze/dictionaries/");
+        let upstream = Upstream::new(&crate::config::UpstreamConfig::default()).unwrap();
+        let s = Store::new(upstream, "/etcd-squeeze/dictionaries/");
         assert_eq!(&s.key(7)[..], b"/etcd-squeeze/dictionaries/0000000007");
         assert_eq!(s.id_of(&s.key(u32::MAX)), Some(u32::MAX));
         assert_eq!(s.id_of(b"/etcd-squeeze/dictionaries/7"), None);

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use crate::upstream::Upstream;
 
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::lease_client::LeaseClient;
@@ -169,8 +169,8 @@ pub fn train(samples: &[Bytes], max_size: usize, level: i32, current: Option<&[u
 /// while the leader lives; a killed leader's lease expires after the TTL and the key with it.
 #[derive(Debug, Clone)]
 pub struct Election {
-    kv: KvClient<Channel>,
-    lease: LeaseClient<Channel>,
+    kv: KvClient<Upstream>,
+    lease: LeaseClient<Upstream>,
     key: Bytes,
     ttl: Duration,
     identity: String,
@@ -187,12 +187,12 @@ pub struct Leadership {
     key: Bytes,
     lost: watch::Receiver<bool>,
     keepalive: tokio::task::JoinHandle<()>,
-    client: LeaseClient<Channel>,
+    client: LeaseClient<Upstream>,
 }
 
 impl Election {
     /// An election on `key` with leases of `ttl`; `identity` is written as the key's value.
-    pub fn new(channel: Channel, key: impl Into<Bytes>, ttl: Duration, identity: impl Into<String>) -> Self {
+    pub fn new(channel: Upstream, key: impl Into<Bytes>, ttl: Duration, identity: impl Into<String>) -> Self {
         Election { kv: KvClient::new(channel.clone()), lease: LeaseClient::new(channel), key: key.into(), ttl, identity: identity.into() }
     }
 
@@ -244,7 +244,7 @@ impl Election {
 
 /// Sends a keepalive every third of the TTL; on any failure, or an expired lease, reports the
 /// leadership lost and stops.
-async fn keep_alive(mut client: LeaseClient<Channel>, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
+async fn keep_alive(mut client: LeaseClient<Upstream>, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut responses = match client.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
