@@ -194,13 +194,15 @@ pub fn decode<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Result<(), Decod
     msg.try_for_each_kv(&mut |kv| decode_kv(codec, kv, &mut budget))
 }
 
-/// The dictionary IDs that decoding `msg` needs, each once, in order of first use.
-pub fn needed_dictionaries<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Vec<u32> {
-    let mut ids = Vec::new();
+/// The dictionary IDs that decoding `msg` needs, in order of first use, each with how many of
+/// its values need it.
+pub fn needed_dictionaries<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Vec<(u32, u64)> {
+    let mut ids: Vec<(u32, u64)> = Vec::new();
     let _ = msg.try_for_each_kv(&mut |kv| {
         if let Some(id) = codec.needed_dictionary(&kv.key, &kv.value) {
-            if !ids.contains(&id) {
-                ids.push(id);
+            match ids.iter_mut().find(|(i, _)| *i == id) {
+                Some((_, frames)) => *frames += 1,
+                None => ids.push((id, 1)),
             }
         }
         Ok::<(), ()>(())

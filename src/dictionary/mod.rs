@@ -199,7 +199,13 @@ impl Dictionaries {
     /// decoding then fails with DATA_LOSS naming the key and the ID. Only when etcd cannot be
     /// reached is the etcd status returned.
     pub async fn prefetch<T: KeyValues>(&self, msg: &mut T) -> Result<(), Status> {
-        for id in rewrite::needed_dictionaries(&self.codec, msg) {
+        let metrics = crate::metrics::get();
+        for (id, frames) in rewrite::needed_dictionaries(&self.codec, msg) {
+            if self.cache().has_decoder(id) {
+                metrics.dictionary_cache_hits.inc_by(frames);
+                continue;
+            }
+            metrics.dictionary_cache_misses.inc_by(frames);
             if let Err(LoadFailure::Etcd(status)) = self.load(id).await {
                 return Err(status);
             }
@@ -474,6 +480,7 @@ impl Dictionaries {
 
 /// Loads dictionary `id` from the store into `cache` (the single-flight body).
 async fn fetch_decoder(store: Store, cache: Arc<DictionaryCache>, id: u32) -> Result<(), LoadFailure> {
+    crate::metrics::get().dictionary_cache_fetches.inc();
     let why = match store.get(id).await {
         Ok(Some(record)) => match cache.insert_decoder(id, &record.raw) {
             Ok(_) => {
