@@ -33,9 +33,32 @@ impl Etcd {
 
     /// Starts etcd with extra flags.
     pub async fn start_with(extra: &[&str]) -> Etcd {
-        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        Self::start_in(tempfile::tempdir().unwrap(), free_port(), extra).await
+    }
+
+    /// Restores an etcd snapshot (`etcdctl snapshot restore`) into a new data directory and
+    /// starts a new etcd on it.
+    pub async fn restore(snapshot: &std::path::Path) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
+        let peer = free_port();
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore"])
+            .arg(snapshot)
+            .args(["--name", "test", "--initial-cluster", &format!("test={peer_url}"), "--initial-advertise-peer-urls", &peer_url])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("etcdctl (Debian's etcd-client) is needed");
+        assert!(out.status.success(), "etcdctl snapshot restore: {}", String::from_utf8_lossy(&out.stderr));
+        Self::start_in(dir, peer, &[]).await
+    }
+
+    /// Starts etcd (member `test`, peer port `peer`) on `dir/data`, which may hold a restored snapshot.
+    async fn start_in(dir: tempfile::TempDir, peer: u16, extra: &[&str]) -> Etcd {
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let client = free_port();
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();

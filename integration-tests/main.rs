@@ -5,6 +5,7 @@
 
 mod harness;
 mod kv;
+mod ops;
 mod other;
 mod watch;
 

@@ -10,6 +10,7 @@
 //! - [`rewrite`]: which fields of which etcd messages carry values, and their rewriting.
 //! - [`codec`]: the frame format and zstd: a pure function over `(key, value)` bytes.
 //! - [`upstream`]: the HTTP/2 channel to etcd.
+//! - [`ops`]: the operator commands (`analyze`, `migrate`, `get`), talking to etcd directly.
 //! - [`corpus`]: a generator of realistic FlyteWorkflow objects for tests, demo and benchmarks.
 //! - [`demo`]: the driver behind `scripts/demo`.
 //! - [`proto`]: etcd's v3 API, generated from `proto/`.
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod config;
 pub mod corpus;
 pub mod demo;
+pub mod ops;
 pub mod rewrite;
 pub mod server;
 pub mod upstream;
