@@ -348,7 +348,7 @@ async fn get_prints_values_and_frame_metadata() {
     assert!(get::run(&target(&url), &args, &mut out).await.unwrap());
     let lines = String::from_utf8(out).unwrap();
     assert_eq!(lines.lines().count(), 2);
-    assert!(lines.lines().nth(1).unwrap().contains("not framed (stored as it is), stored 12 B (12 B), original 12 B"), "{lines}");
+    assert!(lines.lines().nth(1).unwrap().contains("not framed (stored as it is), stored 12 B, original 12 B, mod_revision"), "{lines}");
     let out = binary(&["get", "--prefix", FLYTE], &url);
     let mut want = format!("{}\n", wf(1)).into_bytes();
     want.extend_from_slice(&value);
@@ -390,4 +390,69 @@ async fn snapshot_through_the_proxy_restores_behind_a_proxy() {
     }
     let stored = dump(&mut restored.client().await, FLYTE).await;
     assert!(stored.values().all(|kv| frame::is_framed(&kv.value)), "the restored etcd holds the frames");
+}
+
+/// A generated cluster of `n` FlyteWorkflow objects, most of them small: just created, failed,
+/// small fan-outs; some dynamic and map-task fan-outs of hundreds to thousands of nodes, and one
+/// in 500 a fan-out of over 20,000 nodes, close to etcd's limit.
+pub fn generated_cluster(n: usize, seed: u64) -> Vec<etcd_squeeze::corpus::Generated> {
+    use etcd_squeeze::corpus::{generate, Scenario, Topology::*};
+    (0..n as u64)
+        .map(|i| {
+            let s = seed.wrapping_mul(1_000_003).wrapping_add(i);
+            let pick = |lo: u64, hi: u64| (lo + s.wrapping_mul(0x9E37_79B9) % (hi - lo + 1)) as usize;
+            let done = (s * 37 % 101) as u8;
+            let scenario = match i % 100 {
+                // Four near etcd's 1.5 MiB limit (0.8 to 1.4 MB): huge dynamic fan-outs.
+                _ if i % 500 == 499 => Scenario::new(Dynamic { children: pick(20000, 25000) }, 100, 60 + (s % 31) as u8),
+                0..=34 => Scenario::new(Created { tasks: pick(2, 8) }, 25, 0),
+                35..=59 => Scenario::new(Failed { tasks: pick(2, 6) }, 25, 100),
+                60..=79 => Scenario::new(StaticFanout { nodes: pick(5, 60) }, 25, done),
+                80..=91 => Scenario::new(Dynamic { children: pick(20, 400) }, 50, done),
+                92..=96 => Scenario::new(ArrayNode { items: pick(100, 3000) }, 100, done),
+                97 => Scenario::new(Dynamic { children: pick(1000, 3000) }, 100, done).closure_offloaded(),
+                98 => Scenario::new(NestedSubworkflow { depth: 2, children: pick(100, 800) }, 50, done),
+                _ => Scenario::new(Dynamic { children: pick(2000, 8000) }, 100, done).inputs_offloaded(),
+            };
+            generate(&scenario, s)
+        })
+        .collect()
+}
+
+/// Loads 2,000 generated objects (raw, as before adoption) into a scratch etcd and prints
+/// `analyze`, `migrate compress`, `analyze` and `migrate decompress` on them: the example of
+/// docs/migration.md (`scripts/analyze-example`).
+/// `cargo test --test integration -- --ignored --nocapture analyze_example`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "an example for the docs (~1 min), not a check"]
+async fn analyze_example_on_a_generated_cluster() {
+    let started = Instant::now();
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let objects = generated_cluster(2000, 1);
+    eprintln!("generated {} objects in {:.1}s", objects.len(), started.elapsed().as_secs_f64());
+    let mut keys = std::collections::BTreeSet::new();
+    for obj in &objects {
+        let key = etcd_squeeze::corpus::etcd_key(&obj.json).unwrap();
+        c.put(key.as_str(), obj.json.clone(), None).await.unwrap();
+        keys.insert(key);
+    }
+    assert_eq!(keys.len(), 2000, "every object has its own key");
+    eprintln!("loaded into etcd in {:.1}s", started.elapsed().as_secs_f64());
+    let largest = objects.iter().max_by_key(|o| o.json.len()).and_then(|o| etcd_squeeze::corpus::etcd_key(&o.json)).unwrap();
+    // Adoption, then removal, with the commands' own output.
+    for args in [
+        &["analyze"][..],
+        &["migrate", "compress", "--yes", "--max-writes-per-sec", "0", "--max-bytes-per-sec", "0"],
+        &["get", "--meta", &largest],
+        &["analyze", "--top", "1", "--dictionary-samples", "0"],
+        &["migrate", "decompress", "--yes", "--max-writes-per-sec", "0", "--max-bytes-per-sec", "0"],
+    ] {
+        let out = binary(args, &etcd.url);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        println!("$ etcd-squeeze {} --endpoints {}\n{}", args.join(" "), etcd.url, String::from_utf8_lossy(&out.stdout));
+    }
+    for key in &keys {
+        assert_eq!(c.get(key.as_str(), None).await.unwrap().kvs()[0].version(), 3, "{key}: written, compressed, decompressed");
+    }
 }

@@ -439,7 +439,12 @@ impl Report {
             }
             let largest = p.largest.as_ref().map_or(String::new(), |l| format!("   largest {} {}", human(l.bytes), l.key));
             let _ = writeln!(out, "  stored now        {:>10}{largest}", human(p.stored_bytes));
-            let _ = writeln!(out, "  original values   {:>10}", human(p.original_bytes));
+            let now = if p.stored_bytes < p.original_bytes {
+                format!("   stored now is {:.1}x smaller", p.original_bytes as f64 / p.stored_bytes.max(1) as f64)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "  original values   {:>10}{now}", human(p.original_bytes));
             let _ = writeln!(out, "  projected (zstd)  {:>10}   {}", human(p.projected_bytes), savings(p.stored_bytes, p.projected_bytes));
             match &p.dictionary {
                 Some(DictionaryProjection { projected_bytes: Some(d), dictionary_bytes, samples, .. }) => {
@@ -468,7 +473,7 @@ impl Report {
                     continue;
                 }
                 let _ = writeln!(out, "  {title}:");
-                let _ = writeln!(out, "    {:>10} {:>6}  {:>10} {:>6}  key", "original", "limit", "projected", "limit");
+                let _ = writeln!(out, "    {:>10} {:>6}  {:>10} {:>6}  key", "original", "%limit", "projected", "%limit");
                 for k in list {
                     let _ = writeln!(
                         out,

@@ -164,9 +164,9 @@ impl fmt::Display for Meta {
             None if self.error.is_some() => write!(f, "invalid frame header")?,
             None => write!(f, "not framed (stored as it is)")?,
         }
-        write!(f, ", stored {} ({} B)", human(self.stored), self.stored)?;
+        write!(f, ", stored {}", exact(self.stored))?;
         if let Some(original) = self.original {
-            write!(f, ", original {} ({original} B)", human(original))?;
+            write!(f, ", original {}", exact(original))?;
             if self.frame.is_some() {
                 write!(f, ", {:.1}x", original as f64 / self.stored.max(1) as f64)?;
             }
@@ -179,5 +179,14 @@ impl fmt::Display for Meta {
             write!(f, ", CANNOT DECODE: {e}")?;
         }
         Ok(())
+    }
+}
+
+/// `639 B`, or `6.9 KiB (7111 B)`: readable, and exact for comparisons.
+fn exact(bytes: u64) -> String {
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else {
+        format!("{} ({bytes} B)", human(bytes))
     }
 }

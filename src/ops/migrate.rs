@@ -201,6 +201,9 @@ pub async fn cli(command: MigrateCommand) -> ExitCode {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&summary).expect("plain data"));
             } else {
+                if summary.dry_run || args.verbose {
+                    println!();
+                }
                 print!("{}", summary.render());
             }
             if summary.interrupted {
@@ -644,7 +647,7 @@ impl Summary {
         } else {
             "INCOMPLETE"
         };
-        let _ = writeln!(out, "\nmigrate {verb} ({status}) over {}", self.prefixes.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(out, "migrate {verb} ({status}) over {}", self.prefixes.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", "));
         if let Some(after) = &self.resumed_after {
             let _ = writeln!(out, "  resumed after {after} (counts include the earlier runs)");
         }
@@ -684,8 +687,9 @@ impl Summary {
             } else {
                 let _ = writeln!(
                     out,
-                    "NOT verified: {} of {} keys still hold a frame (e.g. {}). Is a proxy with compress = true still writing? \
-                     Keep the proxy and re-run.",
+                    "NOT verified: {} of {} keys still hold a frame (e.g. {}). Either this run skipped them (resumed \
+                     after them, or listed above as problems), or a proxy with compress = true still writes frames. Keep \
+                     the proxy, set compress = false on its prefixes, and re-run from the start.",
                     v.frames,
                     v.scanned,
                     v.examples.join(", ")
