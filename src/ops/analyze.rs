@@ -524,6 +524,18 @@ mod tests {
     }
 
     #[test]
+    fn too_few_samples_is_reported_not_fatal() {
+        let rule = PrefixRule::from(&crate::config::PrefixConfig::new("/a/"));
+        let mut t = Tally::new(rule, 5);
+        t.samples = vec![b"{\"a\":1}".to_vec()];
+        assert_eq!(t.train(4096), 0, "no second pass");
+        let report = t.finish();
+        let d = report.dictionary.unwrap();
+        assert_eq!((d.samples, d.projected_bytes), (1, None));
+        assert!(d.error.unwrap().contains("could not train"));
+    }
+
+    #[test]
     fn savings_text() {
         assert_eq!(savings(1000, 100), "saves 900 B (90.0%), 10.0x");
         assert_eq!(savings(100, 110), "10 B more than now");

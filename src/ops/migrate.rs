@@ -734,6 +734,26 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(50));
     }
 
+    #[test]
+    fn state_file_round_trip_and_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let prefixes = vec!["/a/".to_string()];
+        let fresh = StateFile::open(Some(&path), Direction::Compress, &prefixes).unwrap().unwrap();
+        assert!(fresh.resume.is_none());
+        let counters = Counters { scanned: 3, rewritten: 2, ..Default::default() };
+        fresh.save(b"/a/\xffk", &counters).unwrap();
+        let again = StateFile::open(Some(&path), Direction::Compress, &prefixes).unwrap().unwrap();
+        let resume = again.resume.as_ref().unwrap();
+        assert_eq!((resume.last_key.as_slice(), &resume.counters), (&b"/a/\xffk"[..], &counters));
+        let err = StateFile::open(Some(&path), Direction::Decompress, &prefixes).err().unwrap().to_string();
+        assert!(err.contains("migrate compress") && err.contains("remove it to start over"), "{err}");
+        assert!(StateFile::open(Some(&path), Direction::Compress, &["/b/".into()]).is_err());
+        again.remove().unwrap();
+        assert!(!path.exists());
+        assert!(StateFile::open(None, Direction::Compress, &prefixes).unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn pacer_stops() {
         let mut stop: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(std::future::ready(()));
