@@ -160,6 +160,8 @@ impl Etcd {
     /// Connects (lazily) to `config.upstream` with the proxy's own channel settings.
     pub fn connect(config: Config) -> Result<Etcd, OpsError> {
         let channel = crate::upstream::channel(&config.upstream)?;
+        // The codec is built exactly as the proxy builds its own, so whatever the proxy can
+        // encode and decode (trained dictionaries included, once they exist) these commands can too.
         let codec = ValueCodec::from_config(&config);
         let mut catch_all = codec.rules().to_vec();
         catch_all.push(PrefixRule::from(&PrefixConfig::new("")));
