@@ -100,6 +100,8 @@ pub struct PrefixReport {
     pub undecodable: u64,
     /// The first undecodable key, with the reason.
     pub first_undecodable: Option<String>,
+    /// Values the proxy refuses to store (over `limits.max_value_bytes`): counted at their stored size.
+    pub refused: u64,
     /// Bytes etcd would store once every value is written through the proxy.
     pub projected_bytes: u64,
     /// `stored_bytes - projected_bytes` (negative if the proxy would store more).
@@ -203,7 +205,7 @@ pub async fn run(etcd: &Etcd, args: &AnalyzeArgs) -> Result<Report, OpsError> {
                 let Some(tally) = etcd.codec.rule_for(&kv.key).and_then(|r| index.get(&r.prefix)).map(|&i| &mut tallies[i]) else {
                     continue;
                 };
-                tally.add(etcd, &kv, limit, args.dictionary_samples, &mut rng)?;
+                tally.add(etcd, &kv, limit, args.dictionary_samples, &mut rng);
             }
         }
     }
@@ -227,7 +229,7 @@ pub async fn run(etcd: &Etcd, args: &AnalyzeArgs) -> Result<Report, OpsError> {
                         };
                         if tally.dictionary.is_some() {
                             bar.inc(1);
-                            tally.add_with_dictionary(etcd, &kv)?;
+                            tally.add_with_dictionary(etcd, &kv);
                         }
                     }
                 }
@@ -259,6 +261,7 @@ impl Tally {
                 stored_as_is: 0,
                 undecodable: 0,
                 first_undecodable: None,
+                refused: 0,
                 projected_bytes: 0,
                 projected_savings_bytes: 0,
                 dictionary: None,
@@ -278,7 +281,7 @@ impl Tally {
     }
 
     /// First pass: counts, sizes, the configured codec's projection, and the sample.
-    fn add(&mut self, etcd: &Etcd, kv: &KeyValue, limit: u64, max_samples: usize, rng: &mut impl Rng) -> Result<(), OpsError> {
+    fn add(&mut self, etcd: &Etcd, kv: &KeyValue, limit: u64, max_samples: usize, rng: &mut impl Rng) {
         let r = &mut self.report;
         let stored = kv.value.len() as u64;
         r.keys += 1;
@@ -290,7 +293,13 @@ impl Tally {
         r.framed += framed as u64;
         let (original, projected) = match etcd.decode(&kv.key, &kv.value) {
             Ok(original) => {
-                let (encoded, outcome) = etcd.codec.encode(&kv.key, &original)?;
+                let (encoded, outcome) = match etcd.codec.encode(&kv.key, &original) {
+                    Ok((encoded, outcome)) => (encoded.len() as u64, outcome),
+                    Err(_) => {
+                        r.refused += 1;
+                        (stored, EncodeOutcome::StoredAsIs)
+                    }
+                };
                 r.stored_as_is += (outcome == EncodeOutcome::StoredAsIs && !framed) as u64;
                 if outcome == EncodeOutcome::Compressed && max_samples > 0 {
                     self.eligible += 1;
@@ -304,7 +313,7 @@ impl Tally {
                         }
                     }
                 }
-                (original.len() as u64, encoded.len() as u64)
+                (original.len() as u64, encoded)
             }
             Err(e) => {
                 r.undecodable += 1;
@@ -319,7 +328,6 @@ impl Tally {
         let sizes = KeySizes { key: key_string(&kv.key), original, stored, projected };
         self.before.offer(original, &sizes);
         self.after.offer(projected, &sizes);
-        Ok(())
     }
 
     /// Trains the dictionary on the sample; returns how many keys the second pass will read.
@@ -360,12 +368,16 @@ impl Tally {
     /// Second pass: the size of one value with the dictionary, by the codec's own rules: what
     /// it stores as is or in a raw frame stays so; a compressed frame uses the dictionary
     /// unless that does not shrink the value.
-    fn add_with_dictionary(&mut self, etcd: &Etcd, kv: &KeyValue) -> Result<(), OpsError> {
-        let Ok(original) = etcd.decode(&kv.key, &kv.value) else {
+    fn add_with_dictionary(&mut self, etcd: &Etcd, kv: &KeyValue) {
+        let encoded = etcd.decode(&kv.key, &kv.value).ok().and_then(|original| {
+            let (encoded, outcome) = etcd.codec.encode(&kv.key, &original).ok()?;
+            Some((original, encoded, outcome))
+        });
+        let Some((original, encoded, outcome)) = encoded else {
+            // Undecodable or refused: counted at its stored size, as in the first pass.
             self.dict_projected += kv.value.len() as u64;
-            return Ok(());
+            return;
         };
-        let (encoded, outcome) = etcd.codec.encode(&kv.key, &original)?;
         let mut size = encoded.len();
         if outcome == EncodeOutcome::Compressed {
             let c = self.dictionary.as_mut().expect("second pass only with a dictionary");
@@ -374,7 +386,6 @@ impl Tally {
             }
         }
         self.dict_projected += size as u64;
-        Ok(())
     }
 
     fn finish(mut self) -> PrefixReport {
@@ -431,8 +442,12 @@ impl Report {
             let _ = writeln!(out, "\nprefix {:?} (zstd level {})", p.prefix, p.level);
             let _ = writeln!(
                 out,
-                "  keys              {:>10}   already framed {}, stored as is {}, undecodable {}",
-                p.keys, p.framed, p.stored_as_is, p.undecodable
+                "  keys              {:>10}   already framed {}, stored as is {}, undecodable {}{}",
+                p.keys,
+                p.framed,
+                p.stored_as_is,
+                p.undecodable,
+                if p.refused > 0 { format!(", over limits.max_value_bytes {}", p.refused) } else { String::new() }
             );
             if let Some(reason) = &p.first_undecodable {
                 let _ = writeln!(out, "                                 first undecodable: {reason}");
@@ -533,6 +548,24 @@ mod tests {
         let d = report.dictionary.unwrap();
         assert_eq!((d.samples, d.projected_bytes), (1, None));
         assert!(d.error.unwrap().contains("could not train"));
+    }
+
+    #[tokio::test]
+    async fn values_the_proxy_refuses_are_counted_at_their_stored_size() {
+        let mut config = crate::config::Config::default();
+        config.prefixes = vec![crate::config::PrefixConfig::new("/a/")];
+        config.limits.max_value_bytes = ByteSize::mib(2);
+        let etcd = Etcd::connect(config).unwrap();
+        let mut t = Tally::new(PrefixRule::from(&etcd.config.prefixes[0]), 5);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for (key, size) in [("/a/big", 3 << 20), ("/a/ok", 4096)] {
+            let kv = KeyValue { key: Bytes::from(key), value: Bytes::from(vec![b'x'; size]), ..Default::default() };
+            t.add(&etcd, &kv, 1 << 20, 10, &mut rng);
+        }
+        let r = t.finish();
+        assert_eq!((r.keys, r.refused, r.over_limit_before, r.over_limit_after), (2, 1, 1, 1));
+        assert_eq!(r.largest_after[0].projected, 3 << 20);
+        assert!(r.projected_bytes < (3 << 20) + 4096);
     }
 
     #[test]

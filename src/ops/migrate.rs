@@ -353,45 +353,48 @@ enum Line {
 }
 
 impl Migration<'_> {
-    fn plan(&self, kv: &KeyValue) -> Result<Plan, OpsError> {
+    fn plan(&self, kv: &KeyValue) -> Plan {
         let framed = frame::is_framed(&kv.value);
         match self.direction {
             Direction::Compress => {
                 if framed {
-                    return Ok(Plan::AlreadyDone);
+                    return Plan::AlreadyDone;
                 }
-                let (stored, outcome) = self.etcd.codec.encode(&kv.key, &kv.value)?;
-                Ok(if outcome == EncodeOutcome::Compressed { Plan::Rewrite(stored) } else { Plan::LeftAsIs })
+                match self.etcd.codec.encode(&kv.key, &kv.value) {
+                    Ok((stored, EncodeOutcome::Compressed)) => Plan::Rewrite(stored),
+                    Ok(_) => Plan::LeftAsIs,
+                    Err(e) => Plan::Fail(e.to_string()),
+                }
             }
             Direction::Decompress => {
                 if !framed {
-                    return Ok(Plan::AlreadyDone);
+                    return Plan::AlreadyDone;
                 }
                 let original = match self.etcd.decode(&kv.key, &kv.value) {
                     Ok(v) => v,
-                    Err(e) => return Ok(Plan::Fail(e.to_string())),
+                    Err(e) => return Plan::Fail(e.to_string()),
                 };
                 if frame::is_framed(&original) {
-                    return Ok(Plan::Fail(format!(
+                    return Plan::Fail(format!(
                         "{}: the original value begins with the frame magic, so it can only be stored framed",
                         key_string(&kv.key)
-                    )));
+                    ));
                 }
                 if self.dry_run && original.len() + kv.key.len() > self.max_request_bytes {
-                    return Ok(Plan::TooLarge(format!(
+                    return Plan::TooLarge(format!(
                         "{}: the original value ({}) would exceed etcd's --max-request-bytes ({})",
                         key_string(&kv.key),
                         human(original.len() as u64),
                         human(self.max_request_bytes as u64)
-                    )));
+                    ));
                 }
-                Ok(Plan::Rewrite(original))
+                Plan::Rewrite(original)
             }
         }
     }
 
     async fn migrate_key(&mut self, kv: &KeyValue, stop: &mut Pin<Box<dyn Future<Output = ()> + Send + '_>>) -> Result<Line, OpsError> {
-        let plan = self.plan(kv)?;
+        let plan = self.plan(kv);
         let c = &mut self.counters;
         c.scanned += 1;
         let verb = self.direction.verb();

@@ -81,9 +81,6 @@ pub enum OpsError {
     /// A frame that cannot be decoded.
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// zstd failed to compress a value (not expected).
-    #[error(transparent)]
-    Encode(#[from] crate::codec::EncodeError),
     /// The migration state file cannot be read, written or does not match this run.
     #[error("state file {path}: {reason}")]
     State {
