@@ -5,7 +5,7 @@
 
 mod harness;
 mod kv;
-mod ops;
+mod migration;
 mod other;
 mod watch;
 
