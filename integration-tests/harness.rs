@@ -33,7 +33,7 @@ impl Etcd {
 
     /// Starts etcd with extra flags.
     pub async fn start_with(extra: &[&str]) -> Etcd {
-        Self::start_in(tempfile::tempdir().unwrap(), free_port(), extra).await
+        Self::wait_ready(Self::spawn(tempfile::tempdir().unwrap(), free_port(), "http", extra)).await
     }
 
     /// Restores an etcd snapshot (`etcdctl snapshot restore`) into a new data directory and
@@ -52,14 +52,48 @@ impl Etcd {
             .output()
             .expect("etcdctl (Debian's etcd-client) is needed");
         assert!(out.status.success(), "etcdctl snapshot restore: {}", String::from_utf8_lossy(&out.stderr));
-        Self::start_in(dir, peer, &[]).await
+        Self::wait_ready(Self::spawn(dir, peer, "http", &[])).await
     }
 
-    /// Starts etcd (member `test`, peer port `peer`) on `dir/data`, which may hold a restored snapshot.
-    async fn start_in(dir: tempfile::TempDir, peer: u16, extra: &[&str]) -> Etcd {
+    /// Waits until a plain-text etcd answers a Range.
+    async fn wait_ready(etcd: Etcd) -> Etcd {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = etcd_client::Client::connect([&etcd.url], None).await {
+                if c.get("health-probe", None).await.is_ok() {
+                    return etcd;
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd did not start; see {}", etcd.dir.path().join("etcd.log").display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts etcd serving TLS on its client URL (`https://`) and requiring client certificates
+    /// signed by `tls.ca` (`--client-cert-auth`), as kubeadm runs it.
+    pub async fn start_tls(tls: &crate::pki::Files) -> Etcd {
+        let arg = |flag: &str, path: &std::path::Path| format!("--{flag}={}", path.display());
+        let flags = [arg("cert-file", &tls.cert), arg("key-file", &tls.key), arg("trusted-ca-file", &tls.ca), "--client-cert-auth".into()];
+        let etcd = Self::spawn(tempfile::tempdir().unwrap(), free_port(), "https", &flags.iter().map(String::as_str).collect::<Vec<_>>());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !tls.etcdctl(&etcd.url, &["endpoint", "health"], None).status.success() {
+            assert!(Instant::now() < deadline, "etcd did not start; see {}", etcd.dir.path().join("etcd.log").display());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        etcd
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) etcd: a frozen etcd accepts connections and answers
+    /// nothing, like an etcd that lost its quorum.
+    pub fn freeze(&self, frozen: bool) {
+        signal(self.child.id(), if frozen { "STOP" } else { "CONT" });
+    }
+
+    /// Spawns etcd (member `test`, peer port `peer`) on `dir/data`, which may hold a restored snapshot.
+    fn spawn(dir: tempfile::TempDir, peer: u16, scheme: &str, extra: &[&str]) -> Etcd {
         let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let client = free_port();
-        let url = format!("http://127.0.0.1:{client}");
+        let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
         let child = Command::new(&bin)
@@ -73,17 +107,7 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} (install Debian's etcd-server, or set ETCD_BIN): {e}"));
-        let etcd = Etcd { child, url, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = etcd_client::Client::connect([&etcd.url], None).await {
-                if c.get("health-probe", None).await.is_ok() {
-                    return etcd;
-                }
-            }
-            assert!(Instant::now() < deadline, "etcd did not start; see {}", etcd.dir.path().join("etcd.log").display());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        Etcd { child, url, dir }
     }
 
     /// A client talking to etcd directly (bypassing the proxy).
@@ -103,6 +127,8 @@ impl Drop for Etcd {
 pub struct Proxy {
     /// `http://127.0.0.1:PORT`
     pub url: String,
+    /// `http://127.0.0.1:PORT` of `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_url: String,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -116,17 +142,21 @@ impl Proxy {
         Self::start_config(config).await
     }
 
-    /// Starts a proxy with a full config (`server.listen` should be port 0).
-    pub async fn start_config(config: Config) -> Proxy {
+    /// Starts a proxy with a full config (`server.listen` should be port 0). A default
+    /// `metrics.listen` is moved to a free port, so that tests can run side by side.
+    pub async fn start_config(mut config: Config) -> Proxy {
+        if config.metrics.listen == Config::default().metrics.listen {
+            config.metrics.listen = "127.0.0.1:0".parse().unwrap();
+        }
         config.validate().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let (addr, serve) = etcd_squeeze::server::bind(config, async move {
+        let running = etcd_squeeze::server::start(config, async move {
             let _ = stopped.await;
         })
         .await
         .unwrap();
-        tokio::spawn(serve);
-        Proxy { url: format!("http://{addr}"), stop: Some(stop) }
+        tokio::spawn(running.serve);
+        Proxy { url: format!("http://{}", running.addr), metrics_url: format!("http://{}", running.metrics_addr), stop: Some(stop) }
     }
 
     /// An etcd-client talking to the proxy.
@@ -189,8 +219,16 @@ impl Env {
 /// send an `http://…` endpoint verbatim as the HTTP/2 `:authority`, which is malformed; etcd's
 /// grpc-go server tolerates it, hyper's h2 (the proxy's) resets the stream.
 pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let out = etcdctl_output(endpoint, args, stdin);
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `etcdctl` (API v3) against `endpoint` (`http://`, `https://` or `host:port`), whatever
+/// its outcome.
+pub fn etcdctl_output(endpoint: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     use std::io::Write;
-    let endpoint = endpoint.trim_start_matches("http://");
+    let endpoint = endpoint.trim_start_matches("http://").trim_start_matches("https://");
     let mut child = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoint}"))
@@ -204,9 +242,57 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> String {
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     }
     drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    child.wait_with_output().unwrap()
+}
+
+/// Sends a signal (`TERM`, `STOP`, `CONT`) to a process we started.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// A plain HTTP/1.0 GET (the metrics listener, Prometheus' API): status code and body.
+/// HTTP/1.0, so that the body is never chunked.
+pub async fn http_get(base: &str, path_and_query: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.trim_start_matches("http://");
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(host)).await??;
+    conn.write_all(format!("GET {path_and_query} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes a query parameter value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The value of one sample in a Prometheus text scrape: `name{labels}` exactly as exposed
+/// (labels sorted by name), or `name` alone for a metric without labels.
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls `check` every 100 ms until it is true; panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The shared FlyteWorkflow corpus (`../shared/corpus`, or `ETCD_SQUEEZE_CORPUS`), if present.

@@ -3,10 +3,15 @@
 //! Every case of [`suite!`] runs twice: with the default FlyteWorkflow prefix, and with a proxy
 //! that compresses every key (prefix "").
 
+mod dashboard;
+mod deploy;
 mod harness;
 mod kv;
 mod migration;
+mod ops;
 mod other;
+mod pki;
+mod tls;
 mod watch;
 
 /// Expands each listed `async fn(Env)` case into one test per prefix configuration.

@@ -27,7 +27,7 @@ fn parse<T: clap::Args>(args: &[&str]) -> T {
 
 /// A connection to `url` for the FlyteWorkflow prefix with default settings.
 fn target(url: &str) -> Target {
-    let etcd = EtcdArgs { config: None, endpoints: vec![url.to_string()] };
+    let etcd = EtcdArgs { endpoints: vec![url.to_string()], ..Default::default() };
     etcd.connect(&PrefixArgs { prefixes: vec![FLYTE.to_string()] }).unwrap()
 }
 
@@ -397,6 +397,41 @@ async fn snapshot_through_the_proxy_restores_behind_a_proxy() {
     }
     let stored = dump(&mut restored.client().await, FLYTE).await;
     assert!(stored.values().all(|kv| frame::is_framed(&kv.value)), "the restored etcd holds the frames");
+}
+
+/// Against an etcd that requires client certificates: the TLS settings of the proxy's config
+/// file, or etcdctl-like flags; without a client certificate etcd refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_speak_tls_to_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::pki::Ca::new("etcd-ca");
+    let (etcd_files, _) = ca.issue(dir.path(), "etcd-server", &["127.0.0.1", "localhost"]);
+    let (client, _) = ca.issue(dir.path(), "apiserver-etcd-client", &[]);
+    let etcd = Etcd::start_tls(&etcd_files).await;
+    let value = String::from_utf8(json(1, 0, 5000)).unwrap();
+    let put = client.etcdctl(&etcd.url, &["put", &wf(1)], Some(value.trim_end()));
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_etcd-squeeze")).args(args).output().unwrap();
+    let (ca_file, cert, key) = (client.ca.to_str().unwrap(), client.cert.to_str().unwrap(), client.key.to_str().unwrap());
+    let out = run(&["migrate", "compress", "--yes", "--prefix", FLYTE, "--endpoints", &etcd.url, "--cacert", ca_file, "--cert", cert, "--key", key]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rewritten              1"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    let config = dir.path().join("etcd-squeeze.toml");
+    let toml = format!(
+        "[upstream]\nendpoints = [{:?}]\ntls_ca_file = {ca_file:?}\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n",
+        etcd.url
+    );
+    std::fs::write(&config, toml).unwrap();
+    let out = run(&["get", "--meta", &wf(1), "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("codec zstd"), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = run(&["get", &wf(1), "--config", config.to_str().unwrap()]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), value.trim_end());
+
+    let out = run(&["get", &wf(1), "--endpoints", &etcd.url, "--cacert", ca_file]);
+    assert!(!out.status.success(), "etcd requires a client certificate");
 }
 
 /// A generated cluster of `n` FlyteWorkflow objects, most of them small: just created, failed,

@@ -1,16 +1,31 @@
 # Shared by scripts/demo and scripts/test. Sourced, not run.
 
+# Installs Debian packages with apt-get (as root, or through sudo).
+apt_install() {
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    echo "installing $* (apt-get)..." >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 # Installs Debian's etcd-server and etcd-client when etcd or etcdctl is missing.
 ensure_etcd() {
     if command -v etcd >/dev/null 2>&1 && command -v etcdctl >/dev/null 2>&1; then
         return 0
     fi
-    local sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-    echo "installing etcd-server and etcd-client (apt-get)..." >&2
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server etcd-client >/dev/null
+    apt_install etcd-server etcd-client
     # Debian's package starts etcd as a service on 2379; the scripts use their own ports and leave it be.
+}
+
+# Installs Debian's prometheus (with promtool) when missing: the dashboard test evaluates every
+# query of deploy/grafana/etcd-squeeze.json in a real Prometheus and lints a scrape with promtool.
+ensure_prometheus() {
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+        return 0
+    fi
+    apt_install prometheus
+    # The package may start a service on :9090; the tests run their own on free ports.
 }
 
 # Prints a free loopback TCP port.

@@ -4,11 +4,11 @@
 //! (`deny_unknown_fields`), and every semantic error names the key it is about.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The key prefix kube-apiserver stores FlyteWorkflow custom resources under.
 pub const FLYTEWORKFLOW_PREFIX: &str = "/registry/flyte.lyft.com/flyteworkflows/";
@@ -29,9 +29,22 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 1 << 30;
 pub const DEFAULT_LEVEL: i32 = 3;
 /// Below 256 bytes a zstd frame rarely pays for itself; such values go in a raw frame.
 pub const DEFAULT_MIN_SIZE: u64 = 256;
+/// Where `/metrics`, `/healthz` and `/readyz` are served by default: loopback, next to etcd's
+/// own ports (etcd's `--listen-metrics-urls` is usually 2381).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9379";
+/// How long in-flight unary calls may run after SIGTERM: 10 s, well inside Kubernetes' default
+/// 30 s `terminationGracePeriodSeconds` and systemd's 90 s stop timeout.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// A TLS handshake that takes longer than 10 s is a stuck or hostile client: drop it.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Readiness probe period: 2 s, as often as kube-apiserver's own etcd health checks (one per
+/// timeout/2 with a 2 s timeout), and cheap (one count-only Range).
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Readiness probe timeout: 2 s, kube-apiserver's `--etcd-healthcheck-timeout` default.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `[server]`: the gRPC listener kube-apiserver talks to.
@@ -49,27 +62,53 @@ pub struct Config {
     /// `[log]`: tracing output.
     #[serde(default)]
     pub log: LogConfig,
+    /// `[metrics]`: the Prometheus and health-check listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// `[health]`: the readiness probe toward etcd.
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 /// `[server]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// `server.listen`: address:port for the etcd v3 gRPC API. Default `127.0.0.1:2379`.
     pub listen: SocketAddr,
-    /// `server.allow_non_loopback`: must be true to listen on a non-loopback address in plain text.
+    /// `server.allow_non_loopback`: must be true to listen on a non-loopback address in plain text
+    /// (a warning is logged when it is used).
     pub allow_non_loopback: bool,
     /// `server.max_concurrent_streams`: HTTP/2 streams per client connection. Default u32::MAX,
     /// as etcd: kube-apiserver multiplexes many watches on one connection.
     pub max_concurrent_streams: u32,
+    /// `server.tls_cert_file`: PEM certificate chain served to clients. With `tls_key_file`,
+    /// turns TLS on (ALPN `h2`). Reloaded when the file changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// `server.tls_key_file`: PEM private key of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// `server.tls_client_ca_file`: PEM CA bundle; when set, every client must present a
+    /// certificate signed by it (kube-apiserver's `--etcd-certfile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// `server.tls_handshake_timeout`: a client that has not finished its TLS handshake by then
+    /// is disconnected. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// `server.shutdown_grace`: on SIGTERM, how long in-flight unary calls may still run. Watch
+    /// and LeaseKeepAlive streams end at once with UNAVAILABLE. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 /// `[upstream]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// `upstream.endpoints`: etcd client URLs (`http://host:port`); requests are balanced across
-    /// them and fail over when one is down.
+    /// `upstream.endpoints`: etcd client URLs (`http://host:port` or `https://host:port`);
+    /// requests are balanced across them and skip one that is down.
     pub endpoints: Vec<String>,
     /// `upstream.connect_timeout`: TCP + HTTP/2 connect timeout. Default 5s.
     #[serde(with = "humantime_serde")]
@@ -82,10 +121,47 @@ pub struct UpstreamConfig {
     /// considered dead. Default 10s.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// `upstream.tls_ca_file`: PEM CA bundle that signed etcd's server certificate (etcd's
+    /// `--trusted-ca-file` side). Required for `https://` endpoints. Reloaded when it changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// `upstream.tls_cert_file`: PEM client certificate presented to etcd (etcd's
+    /// `--client-cert-auth`); kube-apiserver's `--etcd-certfile` is the usual one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// `upstream.tls_key_file`: PEM private key of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// `upstream.tls_server_name`: the name checked in etcd's certificate instead of each
+    /// endpoint's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `metrics.listen`: address:port serving `/metrics` (Prometheus text), `/healthz` and
+    /// `/readyz` over plain HTTP. Default `127.0.0.1:9379`.
+    pub listen: SocketAddr,
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `health.probe_interval`: how often etcd's reachability (a count-only Range on the
+    /// dictionary store) is probed for `/readyz` and the gRPC health service. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// `health.probe_timeout`: a probe slower than this counts as a failure. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
 }
 
 /// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// `limits.max_request_bytes`: largest decoded gRPC message accepted from a client. Default 32 MiB.
@@ -109,7 +185,7 @@ pub struct LimitsConfig {
 }
 
 /// One `[[prefixes]]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrefixConfig {
     /// `prefixes[].prefix`: etcd key prefix; `""` means every key.
@@ -130,7 +206,7 @@ pub struct PrefixConfig {
 }
 
 /// `prefixes[].codec`
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum CodecName {
     /// Zstandard (RFC 8878).
@@ -139,7 +215,7 @@ pub enum CodecName {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `log.level`: a tracing filter such as `info` or `etcd_squeeze=debug`; `RUST_LOG` overrides it.
@@ -149,7 +225,7 @@ pub struct LogConfig {
 }
 
 /// `log.format`
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -194,6 +270,11 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN.parse().expect("constant"),
             allow_non_loopback: false,
             max_concurrent_streams: u32::MAX,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -205,7 +286,23 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_server_name: None,
         }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: DEFAULT_METRICS_LISTEN.parse().expect("constant") }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { probe_interval: DEFAULT_PROBE_INTERVAL, probe_timeout: DEFAULT_PROBE_TIMEOUT }
     }
 }
 
@@ -235,6 +332,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             prefixes: default_prefixes(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -280,50 +379,8 @@ impl Config {
 
     /// Checks every value; the error names the first bad key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, reason: String| Err(ConfigError::Invalid { key: key.to_string(), reason });
-        if !self.server.listen.ip().is_loopback() && !self.server.allow_non_loopback {
-            return invalid(
-                "server.listen",
-                format!(
-                    "{} is not a loopback address; set server.allow_non_loopback = true to serve plain text beyond this host",
-                    self.server.listen
-                ),
-            );
-        }
-        if self.server.max_concurrent_streams < 1000 {
-            return invalid(
-                "server.max_concurrent_streams",
-                format!("{} is too low: kube-apiserver runs many watches on one connection", self.server.max_concurrent_streams),
-            );
-        }
-        if self.upstream.endpoints.is_empty() {
-            return invalid("upstream.endpoints", "at least one etcd endpoint is needed".into());
-        }
-        for (i, e) in self.upstream.endpoints.iter().enumerate() {
-            let key = format!("upstream.endpoints[{i}]");
-            let uri: http::Uri = match e.parse() {
-                Ok(u) => u,
-                Err(err) => return invalid(&key, format!("{e:?} is not a URL: {err}")),
-            };
-            if uri.scheme_str() != Some("http") || uri.port_u16().is_none() {
-                return invalid(&key, format!("{e:?} must be http://host:port (TLS toward etcd is not supported yet)"));
-            }
-            if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-                return invalid(&key, format!("{e:?} has a path or query; etcd endpoints are http://host:port"));
-            }
-            if self.upstream.endpoints[..i].contains(e) {
-                return invalid(&key, format!("{e:?} is listed twice"));
-            }
-            if let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) {
-                let listen = self.server.listen;
-                let host_ip = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok();
-                let local = host == "localhost" || host_ip.is_some_and(|ip| ip.is_loopback() || ip.is_unspecified());
-                let same_host = host_ip == Some(listen.ip()) || (local && (listen.ip().is_loopback() || listen.ip().is_unspecified()));
-                if port == listen.port() && same_host {
-                    return invalid(&key, format!("{e:?} is the proxy's own listen address (server.listen)"));
-                }
-            }
-        }
+        self.validate_server()?;
+        self.validate_upstream()?;
         if self.limits.max_request_bytes.as_u64() < 2 << 20 {
             return invalid(
                 "limits.max_request_bytes",
@@ -345,15 +402,6 @@ impl Config {
         if self.limits.max_txn_ops == 0 {
             return invalid("limits.max_txn_ops", "must be at least 1 (etcd's default is 128)".into());
         }
-        for (key, d) in [
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.keepalive_interval", self.upstream.keepalive_interval),
-            ("upstream.keepalive_timeout", self.upstream.keepalive_timeout),
-        ] {
-            if d.is_zero() {
-                return invalid(key, "must be greater than 0s".into());
-            }
-        }
         if self.limits.value_compare_attempts == 0 {
             return invalid("limits.value_compare_attempts", "must be at least 1".into());
         }
@@ -368,7 +416,128 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid("log.level", format!("{:?} is not a tracing filter (try \"info\")", self.log.level));
         }
+        if self.metrics.listen == self.server.listen && self.metrics.listen.port() != 0 {
+            return invalid("metrics.listen", format!("{} is also server.listen", self.metrics.listen));
+        }
+        if self.health.probe_interval < Duration::from_millis(100) {
+            return invalid("health.probe_interval", format!("{:?} is below 100ms", self.health.probe_interval));
+        }
+        if self.health.probe_timeout.is_zero() {
+            return invalid("health.probe_timeout", "must be more than 0s".into());
+        }
         Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if !s.listen.ip().is_loopback() && !s.allow_non_loopback && !s.tls_enabled() {
+            return invalid(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address; serve TLS (server.tls_cert_file, server.tls_key_file) or set \
+                     server.allow_non_loopback = true to serve plain text beyond this host",
+                    s.listen
+                ),
+            );
+        }
+        if s.max_concurrent_streams < 1000 {
+            return invalid(
+                "server.max_concurrent_streams",
+                format!("{} is too low: kube-apiserver runs many watches on one connection", s.max_concurrent_streams),
+            );
+        }
+        match (&s.tls_cert_file, &s.tls_key_file) {
+            (Some(_), None) => return invalid("server.tls_key_file", "required with server.tls_cert_file".into()),
+            (None, Some(_)) => return invalid("server.tls_cert_file", "required with server.tls_key_file".into()),
+            _ => {}
+        }
+        if s.tls_client_ca_file.is_some() && !s.tls_enabled() {
+            return invalid(
+                "server.tls_client_ca_file",
+                "client certificates need TLS: set server.tls_cert_file and server.tls_key_file".into(),
+            );
+        }
+        if s.tls_handshake_timeout.is_zero() {
+            return invalid("server.tls_handshake_timeout", "must be more than 0s".into());
+        }
+        Ok(())
+    }
+
+    fn validate_upstream(&self) -> Result<(), ConfigError> {
+        let u = &self.upstream;
+        if u.endpoints.is_empty() {
+            return invalid("upstream.endpoints", "at least one etcd endpoint is needed".into());
+        }
+        let mut any_https = false;
+        for (i, e) in u.endpoints.iter().enumerate() {
+            let key = format!("upstream.endpoints[{i}]");
+            let uri: http::Uri = match e.parse() {
+                Ok(u) => u,
+                Err(err) => return invalid(&key, format!("{e:?} is not a URL: {err}")),
+            };
+            let https = uri.scheme_str() == Some("https");
+            if !(https || uri.scheme_str() == Some("http")) || uri.port_u16().is_none() {
+                return invalid(&key, format!("{e:?} must be http://host:port or https://host:port"));
+            }
+            any_https |= https;
+            if https && u.tls_ca_file.is_none() {
+                return invalid("upstream.tls_ca_file", format!("required for the https endpoint {e:?}"));
+            }
+            if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+                return invalid(&key, format!("{e:?} has a path or query; etcd endpoints are scheme://host:port"));
+            }
+            if u.endpoints[..i].contains(e) {
+                return invalid(&key, format!("{e:?} is listed twice"));
+            }
+            if let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) {
+                let listen = self.server.listen;
+                let host_ip = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok();
+                let local = host == "localhost" || host_ip.is_some_and(|ip| ip.is_loopback() || ip.is_unspecified());
+                let same_host = host_ip == Some(listen.ip()) || (local && (listen.ip().is_loopback() || listen.ip().is_unspecified()));
+                if port == listen.port() && same_host {
+                    return invalid(&key, format!("{e:?} is the proxy's own listen address (server.listen)"));
+                }
+            }
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", u.connect_timeout),
+            ("upstream.keepalive_interval", u.keepalive_interval),
+            ("upstream.keepalive_timeout", u.keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be greater than 0s".into());
+            }
+        }
+        match (&u.tls_cert_file, &u.tls_key_file) {
+            (Some(_), None) => return invalid("upstream.tls_key_file", "required with upstream.tls_cert_file".into()),
+            (None, Some(_)) => return invalid("upstream.tls_cert_file", "required with upstream.tls_key_file".into()),
+            _ => {}
+        }
+        let tls_keys = [
+            ("upstream.tls_ca_file", u.tls_ca_file.is_some()),
+            ("upstream.tls_cert_file", u.tls_cert_file.is_some()),
+            ("upstream.tls_server_name", u.tls_server_name.is_some()),
+        ];
+        if let Some((key, _)) = tls_keys.iter().find(|(_, set)| *set && !any_https) {
+            return invalid(key, "set, but no upstream.endpoints entry is https://".into());
+        }
+        if let Some(name) = &u.tls_server_name {
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return invalid("upstream.tls_server_name", format!("{name:?} is not a DNS name or IP address"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &str, reason: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { key: key.to_string(), reason })
+}
+
+impl ServerConfig {
+    /// True when the gRPC listener serves TLS (`tls_cert_file` and `tls_key_file` set).
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert_file.is_some() && self.tls_key_file.is_some()
     }
 }
 
@@ -376,17 +545,137 @@ impl Config {
 mod tests {
     use super::*;
 
+    const EXAMPLE: &str = include_str!("../config/etcd-squeeze.toml");
+    const REFERENCE: &str = include_str!("../docs/configuration.md");
+
+    /// A config with every key set, written as exhaustive struct literals (no `..Default`): a new
+    /// field does not compile until it is added here, and then the tests below require its
+    /// documentation.
+    fn every_key() -> Config {
+        let path = || Some(PathBuf::from("/x"));
+        Config {
+            server: ServerConfig {
+                listen: DEFAULT_LISTEN.parse().unwrap(),
+                allow_non_loopback: false,
+                max_concurrent_streams: u32::MAX,
+                tls_cert_file: path(),
+                tls_key_file: path(),
+                tls_client_ca_file: path(),
+                tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+                shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            },
+            upstream: UpstreamConfig {
+                endpoints: vec![DEFAULT_UPSTREAM.into()],
+                connect_timeout: Duration::from_secs(5),
+                keepalive_interval: Duration::from_secs(30),
+                keepalive_timeout: Duration::from_secs(10),
+                tls_ca_file: path(),
+                tls_cert_file: path(),
+                tls_key_file: path(),
+                tls_server_name: Some("etcd".into()),
+            },
+            limits: LimitsConfig {
+                max_request_bytes: ByteSize::b(DEFAULT_MAX_REQUEST_BYTES),
+                max_value_bytes: ByteSize::b(DEFAULT_MAX_VALUE_BYTES),
+                max_response_bytes: ByteSize::b(DEFAULT_MAX_RESPONSE_BYTES),
+                value_compare_attempts: 16,
+                max_txn_ops: 128,
+            },
+            prefixes: vec![PrefixConfig {
+                prefix: FLYTEWORKFLOW_PREFIX.into(),
+                codec: CodecName::Zstd,
+                level: DEFAULT_LEVEL,
+                min_size: ByteSize::b(DEFAULT_MIN_SIZE),
+                compress: true,
+            }],
+            log: LogConfig { level: "info".into(), format: LogFormat::Text },
+            metrics: MetricsConfig { listen: DEFAULT_METRICS_LISTEN.parse().unwrap() },
+            health: HealthConfig { probe_interval: DEFAULT_PROBE_INTERVAL, probe_timeout: DEFAULT_PROBE_TIMEOUT },
+        }
+    }
+
+    /// Every dotted key of a serialized config: `server.listen`, `prefixes[].level`, …
+    fn dotted_keys(value: &toml::Value, path: &str, out: &mut Vec<String>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    dotted_keys(v, &p, out);
+                }
+            }
+            toml::Value::Array(a) if a.first().is_some_and(toml::Value::is_table) => dotted_keys(&a[0], &format!("{path}[]"), out),
+            _ => out.push(path.to_string()),
+        }
+    }
+
+    fn all_keys() -> Vec<String> {
+        let mut keys = Vec::new();
+        dotted_keys(&toml::Value::try_from(every_key()).unwrap(), "", &mut keys);
+        keys
+    }
+
     #[test]
-    fn example_file_is_valid_and_documents_every_key() {
-        let text = include_str!("../config/etcd-squeeze.toml");
-        let c = Config::parse(text, "config/etcd-squeeze.toml").unwrap();
+    fn every_key_is_documented_in_the_reference_and_the_example() {
+        let keys = all_keys();
+        assert!(keys.len() >= 29, "{keys:?}");
+        for key in &keys {
+            let row = format!("| `{key}` |");
+            assert!(REFERENCE.lines().any(|l| l.starts_with(&row)), "docs/configuration.md has no row {row}");
+            let leaf = key.rsplit(['.', ']']).next().unwrap();
+            let section = key.split(['.', '[']).next().unwrap();
+            let header = if key.contains("[]") { format!("[[{section}]]") } else { format!("[{section}]") };
+            let body = EXAMPLE.split(&header).nth(1).unwrap_or_else(|| panic!("config/etcd-squeeze.toml has no {header}"));
+            let body = body.split("\n[").next().unwrap();
+            assert!(
+                body.lines().any(|l| l.trim_start_matches("# ").starts_with(&format!("{leaf} ="))),
+                "config/etcd-squeeze.toml does not document {key} under {header}"
+            );
+        }
+        // And the reference documents nothing that does not exist.
+        for line in REFERENCE.lines().filter(|l| l.starts_with("| `")) {
+            let key = line.split('`').nth(1).unwrap();
+            assert!(keys.iter().any(|k| k == key), "docs/configuration.md documents {key}, which is not a key");
+        }
+    }
+
+    #[test]
+    fn example_file_is_valid_and_shows_the_defaults() {
+        let c = Config::parse(EXAMPLE, "config/etcd-squeeze.toml").unwrap();
         c.validate().unwrap();
-        for key in [
-            "listen", "allow_non_loopback", "max_concurrent_streams", "endpoints", "connect_timeout",
-            "keepalive_interval", "keepalive_timeout", "max_request_bytes", "max_value_bytes",
-            "value_compare_attempts", "max_response_bytes", "max_txn_ops", "prefix", "codec", "level", "min_size", "compress", "format",
-        ] {
-            assert!(text.contains(&format!("{key} =")), "config/etcd-squeeze.toml does not document {key}");
+        assert_eq!(toml::Value::try_from(&c).unwrap(), toml::Value::try_from(Config::default()).unwrap());
+    }
+
+    #[test]
+    fn reference_shows_the_defaults() {
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        let mut keys = Vec::new();
+        dotted_keys(&defaults, "", &mut keys);
+        for key in keys {
+            let mut v = &defaults;
+            for part in key.split('.') {
+                v = match part.strip_suffix("[]") {
+                    Some(p) => &v[p][0],
+                    None => &v[part],
+                };
+            }
+            let row = REFERENCE.lines().find(|l| l.starts_with(&format!("| `{key}` |"))).unwrap();
+            let shown = row.split('|').nth(2).unwrap().trim();
+            let shown = shown.trim_matches('`');
+            let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {shown}"))
+                .unwrap_or_else(|e| panic!("docs/configuration.md: {key}: default {shown:?} is not TOML: {e}"))["v"]
+                .clone();
+            let reparsed = |v: &toml::Value| toml::Value::try_from(Config::parse(&table_for(&key, v), "t").unwrap()).unwrap();
+            assert_eq!(reparsed(&parsed), reparsed(v), "docs/configuration.md: {key}: default {shown} is not the default");
+        }
+    }
+
+    /// A one-key config file setting `key` (dotted, `[]` for the prefixes array) to `v`.
+    fn table_for(key: &str, v: &toml::Value) -> String {
+        let (section, leaf) = key.rsplit_once('.').unwrap();
+        match section.strip_suffix("[]") {
+            Some(s) if leaf == "prefix" => format!("[[{s}]]\nprefix = {v}\n"),
+            Some(s) => format!("[[{s}]]\nprefix = \"/p/\"\n{leaf} = {v}\n"),
+            None => format!("[{section}]\n{leaf} = {v}\n"),
         }
     }
 
@@ -397,12 +686,27 @@ mod tests {
         assert_eq!(c.prefixes.len(), 1);
         assert_eq!(c.prefixes[0].prefix, FLYTEWORKFLOW_PREFIX);
         assert_eq!(c.limits.max_request_bytes.as_u64(), 32 << 20);
+        assert!(!c.server.tls_enabled());
+        assert!(c.metrics.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn tls_configs_validate() {
+        let server = "[server]\nlisten = \"0.0.0.0:2379\"\ntls_cert_file = \"a\"\ntls_key_file = \"b\"\ntls_client_ca_file = \"c\"\n";
+        Config::parse(server, "t").unwrap().validate().unwrap();
+        let upstream = "[upstream]\nendpoints = [\"https://10.0.0.1:2379\", \"http://127.0.0.1:22379\"]\ntls_ca_file = \"ca\"\n\
+                        tls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_server_name = \"etcd.local\"\n";
+        Config::parse(upstream, "t").unwrap().validate().unwrap();
     }
 
     #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[server]\nlisten = \"0.0.0.0:2379\"\n", "server.listen"),
+            ("[server]\ntls_cert_file = \"a\"\n", "server.tls_key_file"),
+            ("[server]\ntls_key_file = \"a\"\n", "server.tls_cert_file"),
+            ("[server]\ntls_client_ca_file = \"a\"\n", "server.tls_client_ca_file"),
+            ("[server]\nshutdown_grace = \"later\"\n", "shutdown_grace"),
             ("[[prefixes]]\nprefix = \"/a/\"\nlevel = 40\n", "prefixes[0].level"),
             ("[[prefixes]]\nprefix = \"/a/\"\n[[prefixes]]\nprefix = \"/a/\"\n", "prefixes[1].prefix"),
             ("[upstream]\nendpoints = []\n", "upstream.endpoints"),
@@ -413,10 +717,18 @@ mod tests {
             ("[upstream]\nendpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:1\"]\n", "upstream.endpoints[1]"),
             ("[upstream]\nconnect_timeout = \"0s\"\n", "upstream.connect_timeout"),
             ("[limits]\nmax_response_bytes = \"3MiB\"\n", "limits.max_response_bytes"),
+            ("[upstream]\nendpoints = [\"https://127.0.0.1:2\"]\n", "upstream.tls_ca_file"),
+            ("[upstream]\ntls_ca_file = \"ca\"\n", "upstream.tls_ca_file"),
+            ("[upstream]\nendpoints = [\"https://127.0.0.1:2\"]\ntls_ca_file = \"ca\"\ntls_cert_file = \"c\"\n", "upstream.tls_key_file"),
+            ("[upstream]\nendpoints = [\"https://127.0.0.1:2\"]\ntls_ca_file = \"ca\"\ntls_server_name = \"a b\"\n", "upstream.tls_server_name"),
             ("[limits]\nmax_request_bytes = \"1MiB\"\n", "limits.max_request_bytes"),
             ("[server]\nlistne = \"127.0.0.1:1\"\n", "listne"),
             ("[[prefixes]]\nprefix = \"/a/\"\ncodec = \"lz4\"\n", "lz4"),
             ("[upstream]\nconnect_timeout = \"soon\"\n", "connect_timeout"),
+            ("[metrics]\nlisten = \"127.0.0.1:2379\"\n", "metrics.listen"),
+            ("[metrics]\nport = 1\n", "port"),
+            ("[health]\nprobe_interval = \"1ms\"\n", "health.probe_interval"),
+            ("[health]\nprobe_timeout = \"0s\"\n", "health.probe_timeout"),
         ];
         for (text, key) in cases {
             let err = Config::parse(text, "t.toml").and_then(|c| c.validate()).unwrap_err().to_string();

@@ -54,7 +54,10 @@ struct ServeArgs {
     /// Compressed key prefix (repeatable), replacing the configured [[prefixes]] with default settings.
     #[arg(long = "prefix")]
     prefixes: Vec<String>,
-    /// Validate the configuration, print it, and exit.
+    /// Address of /metrics, /healthz and /readyz, overriding metrics.listen.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Validate the configuration and load its TLS files, print it, and exit.
     #[arg(long)]
     check_config: bool,
 }
@@ -102,6 +105,9 @@ fn load_config(args: &ServeArgs) -> Result<Config, etcd_squeeze::config::ConfigE
     if !args.prefixes.is_empty() {
         config.prefixes = args.prefixes.iter().map(PrefixConfig::new).collect();
     }
+    if let Some(listen) = args.metrics_listen {
+        config.metrics.listen = listen;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -109,6 +115,7 @@ fn load_config(args: &ServeArgs) -> Result<Config, etcd_squeeze::config::ConfigE
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    // Colours only on a terminal: journald, kubectl logs and files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match config.log.format {
@@ -117,16 +124,23 @@ fn init_tracing(config: &Config) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C). The handlers are installed
+/// before the server starts, so a signal that arrives during start-up is not lost.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+            tracing::info!(signal = name, "signal received");
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
@@ -138,6 +152,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     if args.check_config {
+        if let Err(e) = etcd_squeeze::server::check(&config) {
+            eprintln!("etcd-squeeze: {e}");
+            return ExitCode::from(2);
+        }
         use std::io::Write;
         // A closed stdout (`| head`) is not an error worth a panic.
         let _ = writeln!(std::io::stdout(), "{config:#?}\nconfiguration OK");
@@ -147,8 +165,15 @@ async fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("etcd-squeeze: warning: no [[prefixes]]: nothing is compressed, and frames already stored are returned as stored bytes; keep a prefix with compress = false until its values are decompressed");
     }
     init_tracing(&config);
-    match etcd_squeeze::server::bind(config, shutdown_signal()).await {
-        Ok((_, serving)) => match serving.await {
+    let signal = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("etcd-squeeze: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match etcd_squeeze::server::start(config, signal).await {
+        Ok(running) => match running.serve.await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");
@@ -156,6 +181,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             }
         },
         Err(e) => {
+            tracing::error!(error = %e, "cannot start");
             eprintln!("etcd-squeeze: {e}");
             ExitCode::FAILURE
         }

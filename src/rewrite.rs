@@ -14,7 +14,7 @@ use crate::proto::etcdserverpb::{
 use crate::proto::mvccpb::KeyValue;
 
 /// Byte counts of one rewritten request, for logs and metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EncodeStats {
     /// Values under a configured prefix.
     pub values: u64,
@@ -26,20 +26,56 @@ pub struct EncodeStats {
     pub raw_frames: u64,
     /// `k8s:enc:` values and values under `compress = false` prefixes, stored as they are.
     pub stored_as_is: u64,
+    /// The same counts per configured prefix (the metrics' `prefix` label), in first-seen order.
+    pub by_prefix: Vec<PrefixStats>,
+}
+
+/// [`EncodeStats`] of the values under one configured prefix.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// The configured prefix (the rule that matched, not the key).
+    pub prefix: Bytes,
+    /// Values compressed with zstd.
+    pub compressed: u64,
+    /// Values stored in a raw frame.
+    pub raw_frames: u64,
+    /// Values stored as they are.
+    pub stored_as_is: u64,
+    /// Their size before encoding, in bytes.
+    pub bytes_in: u64,
+    /// Their size as stored, in bytes.
+    pub bytes_out: u64,
 }
 
 impl EncodeStats {
-    fn add(&mut self, before: usize, after: usize, outcome: EncodeOutcome) {
-        if outcome == EncodeOutcome::Untouched {
+    fn add(&mut self, prefix: Option<&Bytes>, before: usize, after: usize, outcome: EncodeOutcome) {
+        let Some(prefix) = prefix.filter(|_| outcome != EncodeOutcome::Untouched) else {
             return;
-        }
+        };
+        let (before, after) = (before as u64, after as u64);
         self.values += 1;
-        self.bytes_in += before as u64;
-        self.bytes_out += after as u64;
+        self.bytes_in += before;
+        self.bytes_out += after;
+        let i = match self.by_prefix.iter().position(|p| p.prefix == prefix) {
+            Some(i) => i,
+            None => {
+                self.by_prefix.push(PrefixStats { prefix: prefix.clone(), ..Default::default() });
+                self.by_prefix.len() - 1
+            }
+        };
+        let p = &mut self.by_prefix[i];
+        p.bytes_in += before;
+        p.bytes_out += after;
         match outcome {
-            EncodeOutcome::RawFrame => self.raw_frames += 1,
-            EncodeOutcome::StoredAsIs => self.stored_as_is += 1,
-            _ => {}
+            EncodeOutcome::RawFrame => {
+                self.raw_frames += 1;
+                p.raw_frames += 1;
+            }
+            EncodeOutcome::StoredAsIs => {
+                self.stored_as_is += 1;
+                p.stored_as_is += 1;
+            }
+            _ => p.compressed += 1,
         }
     }
 }
@@ -51,7 +87,7 @@ pub fn encode_put(codec: &ValueCodec, put: &mut PutRequest, stats: &mut EncodeSt
         return Ok(());
     }
     let (stored, outcome) = codec.encode(&put.key, &put.value)?;
-    stats.add(put.value.len(), stored.len(), outcome);
+    stats.add(codec.rule_for(&put.key).map(|r| &r.prefix), put.value.len(), stored.len(), outcome);
     put.value = stored;
     Ok(())
 }
@@ -245,6 +281,8 @@ mod tests {
         encode_txn(&c, &mut txn, &mut stats).unwrap();
         assert_eq!(stats.values, 2);
         assert!(stats.bytes_out * 10 < stats.bytes_in);
+        assert_eq!(stats.by_prefix.len(), 1, "both values are under /p/");
+        assert_eq!((stats.by_prefix[0].compressed, stats.by_prefix[0].bytes_in), (2, stats.bytes_in));
         let Some(request_op::Request::RequestPut(p)) = &txn.success[1].request else { panic!() };
         assert_eq!(p.value, big(), "keys outside the prefix are untouched");
 

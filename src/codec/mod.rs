@@ -106,6 +106,22 @@ pub enum DecodeReason {
     },
 }
 
+impl DecodeReason {
+    /// A stable name for the kind of failure (the `reason` label of
+    /// `etcd_squeeze_decode_errors_total`; see `metrics::DECODE_ERROR_KINDS`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeReason::Header(_) => "header",
+            DecodeReason::UnknownDictionary(_) => "unknown_dictionary",
+            DecodeReason::NoContentSize => "no_content_size",
+            DecodeReason::TooLarge { .. } => "too_large",
+            DecodeReason::FrameLength { .. } => "frame_length",
+            DecodeReason::Zstd(_) => "zstd",
+            DecodeReason::ResponseTooLarge { .. } => "response_too_large",
+        }
+    }
+}
+
 /// Why a value could not be encoded.
 #[derive(Debug, thiserror::Error)]
 #[error("etcd-squeeze: cannot store the value of key {}: {reason}", KeyDisplay(key))]

@@ -7,8 +7,8 @@
 //! - [`get`]: one key (or a prefix) read from etcd and decoded, or its frame metadata.
 //!
 //! Everything that connects to etcd is in this file ([`EtcdArgs`], [`Etcd::connect`]), built on
-//! [`crate::upstream::channel`], so the commands use exactly the connection settings of `serve`
-//! (`[upstream]` of the same config file). Every value is encoded and decoded through
+//! [`crate::upstream::Upstream`], so the commands use exactly the connection settings of `serve`
+//! (`[upstream]` of the same config file: endpoints, timeouts, TLS), with etcdctl-like overrides. Every value is encoded and decoded through
 //! [`ValueCodec`], so whatever the proxy can read, these commands can read.
 
 pub mod analyze;
@@ -19,13 +19,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
-use tonic::transport::Channel;
 
 use crate::codec::{DecodeError, PrefixRule, ValueCodec};
 use crate::config::{Config, ConfigError, PrefixConfig};
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
 use crate::proto::mvccpb::KeyValue;
+use crate::upstream::Upstream;
 
 /// Keys under this prefix belong to etcd-squeeze itself (trained dictionaries): the operator
 /// commands never count or rewrite them, even when a configured prefix covers them.
@@ -38,10 +38,8 @@ pub const DEFAULT_PAGE_KEYS: i64 = 100;
 /// etcd's default `--max-request-bytes`: 1.5 MiB. A Put larger than this is refused by etcd.
 pub const DEFAULT_ETCD_MAX_REQUEST_BYTES: &str = "1.5MiB";
 
-/// How to reach etcd: the same configuration file as `serve`, and endpoint overrides.
-///
-/// TLS toward etcd comes with the `[upstream]` section that [`crate::upstream::channel`] reads;
-/// command-line TLS flags (`--cacert`, `--cert`, `--key`, `--server-name`) belong here too.
+/// How to reach etcd: the same configuration file as `serve` (its `[upstream]` section,
+/// TLS included), and overrides named like etcdctl's flags.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct EtcdArgs {
     /// The proxy's TOML configuration (prefixes, levels, limits, [upstream]); defaults without one.
@@ -51,6 +49,19 @@ pub struct EtcdArgs {
     /// Point it at etcd itself, never at the proxy: through the proxy every value looks raw.
     #[arg(long = "endpoints", alias = "upstream", value_delimiter = ',')]
     pub endpoints: Vec<String>,
+    /// PEM CA bundle that signed etcd's certificate (https endpoints), replacing upstream.tls_ca_file.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// PEM client certificate presented to etcd, replacing upstream.tls_cert_file.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert, replacing upstream.tls_key_file.
+    #[arg(long = "key", id = "tls_key")]
+    pub key: Option<PathBuf>,
+    /// Name checked in etcd's certificate instead of each endpoint's host, replacing
+    /// upstream.tls_server_name.
+    #[arg(long)]
+    pub server_name: Option<String>,
 }
 
 /// Which key prefixes a command works on.
@@ -121,15 +132,25 @@ impl EtcdArgs {
             Some(path) => Config::load(path)?,
             None => Config::default(),
         };
+        let u = &mut config.upstream;
         if !self.endpoints.is_empty() {
-            config.upstream.endpoints = self.endpoints.clone();
+            u.endpoints = self.endpoints.clone();
+        }
+        for (field, flag) in [(&mut u.tls_ca_file, &self.cacert), (&mut u.tls_cert_file, &self.cert), (&mut u.tls_key_file, &self.key)] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        if self.server_name.is_some() {
+            u.tls_server_name.clone_from(&self.server_name);
         }
         if !prefixes.is_empty() {
             config.prefixes = prefixes.iter().map(PrefixConfig::new).collect();
         }
-        // These commands do not listen. Before adoption etcd itself is often on 127.0.0.1:2379,
-        // the proxy's default listen address, which validate() would refuse as a loop.
-        config.server.listen = "127.0.0.1:0".parse().expect("constant");
+        // These commands do not listen: the proxy's [server] section (its TLS files may live on
+        // another host) is not theirs to check. And before adoption etcd itself is often on
+        // 127.0.0.1:2379, the proxy's default listen address, which validate() would refuse as a loop.
+        config.server = crate::config::ServerConfig { listen: "127.0.0.1:0".parse().expect("constant"), ..Default::default() };
         config.validate()?;
         Ok(config)
     }
@@ -150,25 +171,25 @@ pub struct Etcd {
     /// Decodes every frame whatever its key: an operator reading a key wants the original bytes
     /// even when its prefix is not (or no longer) configured.
     decoder: ValueCodec,
-    kv: KvClient<Channel>,
+    kv: KvClient<Upstream>,
 }
 
 impl Etcd {
-    /// Connects (lazily) to `config.upstream` with the proxy's own channel settings.
+    /// Connects (lazily) to `config.upstream` with the proxy's own channel settings and TLS.
     pub fn connect(config: Config) -> Result<Etcd, OpsError> {
-        let channel = crate::upstream::channel(&config.upstream)?;
+        let upstream = Upstream::new(&config.upstream)?;
         // The codec is built exactly as the proxy builds its own, so whatever the proxy can
         // encode and decode (trained dictionaries included, once they exist) these commands can too.
         let codec = ValueCodec::from_config(&config);
         let mut catch_all = codec.rules().to_vec();
         catch_all.push(PrefixRule::from(&PrefixConfig::new("")));
         let decoder = ValueCodec::new(catch_all, config.limits.max_value_bytes.as_u64() as usize);
-        let kv = KvClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        let kv = KvClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         Ok(Etcd { config, codec, decoder, kv })
     }
 
-    /// A KV client on the shared channel.
-    pub fn kv(&self) -> KvClient<Channel> {
+    /// A KV client on the shared connections.
+    pub fn kv(&self) -> KvClient<Upstream> {
         self.kv.clone()
     }
 
@@ -377,10 +398,15 @@ mod tests {
 
     #[test]
     fn endpoints_may_be_the_proxys_default_listen_address() {
-        let args = EtcdArgs { config: None, endpoints: vec!["http://127.0.0.1:2379".into()] };
+        let args = EtcdArgs { endpoints: vec!["http://127.0.0.1:2379".into()], ..Default::default() };
         let config = args.config(&["/registry/x/".into()]).unwrap();
         assert_eq!(config.prefixes[0].prefix, "/registry/x/");
-        let bad = EtcdArgs { config: None, endpoints: vec!["ftp://x".into()] };
+        let bad = EtcdArgs { endpoints: vec!["ftp://x".into()], ..Default::default() };
         assert!(bad.config(&[]).unwrap_err().to_string().contains("upstream.endpoints[0]"));
+        let tls = EtcdArgs { endpoints: vec!["https://etcd:2379".into()], ..Default::default() };
+        assert!(tls.config(&[]).unwrap_err().to_string().contains("upstream.tls_ca_file"), "https needs --cacert");
+        let tls = EtcdArgs { cacert: Some("ca.crt".into()), server_name: Some("etcd.local".into()), ..tls };
+        let u = tls.config(&[]).unwrap().upstream;
+        assert_eq!((u.tls_ca_file.unwrap(), u.tls_server_name.unwrap()), ("ca.crt".into(), "etcd.local".to_string()));
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use futures::Stream;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{applied_decode_status, decode_status, encode_status, forward, with_metadata, Shared};
@@ -20,18 +19,19 @@ use crate::proto::etcdserverpb::{
     TxnRequest, TxnResponse,
 };
 use crate::rewrite::{self, EncodeStats};
+use crate::upstream::Upstream;
 
 /// The KV service: a [`KvClient`] toward etcd plus the shared codec.
 #[derive(Clone)]
 pub struct KvService {
     shared: Arc<Shared>,
-    client: KvClient<Channel>,
+    client: KvClient<Upstream>,
 }
 
 impl KvService {
-    /// A KV service forwarding over `channel`; upstream messages may be of any size.
-    pub fn new(shared: Arc<Shared>, channel: Channel) -> Self {
-        let client = KvClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    /// A KV service forwarding to `upstream`; upstream messages may be of any size.
+    pub fn new(shared: Arc<Shared>, upstream: Upstream) -> Self {
+        let client = KvClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         KvService { shared, client }
     }
 
@@ -101,6 +101,7 @@ impl KvService {
             if !resp.succeeded {
                 continue;
             }
+            crate::metrics::get().record_encode(&stats);
             let Some(response_op::Response::ResponseTxn(mut inner_resp)) = resp.responses.pop().and_then(|r| r.response) else {
                 return Err(Status::internal("etcd-squeeze: guarded Txn response carries no inner Txn response"));
             };
@@ -194,8 +195,10 @@ impl Kv for KvService {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let mut request = forward(request);
-        rewrite::encode_put(&self.shared.codec, request.get_mut(), &mut EncodeStats::default()).map_err(encode_status)?;
+        let mut stats = EncodeStats::default();
+        rewrite::encode_put(&self.shared.codec, request.get_mut(), &mut stats).map_err(encode_status)?;
         let (md, mut resp, ext) = self.client.clone().put(request).await?.into_parts();
+        crate::metrics::get().record_encode(&stats);
         rewrite::decode_put(&self.shared.codec, &mut resp).map_err(|e| applied_decode_status(e, resp.header.as_ref()))?;
         Ok(Response::from_parts(md, resp, ext))
     }
@@ -212,8 +215,10 @@ impl Kv for KvService {
             return self.txn_with_value_compares(&metadata, txn).await;
         }
         let mut request = forward(request);
-        rewrite::encode_txn(&self.shared.codec, request.get_mut(), &mut EncodeStats::default()).map_err(encode_status)?;
+        let mut stats = EncodeStats::default();
+        rewrite::encode_txn(&self.shared.codec, request.get_mut(), &mut stats).map_err(encode_status)?;
         let (md, mut resp, ext) = self.client.clone().txn(request).await?.into_parts();
+        crate::metrics::get().record_encode(&stats);
         rewrite::decode_txn(&self.shared.codec, &mut resp).map_err(|e| txn_decode_status(e, &resp))?;
         Ok(Response::from_parts(md, resp, ext))
     }

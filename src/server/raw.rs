@@ -13,15 +13,16 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes};
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use http::uri::PathAndQuery;
 use tokio_stream::StreamExt;
 use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{with_metadata, Shared};
+use super::{requests_until_dropped, with_metadata, Shared};
+use crate::upstream::Upstream;
 
 /// The shape of a gRPC method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,20 +81,20 @@ raw_spec!(ElectionSpec, "v3electionpb.Election", [
 /// A tower service that forwards the methods of `S` to etcd as raw bytes.
 pub struct RawService<S> {
     shared: Arc<Shared>,
-    channel: Channel,
+    upstream: Upstream,
     _spec: PhantomData<fn() -> S>,
 }
 
 impl<S> Clone for RawService<S> {
     fn clone(&self) -> Self {
-        RawService { shared: self.shared.clone(), channel: self.channel.clone(), _spec: PhantomData }
+        RawService { shared: self.shared.clone(), upstream: self.upstream.clone(), _spec: PhantomData }
     }
 }
 
 impl<S: RawSpec> RawService<S> {
-    /// Forwards `S`'s methods over `channel`.
-    pub fn new(shared: Arc<Shared>, channel: Channel) -> Self {
-        RawService { shared, channel, _spec: PhantomData }
+    /// Forwards `S`'s methods to `upstream`.
+    pub fn new(shared: Arc<Shared>, upstream: Upstream) -> Self {
+        RawService { shared, upstream, _spec: PhantomData }
     }
 }
 
@@ -119,7 +120,7 @@ impl<S: RawSpec> tower::Service<http::Request<Body>> for RawService<S> {
             .and_then(|m| S::METHODS.iter().find(|(name, _)| *name == m))
             .map(|(_, shape)| *shape);
         let max_decoding = self.shared.config.limits.max_request_bytes.as_u64() as usize;
-        let forwarder = Forwarder { channel: self.channel.clone(), path: PathAndQuery::from_maybe_shared(path).ok() };
+        let forwarder = Forwarder { upstream: self.upstream.clone(), path: PathAndQuery::from_maybe_shared(path).ok() };
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(RawCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
             Ok(match shape {
@@ -135,15 +136,15 @@ impl<S: RawSpec> tower::Service<http::Request<Body>> for RawService<S> {
 /// Forwards one call to the same path upstream.
 #[derive(Clone)]
 struct Forwarder {
-    channel: Channel,
+    upstream: Upstream,
     path: Option<PathAndQuery>,
 }
 
 impl Forwarder {
     /// Readies the upstream client and re-addresses `request` to it with the client's metadata.
-    async fn start<M>(self, request: Request<M>) -> Result<(tonic::client::Grpc<Channel>, PathAndQuery, Request<M>), Status> {
+    async fn start<M>(self, request: Request<M>) -> Result<(tonic::client::Grpc<Upstream>, PathAndQuery, Request<M>), Status> {
         let path = self.path.ok_or_else(|| Status::unimplemented(""))?;
-        let mut grpc = tonic::client::Grpc::new(self.channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        let mut grpc = tonic::client::Grpc::new(self.upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
         let (metadata, _, message) = request.into_parts();
         Ok((grpc, path, with_metadata(&metadata, message)))
@@ -179,16 +180,25 @@ impl tonic::server::ServerStreamingService<Bytes> for Forwarder {
 
 impl tonic::server::StreamingService<Bytes> for Forwarder {
     type Response = Bytes;
-    type ResponseStream = Streaming<Bytes>;
-    type Future = BoxFuture<'static, Result<Response<Streaming<Bytes>>, Status>>;
+    type ResponseStream = BoxStream<'static, Result<Bytes, Status>>;
+    type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
         let this = self.clone();
-        // A client-side stream error (or half-close) ends what is sent upstream.
-        let request = request.map(|inbound| inbound.map_while(|r| r.ok()));
+        // A client-side stream error (or half-close) ends what is sent upstream, and so does
+        // the end of the response stream (see `requests_until_dropped`).
+        let (metadata, extensions, inbound) = request.into_parts();
+        let (outbound, end_requests) = requests_until_dropped(inbound.map_while(|r| r.ok()));
+        let request = Request::from_parts(metadata, extensions, outbound);
         Box::pin(async move {
             let (mut grpc, path, request) = this.start(request).await?;
-            grpc.streaming(request, path, RawCodec).await
+            let response = grpc.streaming(request, path, RawCodec).await?;
+            Ok(response.map(|responses| {
+                futures::StreamExt::boxed(responses.map(move |r| {
+                    let _until_the_responses_end = &end_requests;
+                    r
+                }))
+            }))
         })
     }
 }

@@ -17,26 +17,26 @@ use std::sync::Arc;
 
 use futures::Stream;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{decode_status, with_metadata, Shared};
+use super::{decode_status, requests_until_dropped, with_metadata, Shared};
 use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::watch_server::Watch;
 use crate::proto::etcdserverpb::{watch_request, WatchCancelRequest, WatchRequest, WatchResponse};
 use crate::rewrite;
+use crate::upstream::Upstream;
 
 /// The Watch service.
 #[derive(Clone)]
 pub struct WatchService {
     shared: Arc<Shared>,
-    client: WatchClient<Channel>,
+    client: WatchClient<Upstream>,
 }
 
 impl WatchService {
-    /// A Watch service forwarding over `channel`.
-    pub fn new(shared: Arc<Shared>, channel: Channel) -> Self {
-        let client = WatchClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    /// A Watch service forwarding to `upstream`.
+    pub fn new(shared: Arc<Shared>, upstream: Upstream) -> Self {
+        let client = WatchClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         WatchService { shared, client }
     }
 }
@@ -53,14 +53,18 @@ impl Watch for WatchService {
         // keeps the stream open for responses exactly as it does for a client that half-closes.
         // The proxy's own cancel requests (for watches it had to cancel) are merged in.
         let (cancel_tx, cancel_rx) = tokio::sync::mpsc::unbounded_channel::<WatchRequest>();
-        let outbound = futures::stream::select(
+        let merged = futures::stream::select(
             inbound.map_while(|r| r.ok()),
             tokio_stream::wrappers::UnboundedReceiverStream::new(cancel_rx),
         );
+        let (outbound, end_requests) = requests_until_dropped(merged);
         let (md, upstream, ext) = self.client.clone().watch(with_metadata(&metadata, outbound)).await?.into_parts();
         let shared = self.shared.clone();
+        let open = OpenStream::new();
         let mut canceled_here = std::collections::HashSet::<i64>::new();
         let responses = upstream.filter_map(move |item| {
+            // Both live as long as the response stream, and are dropped with it.
+            let _guards = (&open, &end_requests);
             let mut resp = match item {
                 Ok(resp) => resp,
                 Err(status) => return Some(Err(status)),
@@ -73,6 +77,7 @@ impl Watch for WatchService {
                 }
                 return None;
             }
+            crate::metrics::get().watch_events.inc_by(resp.events.len() as u64);
             match rewrite::decode_watch(&shared.codec, &mut resp) {
                 Ok(()) => Some(Ok(resp)),
                 Err(e) => {
@@ -91,5 +96,21 @@ impl Watch for WatchService {
             }
         });
         Ok(Response::from_parts(md, Box::pin(responses) as WatchStream, ext))
+    }
+}
+
+/// Counts a client Watch stream in `etcd_squeeze_watch_streams_active` while it is open.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> Self {
+        crate::metrics::get().watch_streams_active.inc();
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        crate::metrics::get().watch_streams_active.dec();
     }
 }

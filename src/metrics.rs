@@ -1,0 +1,537 @@
+//! Prometheus metrics: registered once, `etcd_squeeze_` prefix, units in names, `_total`
+//! counters, histograms in seconds. Served as text on `metrics.listen` (see `crate::health`).
+//!
+//! Most metrics are incremented where the thing happens (`server::kv` for compression,
+//! `server::watch` for watch streams, `upstream` for connections, `tls` for reloads);
+//! requests by method and code, latency and in-flight counts come from [`GrpcLayer`], a tower
+//! layer around the whole gRPC router, which also ends long-lived streams at shutdown.
+//! Series whose labels are known at start (prefixes, decode error kinds) are created at zero,
+//! so rates exist before the first event.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body::Frame;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::Status;
+
+use crate::codec::EncodeOutcome;
+use crate::rewrite::EncodeStats;
+
+/// Latency buckets in seconds: 0.5 ms (a cached Range on loopback) to 10 s (a stalled etcd).
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    names: Vec<String>,
+    /// `etcd_squeeze_grpc_requests_total{method, code}`: finished calls (streams count when they end).
+    pub grpc_requests: IntCounterVec,
+    /// `etcd_squeeze_grpc_request_duration_seconds{method}`: unary call latency, request to trailers.
+    pub grpc_request_duration: HistogramVec,
+    /// `etcd_squeeze_grpc_inflight_requests`: calls and streams open now.
+    pub grpc_inflight_requests: IntGauge,
+    /// `etcd_squeeze_grpc_inflight_request_bytes`: request bytes received by unary and
+    /// server-streaming calls that have not finished (what the proxy holds in memory).
+    pub grpc_inflight_request_bytes: IntGauge,
+    /// `etcd_squeeze_values_logical_bytes_total{prefix}`: value bytes written by clients, before compression.
+    pub values_logical_bytes: IntCounterVec,
+    /// `etcd_squeeze_values_stored_bytes_total{prefix}`: the same values as sent to etcd.
+    pub values_stored_bytes: IntCounterVec,
+    /// `etcd_squeeze_values_written_total{prefix, outcome}`: values written under a prefix by
+    /// outcome: `compressed`, `raw_frame` (too small or did not shrink), `stored_as_is`.
+    pub values_written: IntCounterVec,
+    /// `etcd_squeeze_decode_errors_total{reason}`: stored frames that could not be decoded (DATA_LOSS).
+    pub decode_errors: IntCounterVec,
+    /// `etcd_squeeze_dictionary_cache_hits_total`: frames whose dictionary was cached.
+    pub dictionary_cache_hits: IntCounter,
+    /// `etcd_squeeze_dictionary_cache_misses_total`: frames whose dictionary had to be fetched.
+    pub dictionary_cache_misses: IntCounter,
+    /// `etcd_squeeze_dictionary_cache_fetches_total`: dictionaries read from the dictionary store.
+    pub dictionary_cache_fetches: IntCounter,
+    /// `etcd_squeeze_watch_streams_active`: client Watch streams open now.
+    pub watch_streams_active: IntGauge,
+    /// `etcd_squeeze_watch_events_total`: watch events passed to clients.
+    pub watch_events: IntCounter,
+    /// `etcd_squeeze_upstream_up{endpoint}`: 1 when the last readiness probe of the endpoint succeeded.
+    pub upstream_up: IntGaugeVec,
+    /// `etcd_squeeze_upstream_probe_duration_seconds{endpoint}`: readiness probe latency.
+    pub upstream_probe_duration: HistogramVec,
+    /// `etcd_squeeze_upstream_connections_open{endpoint}`: HTTP/2 connections to etcd open now.
+    pub upstream_connections_open: IntGaugeVec,
+    /// `etcd_squeeze_upstream_connects_total{endpoint, result}`: connection attempts (`ok`,
+    /// `error`); more than one `ok` per endpoint means reconnects.
+    pub upstream_connects: IntCounterVec,
+    /// `etcd_squeeze_ready`: 1 while `/readyz` succeeds.
+    pub ready: IntGauge,
+    /// `etcd_squeeze_tls_reloads_total{side, result}`: TLS files re-read after a change.
+    pub tls_reloads: IntCounterVec,
+    /// `etcd_squeeze_tls_handshake_failures_total`: client connections refused during the TLS
+    /// handshake (no or untrusted client certificate, timeout, protocol error).
+    pub tls_handshake_failures: IntCounter,
+    /// `etcd_squeeze_build_info{version}`: always 1.
+    pub build_info: IntGaugeVec,
+}
+
+/// The decode error kinds of `etcd_squeeze_decode_errors_total{reason}` (see `DecodeReason::kind`).
+pub const DECODE_ERROR_KINDS: &[&str] = &["header", "unknown_dictionary", "no_content_size", "too_large", "frame_length", "zstd", "response_too_large"];
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
+
+/// The process-wide metrics (registered on first use).
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn register() -> Metrics {
+        let r = Registrar { registry: Registry::new(), names: std::cell::RefCell::new(Vec::new()) };
+        let counter = |name: &str, help: &str| r.add(IntCounter::new(name, help));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| r.add(IntCounterVec::new(Opts::new(name, help), labels));
+        let gauge = |name: &str, help: &str| r.add(IntGauge::new(name, help));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| r.add(IntGaugeVec::new(Opts::new(name, help), labels));
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            r.add(HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS_SECONDS.to_vec()), labels))
+        };
+        let m = Metrics {
+            grpc_requests: counter_vec(
+                "etcd_squeeze_grpc_requests_total",
+                "gRPC calls finished, by method (gRPC path) and status code; streams count when they end.",
+                &["method", "code"],
+            ),
+            grpc_request_duration: histogram_vec(
+                "etcd_squeeze_grpc_request_duration_seconds",
+                "Latency of unary gRPC calls through the proxy, from request to trailers, by method.",
+                &["method"],
+            ),
+            grpc_inflight_requests: gauge("etcd_squeeze_grpc_inflight_requests", "gRPC calls and streams in progress."),
+            grpc_inflight_request_bytes: gauge(
+                "etcd_squeeze_grpc_inflight_request_bytes",
+                "Request bytes received by unary and server-streaming calls still in progress.",
+            ),
+            values_logical_bytes: counter_vec(
+                "etcd_squeeze_values_logical_bytes_total",
+                "Bytes of values written under a compressed prefix, as the client sent them.",
+                &["prefix"],
+            ),
+            values_stored_bytes: counter_vec(
+                "etcd_squeeze_values_stored_bytes_total",
+                "Bytes of values written under a compressed prefix, as sent to etcd (frames).",
+                &["prefix"],
+            ),
+            values_written: counter_vec(
+                "etcd_squeeze_values_written_total",
+                "Values written under a compressed prefix, by outcome: compressed, raw_frame (too small or did not shrink), stored_as_is.",
+                &["prefix", "outcome"],
+            ),
+            decode_errors: counter_vec(
+                "etcd_squeeze_decode_errors_total",
+                "Stored frames that could not be decoded (answered DATA_LOSS), by reason.",
+                &["reason"],
+            ),
+            dictionary_cache_hits: counter("etcd_squeeze_dictionary_cache_hits_total", "Frames whose zstd dictionary was in the cache."),
+            dictionary_cache_misses: counter(
+                "etcd_squeeze_dictionary_cache_misses_total",
+                "Frames whose zstd dictionary was not in the cache.",
+            ),
+            dictionary_cache_fetches: counter(
+                "etcd_squeeze_dictionary_cache_fetches_total",
+                "zstd dictionaries read from the dictionary store in etcd.",
+            ),
+            watch_streams_active: gauge("etcd_squeeze_watch_streams_active", "Client Watch streams open."),
+            watch_events: counter("etcd_squeeze_watch_events_total", "Watch events passed to clients."),
+            upstream_up: gauge_vec(
+                "etcd_squeeze_upstream_up",
+                "1 when the last readiness probe of the etcd endpoint succeeded, else 0.",
+                &["endpoint"],
+            ),
+            upstream_probe_duration: histogram_vec(
+                "etcd_squeeze_upstream_probe_duration_seconds",
+                "Latency of the readiness probe (a count-only Range) per etcd endpoint.",
+                &["endpoint"],
+            ),
+            upstream_connections_open: gauge_vec(
+                "etcd_squeeze_upstream_connections_open",
+                "HTTP/2 connections to the etcd endpoint that are open.",
+                &["endpoint"],
+            ),
+            upstream_connects: counter_vec(
+                "etcd_squeeze_upstream_connects_total",
+                "Connection attempts to the etcd endpoint, by result (ok, error); repeated oks are reconnects.",
+                &["endpoint", "result"],
+            ),
+            ready: gauge("etcd_squeeze_ready", "1 while the proxy is ready (etcd reachable, dictionary store readable)."),
+            tls_reloads: counter_vec(
+                "etcd_squeeze_tls_reloads_total",
+                "TLS files re-read after they changed, by side (server, upstream) and result (ok, error).",
+                &["side", "result"],
+            ),
+            tls_handshake_failures: counter(
+                "etcd_squeeze_tls_handshake_failures_total",
+                "Client connections that failed the TLS handshake (no or untrusted certificate, timeout).",
+            ),
+            build_info: gauge_vec("etcd_squeeze_build_info", "Always 1; the version label is the build's.", &["version"]),
+            // Last: every metric above is registered by now.
+            names: r.names.take(),
+            registry: r.registry.clone(),
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for kind in DECODE_ERROR_KINDS {
+            m.decode_errors.with_label_values(&[kind]).inc_by(0);
+        }
+        for side in ["server", "upstream"] {
+            for result in ["ok", "error"] {
+                m.tls_reloads.with_label_values(&[side, result]).inc_by(0);
+            }
+        }
+        m
+    }
+
+    /// Creates the per-prefix series at zero, so a prefix's rates exist before its first write.
+    pub fn init_prefixes<'a>(&self, prefixes: impl IntoIterator<Item = &'a str>) {
+        for p in prefixes {
+            self.values_logical_bytes.with_label_values(&[p]).inc_by(0);
+            self.values_stored_bytes.with_label_values(&[p]).inc_by(0);
+            for outcome in ["compressed", "raw_frame", "stored_as_is"] {
+                self.values_written.with_label_values(&[p, outcome]).inc_by(0);
+            }
+        }
+    }
+
+    /// Counts the values of one rewritten request, per prefix.
+    pub fn record_encode(&self, stats: &EncodeStats) {
+        for p in &stats.by_prefix {
+            let prefix = String::from_utf8_lossy(&p.prefix);
+            self.values_logical_bytes.with_label_values(&[&prefix]).inc_by(p.bytes_in);
+            self.values_stored_bytes.with_label_values(&[&prefix]).inc_by(p.bytes_out);
+            for (outcome, n) in [
+                (EncodeOutcome::Compressed, p.compressed),
+                (EncodeOutcome::RawFrame, p.raw_frames),
+                (EncodeOutcome::StoredAsIs, p.stored_as_is),
+            ] {
+                if n > 0 {
+                    self.values_written.with_label_values(&[&prefix, outcome_label(outcome)]).inc_by(n);
+                }
+            }
+        }
+    }
+
+    /// The name of every registered metric (histograms without their `_bucket`, `_sum`, `_count`).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode_text(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// Registers each metric once and remembers its name.
+struct Registrar {
+    registry: Registry,
+    names: std::cell::RefCell<Vec<String>>,
+}
+
+impl Registrar {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(&self, metric: prometheus::Result<M>) -> M {
+        let m = metric.expect("valid metric name and labels");
+        self.names.borrow_mut().extend(m.desc().iter().map(|d| d.fq_name.clone()));
+        self.registry.register(Box::new(m.clone())).expect("metric names are unique");
+        m
+    }
+}
+
+fn outcome_label(o: EncodeOutcome) -> &'static str {
+    match o {
+        EncodeOutcome::Compressed => "compressed",
+        EncodeOutcome::RawFrame => "raw_frame",
+        EncodeOutcome::StoredAsIs => "stored_as_is",
+        EncodeOutcome::Untouched => "untouched",
+    }
+}
+
+/// The name grpc-go gives a status code (`OK`, `Unavailable`, …): what dashboards expect in `code`.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// The status of a gRPC response from its `grpc-status` header or trailer.
+fn grpc_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(tonic::Code::from_i32(v))
+}
+
+/// The tower layer around the gRPC router: counts, times and traces every call, and ends
+/// long-lived streams with UNAVAILABLE when `shutdown` turns true.
+#[derive(Clone)]
+pub struct GrpcLayer {
+    shutdown: watch::Receiver<bool>,
+}
+
+impl GrpcLayer {
+    /// A layer whose long-lived streams end when `shutdown` becomes true.
+    pub fn new(shutdown: watch::Receiver<bool>) -> Self {
+        GrpcLayer { shutdown }
+    }
+}
+
+impl<S> tower::Layer<S> for GrpcLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics { inner, shutdown: self.shutdown.clone() }
+    }
+}
+
+/// The service made by [`GrpcLayer`].
+#[derive(Clone)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<S> tower::Service<http::Request<Body>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<ObservedBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // The clone that was polled ready serves this call; the fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let info = crate::server::method_info(req.uri().path());
+        let (method, shape, long_lived) = match info {
+            Some(m) => (m.path.as_str(), m.shape, m.long_lived),
+            None => ("unknown", crate::server::raw::Shape::Unary, false),
+        };
+        let call = Call::start(method, shape == crate::server::raw::Shape::Unary);
+        let req = if shape == crate::server::raw::Shape::Bidi {
+            req
+        } else {
+            let bytes = call.request_bytes.clone();
+            req.map(|b| Body::new(CountedBody { inner: b, bytes }))
+        };
+        let shutdown = long_lived.then(|| {
+            let mut rx = self.shutdown.clone();
+            Box::pin(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }) as Pin<Box<dyn Future<Output = ()> + Send>>
+        });
+        let span = tracing::info_span!("rpc", method);
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let response = inner.call(req).await?;
+                let mut call = call;
+                if let Some(code) = grpc_code(response.headers()) {
+                    call.code = Some(code);
+                }
+                Ok(response.map(|inner| ObservedBody { inner, call: Some(call), shutdown, done: false }))
+            },
+            span,
+        ))
+    }
+}
+
+/// One call being measured; recorded exactly once, when it is dropped.
+struct Call {
+    method: &'static str,
+    unary: bool,
+    start: Instant,
+    code: Option<tonic::Code>,
+    request_bytes: Arc<AtomicI64>,
+}
+
+impl Call {
+    fn start(method: &'static str, unary: bool) -> Self {
+        get().grpc_inflight_requests.inc();
+        Call { method, unary, start: Instant::now(), code: None, request_bytes: Arc::new(AtomicI64::new(0)) }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let m = get();
+        m.grpc_inflight_requests.dec();
+        m.grpc_inflight_request_bytes.sub(self.request_bytes.load(Ordering::Relaxed));
+        // No status at all: the client went away (or the call was cut after the shutdown grace).
+        let code = code_name(self.code.unwrap_or(tonic::Code::Cancelled));
+        m.grpc_requests.with_label_values(&[self.method, code]).inc();
+        if self.unary {
+            m.grpc_request_duration.with_label_values(&[self.method]).observe(self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// A request body that adds what it delivers to `etcd_squeeze_grpc_inflight_request_bytes`
+/// (the [`Call`] subtracts it when the call ends).
+struct CountedBody {
+    inner: Body,
+    bytes: Arc<AtomicI64>,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()).and_then(Frame::data_ref) {
+            let n = data.len() as i64;
+            self.bytes.fetch_add(n, Ordering::Relaxed);
+            get().grpc_inflight_request_bytes.add(n);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that records the call's status when it ends, and, for long-lived streams,
+/// ends the stream with UNAVAILABLE when the proxy shuts down.
+pub struct ObservedBody {
+    inner: Body,
+    call: Option<Call>,
+    shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    done: bool,
+}
+
+/// The status that ends Watch, LeaseKeepAlive and other long-lived streams at shutdown:
+/// clientv3 treats UNAVAILABLE as transient and re-opens the stream on another endpoint.
+pub fn shutdown_status() -> Status {
+    Status::unavailable("etcd-squeeze: shutting down")
+}
+
+impl ObservedBody {
+    fn finish(&mut self, code: Option<tonic::Code>) {
+        self.done = true;
+        if let Some(mut call) = self.call.take() {
+            call.code = code.or(call.code);
+        }
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(stop) = this.shutdown.as_mut() {
+            if stop.as_mut().poll(cx).is_ready() {
+                // Stop between two messages: the inner body only ever yields whole messages.
+                // Dropping it drops the upstream stream (etcd cancels the watch).
+                this.inner = Body::empty();
+                let status = shutdown_status();
+                this.finish(Some(status.code()));
+                let mut trailers = http::HeaderMap::new();
+                if status.add_header(&mut trailers).is_err() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(code) = f.trailers_ref().and_then(grpc_code) {
+                    this.finish(Some(code));
+                }
+            }
+            Some(Err(status)) => this.finish(Some(status.code())),
+            None => this.finish(None),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_named_by_the_rules() {
+        let m = get();
+        m.init_prefixes(["/p/"]);
+        m.upstream_up.with_label_values(&["http://e:1"]).set(1);
+        m.grpc_requests.with_label_values(&["/etcdserverpb.KV/Range", "OK"]).inc();
+        m.grpc_request_duration.with_label_values(&["/etcdserverpb.KV/Range"]).observe(0.001);
+        let text = m.encode_text();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut parts = line.split(' ').skip(2);
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(name.starts_with("etcd_squeeze_"), "{name}");
+            match kind {
+                "counter" => assert!(name.ends_with("_total"), "{name}"),
+                "histogram" => assert!(name.ends_with("_seconds"), "{name}"),
+                "gauge" => assert!(!name.ends_with("_total"), "{name}"),
+                other => panic!("{name}: unexpected type {other}"),
+            }
+        }
+        assert!(text.contains("etcd_squeeze_values_written_total{outcome=\"raw_frame\",prefix=\"/p/\"} 0"), "{text}");
+        assert!(text.contains("etcd_squeeze_decode_errors_total{reason=\"zstd\"} 0"));
+    }
+
+    #[test]
+    fn codes_are_grpc_go_names() {
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
+        assert_eq!(code_name(tonic::Code::Unavailable), "Unavailable");
+        assert_eq!(code_name(tonic::Code::DataLoss), "DataLoss");
+    }
+}
