@@ -58,6 +58,7 @@ struct Args {
     sizes: Vec<String>,
     fronts: Vec<Front>,
     markdown: Option<PathBuf>,
+    chart: Option<PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -67,6 +68,7 @@ fn parse_args() -> Args {
         sizes: ["1k", "10k", "100k", "1m", "4m"].map(String::from).to_vec(),
         fronts: vec![Front::Direct, Front::GrpcProxy, Front::SqueezeOff, Front::SqueezeZstd],
         markdown: None,
+        chart: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -77,6 +79,7 @@ fn parse_args() -> Args {
             "--sizes" => a.sizes = val().split(',').map(String::from).collect(),
             "--fronts" => a.fronts = val().split(',').map(Front::parse).collect(),
             "--markdown" => a.markdown = Some(PathBuf::from(val())),
+            "--chart" => a.chart = Some(PathBuf::from(val())),
             "--bench" => {}
             other => panic!("unknown argument {other:?}"),
         }
@@ -431,6 +434,7 @@ async fn main() {
         args.fronts = vec![Front::Direct, Front::SqueezeZstd];
         args.scale = 0.05;
         args.markdown = None;
+        args.chart = None;
     }
     let mut rows = Vec::new();
     for size in &args.sizes {
@@ -448,4 +452,64 @@ async fn main() {
     if let Some(path) = &args.markdown {
         std::fs::write(path, report).unwrap();
     }
+    if let Some(path) = &args.chart {
+        chart(&rows, &args, path).unwrap();
+    }
+}
+
+/// Two grouped bar charts side by side: GuaranteedUpdate/s and bytes etcd stores, per size class
+/// and front. Needs a TrueType font (Debian's fonts-dejavu-core).
+fn chart(rows: &[Row], args: &Args, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
+        .map_err(|_| "cannot load DejaVuSans.ttf")?;
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(700);
+    let colors = [RGBColor(90, 90, 90), RGBColor(230, 150, 40), RGBColor(110, 160, 220), RGBColor(40, 150, 80)];
+    let sizes = &args.sizes;
+    let fronts = &args.fronts;
+    let width = fronts.len() as f64 + 1.0;
+    type Metric = fn(&Row) -> f64;
+    let panels: [(&str, Metric, bool); 2] = [
+        ("GuaranteedUpdate/s (higher is better)", |r| r.update_ops, false),
+        ("bytes etcd stores, log scale (lower is better)", |r| r.stored_bytes as f64, true),
+    ];
+    for (area, (title, metric, log)) in [left, right].into_iter().zip(panels) {
+        let max = rows.iter().map(metric).fold(1.0, f64::max) * if log { 4.0 } else { 1.2 };
+        let x_range = 0.0..sizes.len() as f64 * width;
+        let mut builder = ChartBuilder::on(&area);
+        builder.caption(title, ("sans-serif", 22)).margin(12).x_label_area_size(40).y_label_area_size(70);
+        let x_label = |x: &f64| sizes.get((*x / width) as usize).cloned().unwrap_or_default();
+        let mut data = Vec::new();
+        for (si, size) in sizes.iter().enumerate() {
+            for (fi, front) in fronts.iter().enumerate() {
+                if let Some(r) = rows.iter().find(|r| &r.size == size && r.front == front.name()) {
+                    data.push((si, fi, metric(r)));
+                }
+            }
+        }
+        if log {
+            let mut chart = builder.build_cartesian_2d(x_range, (1.0..max).log_scale())?;
+            chart.configure_mesh().disable_x_mesh().x_labels(sizes.len() * 2).x_label_formatter(&x_label).draw()?;
+            for (si, fi, v) in data {
+                let x0 = si as f64 * width + fi as f64 + 0.5;
+                chart.draw_series([Rectangle::new([(x0, 1.0), (x0 + 0.9, v.max(1.0))], colors[fi % 4].filled())])?;
+            }
+        } else {
+            let mut chart = builder.build_cartesian_2d(x_range, 0.0..max)?;
+            chart.configure_mesh().disable_x_mesh().x_labels(sizes.len() * 2).x_label_formatter(&x_label).draw()?;
+            for (si, fi, v) in data {
+                let x0 = si as f64 * width + fi as f64 + 0.5;
+                let series = chart.draw_series([Rectangle::new([(x0, 0.0), (x0 + 0.9, v)], colors[fi % 4].filled())])?;
+                if si == 0 {
+                    series.label(fronts[fi].name()).legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colors[fi % 4].filled()));
+                }
+            }
+            chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
+        }
+    }
+    root.present()?;
+    Ok(())
 }

@@ -33,7 +33,30 @@ impl Etcd {
 
     /// Starts etcd with extra flags.
     pub async fn start_with(extra: &[&str]) -> Etcd {
-        let etcd = Self::spawn("http", extra);
+        Self::wait_ready(Self::spawn(tempfile::tempdir().unwrap(), free_port(), "http", extra)).await
+    }
+
+    /// Restores an etcd snapshot (`etcdctl snapshot restore`) into a new data directory and
+    /// starts a new etcd on it.
+    pub async fn restore(snapshot: &std::path::Path) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = free_port();
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore"])
+            .arg(snapshot)
+            .args(["--name", "test", "--initial-cluster", &format!("test={peer_url}"), "--initial-advertise-peer-urls", &peer_url])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("etcdctl (Debian's etcd-client) is needed");
+        assert!(out.status.success(), "etcdctl snapshot restore: {}", String::from_utf8_lossy(&out.stderr));
+        Self::wait_ready(Self::spawn(dir, peer, "http", &[])).await
+    }
+
+    /// Waits until a plain-text etcd answers a Range.
+    async fn wait_ready(etcd: Etcd) -> Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut c) = etcd_client::Client::connect([&etcd.url], None).await {
@@ -51,7 +74,7 @@ impl Etcd {
     pub async fn start_tls(tls: &crate::pki::Files) -> Etcd {
         let arg = |flag: &str, path: &std::path::Path| format!("--{flag}={}", path.display());
         let flags = [arg("cert-file", &tls.cert), arg("key-file", &tls.key), arg("trusted-ca-file", &tls.ca), "--client-cert-auth".into()];
-        let etcd = Self::spawn("https", &flags.iter().map(String::as_str).collect::<Vec<_>>());
+        let etcd = Self::spawn(tempfile::tempdir().unwrap(), free_port(), "https", &flags.iter().map(String::as_str).collect::<Vec<_>>());
         let deadline = Instant::now() + Duration::from_secs(20);
         while !tls.etcdctl(&etcd.url, &["endpoint", "health"], None).status.success() {
             assert!(Instant::now() < deadline, "etcd did not start; see {}", etcd.dir.path().join("etcd.log").display());
@@ -66,10 +89,10 @@ impl Etcd {
         signal(self.child.id(), if frozen { "STOP" } else { "CONT" });
     }
 
-    fn spawn(scheme: &str, extra: &[&str]) -> Etcd {
+    /// Spawns etcd (member `test`, peer port `peer`) on `dir/data`, which may hold a restored snapshot.
+    fn spawn(dir: tempfile::TempDir, peer: u16, scheme: &str, extra: &[&str]) -> Etcd {
         let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
+        let client = free_port();
         let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();

@@ -8,6 +8,7 @@ mod deploy;
 mod dictionary;
 mod harness;
 mod kv;
+mod migration;
 mod ops;
 mod other;
 mod pki;

@@ -15,6 +15,7 @@
 //! - [`tls`]: certificates and keys from PEM files, reloaded when they change.
 //! - [`metrics`]: the Prometheus metrics, and the tower layer counting every gRPC call.
 //! - [`health`]: the readiness probe and the `/metrics`, `/healthz`, `/readyz` listener.
+//! - [`ops`]: the operator commands (`analyze`, `migrate`, `get`), talking to etcd directly.
 //! - [`corpus`]: a generator of realistic FlyteWorkflow objects for tests, demo and benchmarks.
 //! - [`demo`]: the driver behind `scripts/demo`.
 //! - [`proto`]: etcd's v3 API, generated from `proto/`.
@@ -28,6 +29,7 @@ pub mod demo;
 pub mod dictionary;
 pub mod health;
 pub mod metrics;
+pub mod ops;
 pub mod rewrite;
 pub mod server;
 pub mod tls;

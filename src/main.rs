@@ -1,4 +1,4 @@
-//! The `etcd-squeeze` binary: `serve`, `corpus generate`, `demo`, `dict`.
+//! The `etcd-squeeze` binary: `serve`, `analyze`, `migrate`, `get`, `dict`, `corpus generate`, `demo`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use etcd_squeeze::config::{Config, LogFormat, PrefixConfig};
+use etcd_squeeze::ops;
 
 #[derive(Parser)]
 #[command(name = "etcd-squeeze", version, about = "A transparent compressing proxy for etcd")]
@@ -26,6 +27,17 @@ enum Command {
     /// Write realistic FlyteWorkflow objects through a running proxy, read them back and print the savings
     /// (the driver behind scripts/demo).
     Demo(DemoArgs),
+    /// Read-only report of every value under the prefixes and what the proxy would store instead
+    /// (talks to etcd directly; run it before installing the proxy).
+    Analyze(ops::analyze::AnalyzeArgs),
+    /// Rewrite the values already in etcd: `compress` to adopt the proxy, `decompress` to remove it
+    /// (talks to etcd directly; a dry run unless --yes).
+    Migrate {
+        #[command(subcommand)]
+        command: ops::migrate::MigrateCommand,
+    },
+    /// Read a key (or --prefix) directly from etcd: the decoded value, or with --meta the frame metadata.
+    Get(ops::get::GetArgs),
     /// Trained dictionaries stored in etcd: list, show, train, gc.
     Dict {
         #[command(subcommand)]
@@ -233,6 +245,9 @@ async fn main() -> ExitCode {
             }
         },
         Command::Demo(args) => demo(args).await,
+        Command::Analyze(args) => ops::analyze::cli(args).await,
+        Command::Migrate { command } => ops::migrate::cli(command).await,
+        Command::Get(args) => ops::get::cli(args).await,
         Command::Dict { command } => etcd_squeeze::dictionary::admin::run(command).await,
     }
 }

@@ -1,12 +1,12 @@
 //! Operator commands: `etcd-squeeze dict list | show ID | train --prefix P | gc [--yes]`.
 //!
-//! They talk to etcd directly (`upstream.endpoints` of the config, or `--endpoints`). `list` and
+//! They talk to etcd directly, connected like the other operator commands ([`EtcdArgs`]: the
+//! config's `[upstream]`, or `--endpoints` and the TLS flags). `list` and
 //! `gc` read every stored value once (a page at a time) to count which dictionary each frame
 //! names; `gc` also replays etcd's history since the last compaction, because a Range or Watch
 //! at an older revision may still return values written with an older dictionary.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use super::store::{Record, Store};
 use super::{unix_now, Dictionaries, DictionaryError};
 use crate::codec::{frame, ValueCodec, RESERVED_PREFIX};
 use crate::config::Config;
+use crate::ops::EtcdArgs;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::{watch_request, RangeRequest, WatchCreateRequest, WatchRequest};
@@ -34,14 +35,14 @@ const SCAN_PAGE: i64 = 64;
 #[derive(Debug, clap::Subcommand)]
 pub enum DictCommand {
     /// Every stored dictionary: ID, prefix, size, created, and how many stored values use it.
-    List(Target),
+    List(EtcdArgs),
     /// One dictionary's metadata, verified.
     Show {
         /// Dictionary ID.
         id: u32,
         /// Which etcd and configuration.
         #[command(flatten)]
-        target: Target,
+        target: EtcdArgs,
     },
     /// Train a dictionary for a prefix from the values stored in etcd, and publish it if it beats
     /// the current one by dictionaries.min_gain.
@@ -51,7 +52,7 @@ pub enum DictCommand {
         prefix: String,
         /// Which etcd and configuration.
         #[command(flatten)]
-        target: Target,
+        target: EtcdArgs,
     },
     /// Delete dictionaries no stored value refers to (dry run unless --yes).
     Gc {
@@ -60,34 +61,8 @@ pub enum DictCommand {
         yes: bool,
         /// Which etcd and configuration.
         #[command(flatten)]
-        target: Target,
+        target: EtcdArgs,
     },
-}
-
-/// Which etcd, and which configuration.
-#[derive(Debug, clap::Args)]
-pub struct Target {
-    /// TOML configuration file (dictionaries.key_prefix, [[prefixes]], upstream.endpoints).
-    #[arg(long, env = "ETCD_SQUEEZE_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// etcd endpoint URL (repeatable), replacing upstream.endpoints.
-    #[arg(long = "endpoints")]
-    pub endpoints: Vec<String>,
-}
-
-impl Target {
-    /// The validated configuration with the endpoint override applied.
-    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => Config::load(path)?,
-            None => Config::default(),
-        };
-        if !self.endpoints.is_empty() {
-            config.upstream.endpoints = self.endpoints.clone();
-        }
-        config.validate()?;
-        Ok(config)
-    }
 }
 
 /// Runs one `dict` command, printing to stdout; errors go to stderr.
@@ -109,12 +84,14 @@ pub async fn run(command: DictCommand) -> ExitCode {
     }
 }
 
-async fn with_config<F, Fut>(target: &Target, f: F) -> Result<(), Box<dyn std::error::Error>>
+/// Runs `f` with the configuration of `target` (file, `--endpoints` and TLS flags, as the other
+/// operator commands).
+async fn with_config<F, Fut>(target: &EtcdArgs, f: F) -> Result<(), Box<dyn std::error::Error>>
 where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = Result<(), DictionaryError>>,
 {
-    Ok(f(target.load()?).await?)
+    Ok(f(target.config(&[])?).await?)
 }
 
 fn channel(config: &Config) -> Result<Upstream, DictionaryError> {

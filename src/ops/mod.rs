@@ -1,0 +1,412 @@
+//! Operator commands: talk to etcd directly (never through the proxy) to adopt and remove
+//! etcd-squeeze on a live cluster.
+//!
+//! - [`analyze`]: read-only report of what the proxy would save, before installing it.
+//! - [`migrate`]: rewrite existing values as frames (`compress`) or back (`decompress`), each
+//!   with a Txn on the key's `mod_revision`, so a concurrent writer always wins.
+//! - [`get`]: one key (or a prefix) read from etcd and decoded, or its frame metadata.
+//!
+//! Everything that connects to etcd is in this file ([`EtcdArgs`], [`Etcd::connect`]), built on
+//! [`crate::upstream::Upstream`], so the commands use exactly the connection settings of `serve`
+//! (`[upstream]` of the same config file: endpoints, timeouts, TLS), with etcdctl-like overrides. Every value is encoded and decoded through
+//! [`ValueCodec`], so whatever the proxy can read, these commands can read.
+
+pub mod analyze;
+pub mod get;
+pub mod migrate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+
+use crate::codec::{DecodeError, PrefixRule, ValueCodec};
+use crate::config::{Config, ConfigError, PrefixConfig};
+use crate::proto::etcdserverpb::kv_client::KvClient;
+use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
+use crate::proto::mvccpb::KeyValue;
+use crate::upstream::Upstream;
+
+/// Keys under this prefix belong to etcd-squeeze itself (trained dictionaries): the operator
+/// commands never count or rewrite them, even when a configured prefix covers them.
+pub use crate::codec::RESERVED_PREFIX;
+
+/// Keys read per Range page: 100 keys of FlyteWorkflow objects (up to 1.5 MiB each, typically
+/// tens of KB) keep one response well under 200 MB even in the worst case.
+pub const DEFAULT_PAGE_KEYS: i64 = 100;
+
+/// etcd's default `--max-request-bytes`: 1.5 MiB. A Put larger than this is refused by etcd.
+pub const DEFAULT_ETCD_MAX_REQUEST_BYTES: &str = "1.5MiB";
+
+/// How to reach etcd: the same configuration file as `serve` (its `[upstream]` section,
+/// TLS included), and overrides named like etcdctl's flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdArgs {
+    /// The proxy's TOML configuration (prefixes, levels, limits, [upstream]); defaults without one.
+    #[arg(long, env = "ETCD_SQUEEZE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// etcd's own client URL (repeatable or comma-separated), replacing upstream.endpoints.
+    /// Point it at etcd itself, never at the proxy: through the proxy every value looks raw.
+    #[arg(long = "endpoints", alias = "upstream", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// PEM CA bundle that signed etcd's certificate (https endpoints), replacing upstream.tls_ca_file.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// PEM client certificate presented to etcd, replacing upstream.tls_cert_file.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert, replacing upstream.tls_key_file.
+    #[arg(long = "key", id = "tls_key")]
+    pub key: Option<PathBuf>,
+    /// Name checked in etcd's certificate instead of each endpoint's host, replacing
+    /// upstream.tls_server_name.
+    #[arg(long)]
+    pub server_name: Option<String>,
+}
+
+/// Which key prefixes a command works on.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PrefixArgs {
+    /// Key prefix (repeatable), replacing the configured [[prefixes]] with default settings.
+    #[arg(long = "prefix")]
+    pub prefixes: Vec<String>,
+}
+
+/// A failure of an operator command.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The configuration file is missing, unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An etcd endpoint is not a valid URL.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    /// An etcd call failed.
+    #[error("etcd {call}: {}: {}", status.code(), status.message())]
+    Rpc {
+        /// What was being done, with the key and revision.
+        call: String,
+        /// etcd's (or the transport's) status.
+        status: tonic::Status,
+    },
+    /// A frame that cannot be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The migration state file cannot be read, written or does not match this run.
+    #[error("state file {path}: {reason}")]
+    State {
+        /// The `--state-file` path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Arguments that do not make sense together.
+    #[error("{0}")]
+    Usage(String),
+    /// The printed output cannot be written (closed pipe).
+    #[error("output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl OpsError {
+    /// The process exit code: 2 for configuration and usage errors, 1 for the rest.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            OpsError::Config(_) | OpsError::Usage(_) | OpsError::Upstream(_) => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}
+
+/// Prints `command: error` on stderr and returns the matching exit code.
+pub fn fail(command: &str, e: &OpsError) -> ExitCode {
+    eprintln!("etcd-squeeze {command}: {e}");
+    e.exit_code()
+}
+
+impl EtcdArgs {
+    /// The configuration: the file (or defaults), with `--endpoints` and `prefixes` applied and
+    /// validated. `prefixes` non-empty replaces the configured `[[prefixes]]`.
+    pub fn config(&self, prefixes: &[String]) -> Result<Config, OpsError> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        let u = &mut config.upstream;
+        if !self.endpoints.is_empty() {
+            u.endpoints = self.endpoints.clone();
+        }
+        for (field, flag) in [(&mut u.tls_ca_file, &self.cacert), (&mut u.tls_cert_file, &self.cert), (&mut u.tls_key_file, &self.key)] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        if self.server_name.is_some() {
+            u.tls_server_name.clone_from(&self.server_name);
+        }
+        if !prefixes.is_empty() {
+            config.prefixes = prefixes.iter().map(PrefixConfig::new).collect();
+        }
+        // These commands do not listen: the proxy's [server] section (its TLS files may live on
+        // another host) is not theirs to check. And before adoption etcd itself is often on
+        // 127.0.0.1:2379, the proxy's default listen address, which validate() would refuse as a loop.
+        config.server = crate::config::ServerConfig { listen: "127.0.0.1:0".parse().expect("constant"), ..Default::default() };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads the configuration (see [`EtcdArgs::config`]) and connects to etcd.
+    pub fn connect(&self, prefixes: &PrefixArgs) -> Result<Etcd, OpsError> {
+        Etcd::connect(self.config(&prefixes.prefixes)?)
+    }
+}
+
+/// A connection to etcd plus the codec of the configuration: everything a command needs.
+#[derive(Debug, Clone)]
+pub struct Etcd {
+    /// The configuration the command runs with.
+    pub config: Config,
+    /// The codec of the configured prefixes (encoding, and which key belongs to which rule).
+    pub codec: ValueCodec,
+    /// Decodes every frame whatever its key: an operator reading a key wants the original bytes
+    /// even when its prefix is not (or no longer) configured.
+    decoder: ValueCodec,
+    kv: KvClient<Upstream>,
+}
+
+impl Etcd {
+    /// Connects (lazily) to `config.upstream` with the proxy's own channel settings and TLS.
+    pub fn connect(config: Config) -> Result<Etcd, OpsError> {
+        let upstream = Upstream::new(&config.upstream)?;
+        // The codec is built exactly as the proxy builds its own, so whatever the proxy can
+        // encode and decode (trained dictionaries included, once they exist) these commands can too.
+        let codec = ValueCodec::from_config(&config);
+        let mut catch_all = codec.rules().to_vec();
+        catch_all.push(PrefixRule::from(&PrefixConfig::new("")));
+        let decoder = ValueCodec::new(catch_all, config.limits.max_value_bytes.as_u64() as usize);
+        let kv = KvClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        Ok(Etcd { config, codec, decoder, kv })
+    }
+
+    /// A KV client on the shared connections.
+    pub fn kv(&self) -> KvClient<Upstream> {
+        self.kv.clone()
+    }
+
+    /// The original bytes of a stored value (frames decoded, anything else as it is).
+    pub fn decode(&self, key: &[u8], value: &Bytes) -> Result<Bytes, DecodeError> {
+        self.decoder.decode(key, value)
+    }
+
+    /// The configured prefixes, as bytes, in configuration order.
+    pub fn prefixes(&self) -> Vec<Bytes> {
+        self.config.prefixes.iter().map(|p| Bytes::copy_from_slice(p.prefix.as_bytes())).collect()
+    }
+
+    /// The key ranges to scan for the configured prefixes (see [`scan_ranges`]).
+    pub fn ranges(&self) -> Vec<KeyRange> {
+        scan_ranges(&self.prefixes())
+    }
+
+    /// One Range call; `call` describes it for the error message.
+    pub async fn range(&self, request: RangeRequest, call: impl FnOnce() -> String) -> Result<RangeResponse, OpsError> {
+        self.kv().range(request).await.map(|r| r.into_inner()).map_err(|status| OpsError::Rpc { call: call(), status })
+    }
+
+    /// The number of keys in `range` from `start` on, at `revision` (0 = now), and the revision
+    /// of the answer.
+    pub async fn count(&self, range: &KeyRange, start: &[u8], revision: i64) -> Result<(u64, i64), OpsError> {
+        let request = RangeRequest {
+            key: Bytes::copy_from_slice(start),
+            range_end: range.end.clone(),
+            revision,
+            count_only: true,
+            ..Default::default()
+        };
+        let r = self.range(request, || format!("count of keys from {} at revision {revision}", crate::codec::KeyDisplay(start))).await?;
+        Ok((r.count.max(0) as u64, r.header.map_or(0, |h| h.revision)))
+    }
+
+    /// The sum of [`Etcd::count`] over `ranges`, each from its start or after `after`.
+    pub async fn count_all(&self, ranges: &[KeyRange], after: Option<&[u8]>, revision: i64) -> Result<(u64, i64), OpsError> {
+        let (mut total, mut rev) = (0, revision);
+        for range in ranges {
+            if let Some(start) = range.start_after(after) {
+                let (n, r) = self.count(range, &start, rev).await?;
+                total += n;
+                if rev == 0 {
+                    rev = r;
+                }
+            }
+        }
+        Ok((total, rev))
+    }
+
+    /// A pager over `range`, starting at `start`, reading `page_keys` keys per call at
+    /// `revision` (0 = the latest revision of each page).
+    pub fn pager(&self, range: &KeyRange, start: Vec<u8>, revision: i64, page_keys: i64) -> Pager<'_> {
+        Pager { etcd: self, end: range.end.clone(), next: Some(start), revision, page_keys, reserved: false }
+    }
+}
+
+/// A key range `[start, end)` in etcd's convention (`end` = `"\0"`: every key from `start` on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRange {
+    /// The prefix this range covers.
+    pub prefix: Bytes,
+    /// First key (the prefix; `"\0"` for the empty prefix, since etcd refuses an empty key).
+    pub start: Bytes,
+    /// End of the range, exclusive.
+    pub end: Bytes,
+}
+
+impl KeyRange {
+    /// The range of every key that starts with `prefix`.
+    pub fn of_prefix(prefix: &[u8]) -> KeyRange {
+        let start = if prefix.is_empty() { Bytes::from_static(b"\0") } else { Bytes::copy_from_slice(prefix) };
+        let end = crate::codec::prefix_end(prefix).map_or(Bytes::from_static(b"\0"), Bytes::from);
+        KeyRange { prefix: Bytes::copy_from_slice(prefix), start, end }
+    }
+
+    /// Where a scan of this range starts when every key up to `after` (inclusive) is done:
+    /// `None` when the whole range is done.
+    pub fn start_after(&self, after: Option<&[u8]>) -> Option<Vec<u8>> {
+        let Some(after) = after else { return Some(self.start.to_vec()) };
+        let mut next = after.to_vec();
+        next.push(0);
+        if next[..] <= self.start[..] {
+            return Some(self.start.to_vec());
+        }
+        (self.end[..] == b"\0"[..] || next[..] < self.end[..]).then_some(next)
+    }
+}
+
+/// The disjoint ranges that cover every key under `prefixes`, in key order: a prefix that starts
+/// with another listed prefix is covered by it and dropped. Scanning them in order visits every
+/// key once, in increasing order, which is what makes a migration resumable from one key.
+pub fn scan_ranges(prefixes: &[Bytes]) -> Vec<KeyRange> {
+    let mut sorted = prefixes.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let mut ranges: Vec<KeyRange> = Vec::new();
+    for p in sorted {
+        if ranges.iter().any(|r| p.starts_with(&r.prefix)) {
+            continue;
+        }
+        ranges.push(KeyRange::of_prefix(&p));
+    }
+    ranges
+}
+
+/// Reads a key range page by page (etcd's `limit` and `more`), in key order.
+pub struct Pager<'a> {
+    etcd: &'a Etcd,
+    end: Bytes,
+    next: Option<Vec<u8>>,
+    revision: i64,
+    page_keys: i64,
+    reserved: bool,
+}
+
+impl Pager<'_> {
+    /// Also returns the keys under [`RESERVED_PREFIX`] (left out by default).
+    pub fn including_reserved(mut self) -> Self {
+        self.reserved = true;
+        self
+    }
+
+    /// The next page of key-values, or `None` when the range is exhausted. Keys under
+    /// [`RESERVED_PREFIX`] are left out unless [`Pager::including_reserved`].
+    pub async fn next_page(&mut self) -> Result<Option<Vec<KeyValue>>, OpsError> {
+        let Some(start) = self.next.take() else { return Ok(None) };
+        let request = RangeRequest {
+            key: Bytes::from(start.clone()),
+            range_end: self.end.clone(),
+            limit: self.page_keys,
+            revision: self.revision,
+            ..Default::default()
+        };
+        let revision = self.revision;
+        let r = self
+            .etcd
+            .range(request, || format!("Range from {} at revision {revision}", crate::codec::KeyDisplay(&start)))
+            .await?;
+        if r.more {
+            if let Some(last) = r.kvs.last() {
+                let mut next = last.key.to_vec();
+                next.push(0);
+                self.next = Some(next);
+            }
+        }
+        let reserved = self.reserved;
+        Ok(Some(r.kvs.into_iter().filter(|kv| reserved || !kv.key.starts_with(RESERVED_PREFIX)).collect()))
+    }
+}
+
+/// A progress bar on stderr with a count, a rate and an ETA; hidden when stderr is not a terminal.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{elapsed_precise}] [{wide_bar}] {pos}/{len} keys ({per_sec}, ETA {eta})",
+    )
+    .expect("constant template")
+    .progress_chars("=> ");
+    indicatif::ProgressBar::new(len).with_style(style).with_message(what.to_string())
+}
+
+/// A key for humans, JSON and state files: UTF-8 when it is, escaped bytes otherwise.
+pub fn key_string(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}
+
+/// A byte count for humans: `1.5 MiB`.
+pub fn human(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
+}
+
+/// `part` as a percentage of `whole` (0 when `whole` is 0).
+pub fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_each_key_once_in_order() {
+        let ranges = scan_ranges(&[Bytes::from_static(b"/b/"), Bytes::from_static(b"/a/x/"), Bytes::from_static(b"/a/"), Bytes::from_static(b"/b/")]);
+        assert_eq!(ranges.iter().map(|r| &r.prefix[..]).collect::<Vec<_>>(), vec![&b"/a/"[..], b"/b/"]);
+        assert_eq!(&ranges[0].end[..], b"/a0");
+        let all = scan_ranges(&[Bytes::from_static(b"/a/"), Bytes::new()]);
+        assert_eq!(all, vec![KeyRange { prefix: Bytes::new(), start: Bytes::from_static(b"\0"), end: Bytes::from_static(b"\0") }]);
+    }
+
+    #[test]
+    fn resume_points() {
+        let r = KeyRange::of_prefix(b"/b/");
+        assert_eq!(r.start_after(None), Some(b"/b/".to_vec()));
+        assert_eq!(r.start_after(Some(b"/a/z")), Some(b"/b/".to_vec()));
+        assert_eq!(r.start_after(Some(b"/b/k")), Some(b"/b/k\0".to_vec()));
+        assert_eq!(r.start_after(Some(b"/c")), None);
+        let all = KeyRange::of_prefix(b"");
+        assert_eq!(all.start_after(Some(b"\xff\xff")), Some(b"\xff\xff\0".to_vec()));
+    }
+
+    #[test]
+    fn endpoints_may_be_the_proxys_default_listen_address() {
+        let args = EtcdArgs { endpoints: vec!["http://127.0.0.1:2379".into()], ..Default::default() };
+        let config = args.config(&["/registry/x/".into()]).unwrap();
+        assert_eq!(config.prefixes[0].prefix, "/registry/x/");
+        let bad = EtcdArgs { endpoints: vec!["ftp://x".into()], ..Default::default() };
+        assert!(bad.config(&[]).unwrap_err().to_string().contains("upstream.endpoints[0]"));
+        let tls = EtcdArgs { endpoints: vec!["https://etcd:2379".into()], ..Default::default() };
+        assert!(tls.config(&[]).unwrap_err().to_string().contains("upstream.tls_ca_file"), "https needs --cacert");
+        let tls = EtcdArgs { cacert: Some("ca.crt".into()), server_name: Some("etcd.local".into()), ..tls };
+        let u = tls.config(&[]).unwrap().upstream;
+        assert_eq!((u.tls_ca_file.unwrap(), u.tls_server_name.unwrap()), ("ca.crt".into(), "etcd.local".to_string()));
+    }
+}
