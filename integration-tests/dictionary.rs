@@ -349,4 +349,11 @@ async fn dict_commands_train_list_show_and_gc() {
     for (i, v) in values.iter().enumerate() {
         assert_eq!(via.get(key(&format!("v{i}")), None).await.unwrap().kvs()[0].value(), &v[..]);
     }
+    // The other operator commands read values written with a dictionary too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
+        .args(["get", &key("v0"), "--endpoints", &etcd.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, values[0]);
 }

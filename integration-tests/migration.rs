@@ -369,7 +369,7 @@ async fn get_prints_values_and_frame_metadata() {
     env.direct.put(wf(3), bad, None).await.unwrap();
     let out = binary(&["get", "--meta", &wf(3)], &url);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("dictionary 9") && String::from_utf8_lossy(&out.stdout).contains("CANNOT DECODE: unknown dictionary ID 9"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dictionary 9") && String::from_utf8_lossy(&out.stdout).contains("CANNOT DECODE: dictionary ID 9 is not available: no such key /etcd-squeeze/dictionaries/0000000009"));
 }
 
 /// A snapshot taken through the proxy (`etcdctl snapshot save`, Maintenance.Snapshot) restores

@@ -171,6 +171,8 @@ pub struct Etcd {
     /// Decodes every frame whatever its key: an operator reading a key wants the original bytes
     /// even when its prefix is not (or no longer) configured.
     decoder: ValueCodec,
+    /// Loads the trained dictionaries that the frames of each page read name.
+    dictionaries: std::sync::Arc<crate::dictionary::Dictionaries>,
     kv: KvClient<Upstream>,
 }
 
@@ -183,9 +185,10 @@ impl Etcd {
         let codec = ValueCodec::from_config(&config);
         let mut catch_all = codec.rules().to_vec();
         catch_all.push(PrefixRule::from(&PrefixConfig::new("")));
-        let decoder = ValueCodec::new(catch_all, config.limits.max_value_bytes.as_u64() as usize);
+        let decoder = ValueCodec::new(catch_all, config.limits.max_value_bytes.as_u64() as usize).with_dictionaries(codec.dictionaries().clone());
+        let dictionaries = crate::dictionary::Dictionaries::new(&config, decoder.clone(), upstream.clone());
         let kv = KvClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-        Ok(Etcd { config, codec, decoder, kv })
+        Ok(Etcd { config, codec, decoder, dictionaries, kv })
     }
 
     /// A KV client on the shared connections.
@@ -208,9 +211,16 @@ impl Etcd {
         scan_ranges(&self.prefixes())
     }
 
-    /// One Range call; `call` describes it for the error message.
+    /// One Range call; `call` describes it for the error message. The trained dictionaries its
+    /// frames name are loaded, so [`Etcd::decode`] can decode them.
     pub async fn range(&self, request: RangeRequest, call: impl FnOnce() -> String) -> Result<RangeResponse, OpsError> {
-        self.kv().range(request).await.map(|r| r.into_inner()).map_err(|status| OpsError::Rpc { call: call(), status })
+        let mut resp = self.kv().range(request).await.map(|r| r.into_inner());
+        if let Ok(r) = &mut resp {
+            if let Err(status) = self.dictionaries.prefetch(r).await {
+                resp = Err(status);
+            }
+        }
+        resp.map_err(|status| OpsError::Rpc { call: call(), status })
     }
 
     /// The number of keys in `range` from `start` on, at `revision` (0 = now), and the revision
