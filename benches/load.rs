@@ -1,10 +1,11 @@
 //! End-to-end load benchmark: kube-apiserver-shaped traffic against etcd directly, etcd's own
-//! `etcd grpc-proxy`, and etcd-squeeze (compression off, zstd), side by side in one run on the
+//! `etcd grpc-proxy`, and etcd-squeeze (compression off, zstd, zstd + trained dictionary), side by side in one run on the
 //! same machine. Each configuration gets a fresh etcd.
 //!
 //! ```text
 //! cargo bench --bench load -- [--clients 4] [--scale 1.0] [--sizes 1k,10k,100k,1m,4m]
-//!                             [--fronts direct,grpc-proxy,squeeze-off,squeeze-zstd] [--markdown FILE]
+//!                             [--fronts direct,grpc-proxy,squeeze-off,squeeze-zstd,squeeze-dict]
+//!                             [--markdown FILE] [--chart FILE.png]
 //! ```
 //!
 //! Per size class and front: GuaranteedUpdate (Range, then Txn on mod_revision with a Range in
@@ -30,6 +31,7 @@ enum Front {
     GrpcProxy,
     SqueezeOff,
     SqueezeZstd,
+    SqueezeDict,
 }
 
 impl Front {
@@ -39,6 +41,7 @@ impl Front {
             Front::GrpcProxy => "grpc-proxy",
             Front::SqueezeOff => "squeeze-off",
             Front::SqueezeZstd => "squeeze-zstd",
+            Front::SqueezeDict => "squeeze-dict",
         }
     }
     fn parse(s: &str) -> Front {
@@ -47,6 +50,7 @@ impl Front {
             "grpc-proxy" => Front::GrpcProxy,
             "squeeze-off" => Front::SqueezeOff,
             "squeeze-zstd" => Front::SqueezeZstd,
+            "squeeze-dict" => Front::SqueezeDict,
             other => panic!("unknown front {other:?}"),
         }
     }
@@ -66,7 +70,7 @@ fn parse_args() -> Args {
         clients: 4,
         scale: 1.0,
         sizes: ["1k", "10k", "100k", "1m", "4m"].map(String::from).to_vec(),
-        fronts: vec![Front::Direct, Front::GrpcProxy, Front::SqueezeOff, Front::SqueezeZstd],
+        fronts: vec![Front::Direct, Front::GrpcProxy, Front::SqueezeOff, Front::SqueezeZstd, Front::SqueezeDict],
         markdown: None,
         chart: None,
     };
@@ -154,9 +158,9 @@ fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String)> {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-        Front::SqueezeOff | Front::SqueezeZstd => {
+        Front::SqueezeOff | Front::SqueezeZstd | Front::SqueezeDict => {
             let config = dir.join("squeeze.toml");
-            let compress = front == Front::SqueezeZstd;
+            let compress = front != Front::SqueezeOff;
             std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{etcd}\"]\n[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ncompress = {compress}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n")).unwrap();
             Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
                 .args(["serve", "--config"])
@@ -230,6 +234,17 @@ async fn run_one(size: &str, front: Front, args: &Args) -> Row {
     let front_proc = start_front(front, &etcd_url, dir.path());
     let url = front_proc.as_ref().map_or(etcd_url.clone(), |(_, u)| u.clone());
     let client = connect(&url).await;
+    if front == Front::SqueezeDict {
+        // A dictionary trained on 96 other workflows (what the trainer would learn from live
+        // traffic), then the training objects removed and etcd compacted and defragmented so
+        // the DB size compares fairly with the other fronts.
+        let (id, _) = etcd_squeeze::demo::train_dictionary(&url, &etcd_url, 1).await.expect("train a dictionary");
+        eprintln!("  using trained dictionary {id}");
+        let training = "/registry/flyte.lyft.com/flyteworkflows/demo-training/";
+        let rev = direct.delete(training, Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap().header().unwrap().revision();
+        direct.compact(rev, None).await.unwrap();
+        direct.defragment().await.unwrap();
+    }
     let scale = |n: f64| ((n * args.scale).ceil() as usize).max(2);
     let (updates_each, gets_each) = match size {
         "1k" => (scale(200.0), scale(400.0)),
@@ -467,7 +482,7 @@ fn chart(rows: &[Row], args: &Args, path: &Path) -> Result<(), Box<dyn std::erro
     let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(700);
-    let colors = [RGBColor(90, 90, 90), RGBColor(230, 150, 40), RGBColor(110, 160, 220), RGBColor(40, 150, 80)];
+    let colors = [RGBColor(90, 90, 90), RGBColor(230, 150, 40), RGBColor(110, 160, 220), RGBColor(40, 150, 80), RGBColor(150, 60, 160)];
     let sizes = &args.sizes;
     let fronts = &args.fronts;
     let width = fronts.len() as f64 + 1.0;
@@ -495,16 +510,16 @@ fn chart(rows: &[Row], args: &Args, path: &Path) -> Result<(), Box<dyn std::erro
             chart.configure_mesh().disable_x_mesh().x_labels(sizes.len() * 2).x_label_formatter(&x_label).draw()?;
             for (si, fi, v) in data {
                 let x0 = si as f64 * width + fi as f64 + 0.5;
-                chart.draw_series([Rectangle::new([(x0, 1.0), (x0 + 0.9, v.max(1.0))], colors[fi % 4].filled())])?;
+                chart.draw_series([Rectangle::new([(x0, 1.0), (x0 + 0.9, v.max(1.0))], colors[fi % 5].filled())])?;
             }
         } else {
             let mut chart = builder.build_cartesian_2d(x_range, 0.0..max)?;
             chart.configure_mesh().disable_x_mesh().x_labels(sizes.len() * 2).x_label_formatter(&x_label).draw()?;
             for (si, fi, v) in data {
                 let x0 = si as f64 * width + fi as f64 + 0.5;
-                let series = chart.draw_series([Rectangle::new([(x0, 0.0), (x0 + 0.9, v)], colors[fi % 4].filled())])?;
+                let series = chart.draw_series([Rectangle::new([(x0, 0.0), (x0 + 0.9, v)], colors[fi % 5].filled())])?;
                 if si == 0 {
-                    series.label(fronts[fi].name()).legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colors[fi % 4].filled()));
+                    series.label(fronts[fi].name()).legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colors[fi % 5].filled()));
                 }
             }
             chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;
