@@ -496,7 +496,11 @@ fn chart(rows: &[Row], args: &Args, path: &Path) -> Result<(), Box<dyn std::erro
         let x_range = 0.0..sizes.len() as f64 * width;
         let mut builder = ChartBuilder::on(&area);
         builder.caption(title, ("sans-serif", 22)).margin(12).x_label_area_size(40).y_label_area_size(70);
-        let x_label = |x: &f64| sizes.get((*x / width) as usize).cloned().unwrap_or_default();
+        // Size classes are written above their group of bars; the x axis itself has no ticks.
+        let x_label = |_: &f64| String::new();
+        let group_label = |si: usize, y: f64| {
+            Text::new(format!("{} objects", sizes[si]), (si as f64 * width + width / 2.0 - 0.9, y), ("sans-serif", 16))
+        };
         let mut data = Vec::new();
         for (si, size) in sizes.iter().enumerate() {
             for (fi, front) in fronts.iter().enumerate() {
@@ -507,14 +511,16 @@ fn chart(rows: &[Row], args: &Args, path: &Path) -> Result<(), Box<dyn std::erro
         }
         if log {
             let mut chart = builder.build_cartesian_2d(x_range, (1.0..max).log_scale())?;
-            chart.configure_mesh().disable_x_mesh().x_labels(sizes.len() * 2).x_label_formatter(&x_label).draw()?;
+            chart.configure_mesh().disable_x_mesh().x_labels(0).x_label_formatter(&x_label).draw()?;
+            chart.draw_series((0..sizes.len()).map(|si| group_label(si, max / 1.6)))?;
             for (si, fi, v) in data {
                 let x0 = si as f64 * width + fi as f64 + 0.5;
                 chart.draw_series([Rectangle::new([(x0, 1.0), (x0 + 0.9, v.max(1.0))], colors[fi % 5].filled())])?;
             }
         } else {
             let mut chart = builder.build_cartesian_2d(x_range, 0.0..max)?;
-            chart.configure_mesh().disable_x_mesh().x_labels(sizes.len() * 2).x_label_formatter(&x_label).draw()?;
+            chart.configure_mesh().disable_x_mesh().x_labels(0).x_label_formatter(&x_label).draw()?;
+            chart.draw_series((0..sizes.len()).map(|si| group_label(si, max * 0.97)))?;
             for (si, fi, v) in data {
                 let x0 = si as f64 * width + fi as f64 + 0.5;
                 let series = chart.draw_series([Rectangle::new([(x0, 0.0), (x0 + 0.9, v)], colors[fi % 5].filled())])?;
