@@ -2,7 +2,7 @@
 //! serving `/metrics`, `/healthz` and `/readyz`.
 //!
 //! Every `health.probe_interval`, each etcd endpoint gets a count-only Range of the dictionary
-//! store ([`DICTIONARY_STORE_PREFIX`]): one linearizable read proves both that etcd answers (it
+//! store (`dictionaries.key_prefix`; an empty store is ready): one linearizable read proves both that etcd answers (it
 //! has a leader) and that the dictionaries can be read. The proxy is ready while at least one
 //! endpoint passes. The result drives `/readyz`, `etcd_squeeze_ready`,
 //! `etcd_squeeze_upstream_up{endpoint}`, the round-robin in `crate::upstream`, and the gRPC
@@ -26,15 +26,13 @@ use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::RangeRequest;
 use crate::upstream::Upstream;
 
-/// Where trained zstd dictionaries are stored in etcd. The probe only needs the read to
-/// succeed: an empty store (no dictionary trained yet) is ready.
-pub const DICTIONARY_STORE_PREFIX: &str = crate::config::DEFAULT_DICTIONARY_KEY_PREFIX;
-
 /// The proxy's readiness, shared by the prober, the HTTP handlers and the gRPC health service.
 pub struct Readiness {
     upstream: Upstream,
     reporter: HealthReporter,
     config: HealthConfig,
+    /// `dictionaries.key_prefix`: the store the probe reads.
+    store_prefix: Bytes,
     ready: AtomicBool,
     /// Set by the first probe (whose result is always logged).
     probed: AtomicBool,
@@ -44,12 +42,13 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Not ready until the first probe succeeds.
-    pub fn new(upstream: Upstream, reporter: HealthReporter, config: HealthConfig) -> Arc<Self> {
+    /// Not ready until the first probe succeeds. `store_prefix` is the configured `dictionaries.key_prefix` (the probe reads it).
+    pub fn new(upstream: Upstream, reporter: HealthReporter, config: HealthConfig, store_prefix: &str) -> Arc<Self> {
         Arc::new(Readiness {
             upstream,
             reporter,
             config,
+            store_prefix: Bytes::copy_from_slice(store_prefix.as_bytes()),
             ready: AtomicBool::new(false),
             probed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -70,8 +69,8 @@ impl Readiness {
             let mut client = KvClient::new(channel.clone());
             async move {
                 let request = RangeRequest {
-                    key: Bytes::from_static(DICTIONARY_STORE_PREFIX.as_bytes()),
-                    range_end: Bytes::from(crate::codec::prefix_end(DICTIONARY_STORE_PREFIX.as_bytes()).expect("has a byte below 0xff")),
+                    key: self.store_prefix.clone(),
+                    range_end: Bytes::from(crate::codec::prefix_end(&self.store_prefix).unwrap_or_else(|| vec![0])),
                     count_only: true,
                     ..Default::default()
                 };
@@ -95,7 +94,7 @@ impl Readiness {
             String::new()
         } else {
             let errors: Vec<_> = results.into_iter().filter_map(Result::err).collect();
-            format!("etcd is unreachable or cannot read {DICTIONARY_STORE_PREFIX}: {}", errors.join("; "))
+            format!("etcd is unreachable or cannot read {}: {}", String::from_utf8_lossy(&self.store_prefix), errors.join("; "))
         };
         let was = self.ready.swap(ready, Ordering::Relaxed);
         let first = !self.probed.swap(true, Ordering::Relaxed);

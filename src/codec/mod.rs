@@ -67,7 +67,7 @@ impl fmt::Display for KeyDisplay<'_> {
 }
 
 /// A stored value under a compressed prefix that cannot be turned back into the original bytes.
-/// Surfaces as gRPC `DATA_LOSS` naming the key.
+/// Surfaces as gRPC `DATA_LOSS` naming the key (`RESOURCE_EXHAUSTED` for [`DecodeReason::ResponseTooLarge`]).
 #[derive(Debug, thiserror::Error)]
 #[error("etcd-squeeze: cannot decode the value of key {}: {reason}", KeyDisplay(key))]
 pub struct DecodeError {
@@ -186,6 +186,7 @@ thread_local! {
     // match window), cheap to reuse; a thread-local needs no lock.
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    static DICT_DCTX: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
 }
 
 impl ValueCodec {
@@ -310,6 +311,8 @@ impl ValueCodec {
         if out.len() >= frame::HEADER_LEN + value.len() {
             return Ok((raw_frame(value), EncodeOutcome::RawFrame));
         }
+        // The buffer was sized for the worst case: do not keep a value-sized allocation alive.
+        out.shrink_to_fit();
         Ok((Bytes::from(out), EncodeOutcome::Compressed))
     }
 
@@ -403,7 +406,21 @@ pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &Diction
                     let detail = dictionaries.unavailable_reason(id).unwrap_or_else(|| "not loaded".into());
                     return Err(DecodeReason::UnknownDictionary { id, detail });
                 };
-                zstd::bulk::Decompressor::with_prepared_dictionary(&d.dictionary).and_then(|mut dec| dec.decompress(f.payload, size as usize))
+                // A thread-local context, given the prepared dictionary per call
+                // (ZSTD_decompress_usingDDict): no context is created per value, and the
+                // context keeps no borrow of a dictionary that may be replaced.
+                DICT_DCTX.with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    if slot.is_none() {
+                        *slot = Some(zstd::zstd_safe::DCtx::try_create().ok_or_else(|| std::io::Error::other("cannot create a zstd context"))?);
+                    }
+                    let mut out = Vec::with_capacity(size as usize);
+                    slot.as_mut()
+                        .expect("set above")
+                        .decompress_using_ddict(&mut out, f.payload, d.dictionary.as_ddict())
+                        .map_err(|code| std::io::Error::other(zstd::zstd_safe::get_error_name(code)))?;
+                    Ok(out)
+                })
             }
             .map_err(|e| DecodeReason::Zstd(e.to_string()))?;
             if out.len() as u64 != size {

@@ -34,14 +34,20 @@ pub struct CurrentEncoder {
     pub created_unix: u64,
 }
 
+/// How long a dictionary that could not be loaded is not fetched again (the store's watch
+/// still installs it at once if it appears).
+pub const UNAVAILABLE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Dictionary ID → prepared decoder, and prefix → current encoder.
 #[derive(Default)]
 pub struct DictionaryCache {
     decoders: DashMap<u32, Arc<PreparedDecoder>>,
     /// Keyed by the `[[prefixes]]` prefix (not by key): one entry per prefix using dictionaries.
     current: DashMap<Bytes, Arc<CurrentEncoder>>,
-    /// Why a dictionary could not be loaded, for the DATA_LOSS message of values that need it.
-    unavailable: DashMap<u32, String>,
+    /// Why a dictionary could not be loaded (for the DATA_LOSS message of values that need it),
+    /// and when: a fetch is not retried within [`UNAVAILABLE_RETRY`], so frames naming a missing
+    /// dictionary do not cost an etcd Range each.
+    unavailable: DashMap<u32, (String, std::time::Instant)>,
 }
 
 impl fmt::Debug for DictionaryCache {
@@ -131,11 +137,16 @@ impl DictionaryCache {
 
     /// Records why dictionary `id` could not be loaded (shown in DATA_LOSS messages).
     pub fn mark_unavailable(&self, id: u32, why: String) {
-        self.unavailable.insert(id, why);
+        self.unavailable.insert(id, (why, std::time::Instant::now()));
+    }
+
+    /// True when loading dictionary `id` failed less than [`UNAVAILABLE_RETRY`] ago.
+    pub fn recently_unavailable(&self, id: u32) -> bool {
+        self.unavailable.get(&id).is_some_and(|e| e.value().1.elapsed() < UNAVAILABLE_RETRY)
     }
 
     /// Why dictionary `id` is not loaded, as recorded by the last failed load.
     pub fn unavailable_reason(&self, id: u32) -> Option<String> {
-        self.unavailable.get(&id).map(|e| e.value().clone())
+        self.unavailable.get(&id).map(|e| e.value().0.clone())
     }
 }

@@ -206,6 +206,9 @@ impl Dictionaries {
                 continue;
             }
             metrics.dictionary_cache_misses.inc_by(frames);
+            if self.cache().recently_unavailable(id) {
+                continue; // decoding names the ID and the reason (DATA_LOSS)
+            }
             if let Err(LoadFailure::Etcd(status)) = self.load(id).await {
                 return Err(status);
             }

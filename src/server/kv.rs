@@ -45,6 +45,11 @@ impl KvService {
     async fn txn_with_value_compares(&self, metadata: &tonic::metadata::MetadataMap, txn: TxnRequest) -> Result<Response<TxnResponse>, Status> {
         let attempts = self.shared.config.limits.value_compare_attempts;
         let compares = rewrite::value_compares(&self.shared.codec, &txn);
+        // Values are encoded once; each attempt only clones (reference counts) and replaces compares.
+        let mut txn = txn;
+        self.shared.dictionaries.observe_txn(&txn);
+        let mut stats = EncodeStats::default();
+        rewrite::encode_txn(&self.shared.codec, &mut txn, &mut stats).map_err(encode_status)?;
         for _ in 0..attempts {
             let mut guards: Vec<Compare> = Vec::new();
             let mut fixed: Vec<Compare> = Vec::new();
@@ -91,8 +96,6 @@ impl KvService {
             }
             let mut inner = txn.clone();
             rewrite::replace_value_compares(&self.shared.codec, &mut inner, &mut fixed.into_iter());
-            let mut stats = EncodeStats::default();
-            rewrite::encode_txn(&self.shared.codec, &mut inner, &mut stats).map_err(encode_status)?;
             let outer = TxnRequest {
                 compare: guards,
                 success: vec![RequestOp { request: Some(request_op::Request::RequestTxn(inner)) }],
@@ -189,6 +192,13 @@ impl Kv for KvService {
     /// etcd ≥ 3.7's streamed Range. Each chunk's kvs are decoded; an older etcd answers
     /// UNIMPLEMENTED itself, which passes through (kube-apiserver then falls back to Range).
     async fn range_stream(&self, request: Request<RangeRequest>) -> Result<Response<Self::RangeStreamStream>, Status> {
+        let r = request.get_ref();
+        if r.sort_target == range_request::SortTarget::Value as i32 && self.shared.codec.range_touches_prefix(&r.key, &r.range_end) {
+            // etcd would sort chunks by the stored frames: refuse rather than return a wrong order.
+            return Err(Status::invalid_argument(
+                "etcd-squeeze: RangeStream sorted by VALUE over compressed keys is not supported; use Range",
+            ));
+        }
         let response = self.client.clone().range_stream(forward(request)).await?;
         let (md, upstream, ext) = response.into_parts();
         let chunks = decode_stream(self.shared.clone(), upstream);

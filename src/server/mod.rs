@@ -1,6 +1,6 @@
 //! The gRPC server: one file per etcd service, all on one HTTP/2 listener.
 //!
-//! listener → service (`kv`, `watch`, `raw` for Lease/Cluster/Maintenance/Auth, gRPC health)
+//! listener → service (`kv`, `watch`, `raw` for Lease/Cluster/Maintenance/Auth/Lock/Election, gRPC health)
 //! → value rewrite (`crate::rewrite`) → upstream etcd (`crate::upstream`).
 
 pub mod kv;
@@ -166,7 +166,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let readiness = crate::health::Readiness::new(upstream.clone(), health_reporter, shared.config.health.clone());
+    let readiness = crate::health::Readiness::new(upstream.clone(), health_reporter, shared.config.health.clone(), &shared.config.dictionaries.key_prefix);
     readiness.probe().await;
     tokio::spawn(readiness.clone().run(stop_rx.clone()));
 

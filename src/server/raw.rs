@@ -39,7 +39,7 @@ pub enum Shape {
 pub trait RawSpec: Send + Sync + 'static {
     /// Fully qualified service name, e.g. `etcdserverpb.Lease`.
     const NAME: &'static str;
-    /// Method names and shapes, from etcd v3.7.2's `rpc.proto`.
+    /// Method names and shapes, from etcd v3.7.2's `rpc.proto`, `v3lock.proto` and `v3election.proto`.
     const METHODS: &'static [(&'static str, Shape)];
 }
 
