@@ -70,10 +70,10 @@ impl EndpointState {
 /// (`KvClient<Upstream>`), cheap to clone.
 pub struct Upstream {
     endpoints: Arc<[Arc<EndpointState>]>,
-    channels: Vec<Channel>,
+    channels: Arc<[Channel]>,
     next: Arc<AtomicUsize>,
-    /// The endpoint chosen by `poll_ready`, used by the following `call`.
-    picked: Option<usize>,
+    /// The channel chosen (and polled ready) by `poll_ready`, used by the following `call`.
+    picked: Option<Channel>,
 }
 
 impl Clone for Upstream {
@@ -130,12 +130,12 @@ impl Upstream {
             channels.push(endpoint.connect_with_connector_lazy(connector));
             endpoints.push(state);
         }
-        Ok(Upstream { endpoints: endpoints.into(), channels, next: Arc::new(AtomicUsize::new(0)), picked: None })
+        Ok(Upstream { endpoints: endpoints.into(), channels: channels.into(), next: Arc::new(AtomicUsize::new(0)), picked: None })
     }
 
     /// Every endpoint with its own channel (for probing each one).
     pub fn endpoints(&self) -> impl Iterator<Item = (&Arc<EndpointState>, &Channel)> {
-        self.endpoints.iter().zip(&self.channels)
+        self.endpoints.iter().zip(self.channels.iter())
     }
 
     /// The next endpoint, round-robin, among those that are up (any, if none is).
@@ -155,16 +155,16 @@ impl tower::Service<http::Request<Body>> for Upstream {
     type Future = <Channel as tower::Service<http::Request<Body>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        let i = match self.picked {
-            Some(i) => i,
-            None => *self.picked.insert(self.pick()),
-        };
-        self.channels[i].poll_ready(cx)
+        if self.picked.is_none() {
+            self.picked = Some(self.channels[self.pick()].clone());
+        }
+        self.picked.as_mut().expect("set above").poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let i = self.picked.take().unwrap_or_else(|| self.pick());
-        self.channels[i].call(request)
+        // `call` follows a ready `poll_ready` (tower's contract), whose channel it must use.
+        let mut channel = self.picked.take().unwrap_or_else(|| self.channels[self.pick()].clone());
+        channel.call(request)
     }
 }
 
