@@ -5,7 +5,10 @@
 
 mod dashboard;
 mod deploy;
+mod faults;
 mod harness;
+mod history;
+mod hostile;
 mod kv;
 mod migration;
 mod ops;
