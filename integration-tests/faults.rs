@@ -284,8 +284,7 @@ async fn three_member_cluster_loses_a_follower_then_the_leader() {
     assert_eq!(got.count(), 70);
 }
 
-/// A stalled etcd (SIGSTOP): calls carrying a client deadline fail within it with an etcd-like
-/// status, hundreds of stuck calls leave the proxy's memory bounded, and SIGCONT recovers.
+/// A stalled etcd (SIGSTOP): calls carrying a client deadline fail within it (DEADLINE_EXCEEDED), hundreds of stuck calls leave the proxy's memory bounded, and SIGCONT recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_etcd_times_out_within_the_deadline_and_recovers() {
     let etcd = Etcd::start().await;
@@ -315,8 +314,12 @@ async fn stalled_etcd_times_out_within_the_deadline_and_recovers() {
     for c in calls {
         let (r, took) = c.await.unwrap();
         let status = r.expect("the proxy answers within 5x the deadline").expect_err("etcd is stalled");
+        // The proxy answers DEADLINE_EXCEEDED just before the deadline (unit test in
+        // src/server/deadline.rs); tonic's client enforces the same deadline itself and may
+        // get there first, with its own CANCELLED "Timeout expired".
+        let own_timer = status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired";
         assert!(
-            matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Unavailable),
+            own_timer || matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Unavailable),
             "etcd-like status, not {status:?}"
         );
         assert!(took < deadline + Duration::from_millis(1500), "answered after {took:?}");
