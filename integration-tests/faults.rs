@@ -27,9 +27,7 @@ const WATCHERS: usize = 3;
 
 /// The codec of a proxy compressing [`FLYTE`] with defaults (to decode what etcd stores).
 fn flyte_codec() -> ValueCodec {
-    let mut config = Config::default();
-    config.prefixes = vec![PrefixConfig::new(FLYTE)];
-    ValueCodec::from_config(&config)
+    ValueCodec::from_config(&Config { prefixes: vec![PrefixConfig::new(FLYTE)], ..Config::default() })
 }
 
 /// Writers and watchers running through the proxy at `url`.

@@ -14,6 +14,7 @@ mod migration;
 mod ops;
 mod other;
 mod pki;
+mod soak;
 mod tls;
 mod watch;
 

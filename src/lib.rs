@@ -25,6 +25,7 @@ pub mod codec;
 pub mod config;
 pub mod corpus;
 pub mod demo;
+pub mod fuzzing;
 pub mod health;
 pub mod metrics;
 pub mod ops;
