@@ -188,7 +188,7 @@ async fn thousands_of_watch_streams_on_one_connection() {
 
 /// A client opens a watch over a busy prefix and never reads it: HTTP/2 flow control pushes back
 /// (the proxy does not buffer the backlog), other clients keep being served, and the proxy's
-/// RSS stays bounded although ~100 MB of events are written.
+/// RSS stays bounded although ~170 MB of events are written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_held_back_by_flow_control() {
     let etcd = Etcd::start().await;
@@ -202,7 +202,7 @@ async fn slow_consumer_is_held_back_by_flow_control() {
     assert!(stalled.message().await.unwrap().unwrap().created);
     let before = rss_kib(proxy.child.id());
 
-    // 100 KiB logical values (compressible, as workflows are), 1000 writes: ~200 MB of events
+    // ~85 KB logical values (compressible, as workflows are), 1000 writes: ~170 MB of events
     // with prev_kv, never read.
     let mut writer = etcd_client::Client::connect([proxy.url.as_str()], None).await.unwrap();
     let mut reader = etcd_client::Client::connect([proxy.url.as_str()], None).await.unwrap();
