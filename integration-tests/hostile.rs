@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{GetOptions, WatchOptions};
 use etcd_squeeze::codec::frame::MAGIC;
-use etcd_squeeze::config::{Config, PrefixConfig};
+use etcd_squeeze::config::{Config, LimitsConfig, PrefixConfig};
 use etcd_squeeze::proto::etcdserverpb::watch_client::WatchClient;
 use etcd_squeeze::proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 
@@ -36,17 +36,22 @@ fn zstd_frame(value: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Every kind of bad stored bytes, read through Range, Range over the prefix, Txn, and a Watch:
-/// DATA_LOSS naming the key (a canceled watch for Watch), and the proxy keeps serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_frames_get_data_loss_everywhere_and_the_proxy_keeps_serving() {
-    let etcd = Etcd::start().await;
+/// An in-process proxy in front of `etcd` compressing [`FLYTE`], its limits adjusted by `limits`.
+async fn proxy_with_limits(etcd: &Etcd, limits: impl FnOnce(&mut LimitsConfig)) -> Proxy {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.upstream.endpoints = vec![etcd.url.clone()];
     config.prefixes = vec![PrefixConfig::new(FLYTE)];
-    config.limits.max_value_bytes = bytesize::ByteSize::mib(2);
-    let proxy = Proxy::start_config(config).await;
+    limits(&mut config.limits);
+    Proxy::start_config(config).await
+}
+
+/// Every kind of bad stored bytes, read through Range, Range over the prefix, and a Watch:
+/// DATA_LOSS naming the key (a canceled watch for Watch), and the proxy keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_data_loss_everywhere_and_the_proxy_keeps_serving() {
+    let etcd = Etcd::start().await;
+    let proxy = proxy_with_limits(&etcd, |l| l.max_value_bytes = bytesize::ByteSize::mib(2)).await;
     let mut via = proxy.client().await;
     let mut direct = etcd.client().await;
 
@@ -116,11 +121,7 @@ async fn bad_frames_get_data_loss_everywhere_and_the_proxy_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_over_the_size_limit_is_refused_and_the_proxy_keeps_serving() {
     let etcd = Etcd::start().await;
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.upstream.endpoints = vec![etcd.url.clone()];
-    config.limits.max_request_bytes = bytesize::ByteSize::mib(2);
-    let proxy = Proxy::start_config(config).await;
+    let proxy = proxy_with_limits(&etcd, |l| l.max_request_bytes = bytesize::ByteSize::mib(2)).await;
     let mut via = proxy.client().await;
     let huge: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
     let err = via.put(format!("{FLYTE}ns/huge"), huge, None).await.unwrap_err();
