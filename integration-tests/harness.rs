@@ -21,6 +21,8 @@ pub struct Etcd {
     child: Child,
     /// `http://127.0.0.1:PORT`
     pub url: String,
+    /// The peer URL, kept for [`Etcd::restart`].
+    peer_url: String,
     /// Its data directory (holds `etcd.log`).
     pub dir: tempfile::TempDir,
 }
@@ -57,14 +59,20 @@ impl Etcd {
 
     /// Waits until a plain-text etcd answers a Range.
     async fn wait_ready(etcd: Etcd) -> Etcd {
+        etcd.until_ready().await;
+        etcd
+    }
+
+    /// Polls until a plain-text etcd answers a Range (at most 20 s).
+    async fn until_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut c) = etcd_client::Client::connect([&etcd.url], None).await {
+            if let Ok(mut c) = etcd_client::Client::connect([&self.url], None).await {
                 if c.get("health-probe", None).await.is_ok() {
-                    return etcd;
+                    return;
                 }
             }
-            assert!(Instant::now() < deadline, "etcd did not start; see {}", etcd.dir.path().join("etcd.log").display());
+            assert!(Instant::now() < deadline, "etcd did not start; see {}", self.dir.path().join("etcd.log").display());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -91,23 +99,40 @@ impl Etcd {
 
     /// Spawns etcd (member `test`, peer port `peer`) on `dir/data`, which may hold a restored snapshot.
     fn spawn(dir: tempfile::TempDir, peer: u16, scheme: &str, extra: &[&str]) -> Etcd {
-        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-        let client = free_port();
-        let url = format!("{scheme}://127.0.0.1:{client}");
+        let url = format!("{scheme}://127.0.0.1:{}", free_port());
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let child = Command::new(&bin)
+        let child = Self::command(dir.path(), &url, &peer_url, extra);
+        Etcd { child, url, peer_url, dir }
+    }
+
+    /// Runs etcd (member `test`) on `dir/data`, logging to `dir/etcd.log` (appended to).
+    fn command(dir: &std::path::Path, url: &str, peer_url: &str, extra: &[&str]) -> Child {
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log")).unwrap();
+        Command::new(&bin)
             .args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+            .args(["--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url])
             .args(["--initial-cluster", &format!("test={peer_url}")])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin} (install Debian's etcd-server, or set ETCD_BIN): {e}"));
-        Etcd { child, url, dir }
+            .unwrap_or_else(|e| panic!("cannot start {bin} (install Debian's etcd-server, or set ETCD_BIN): {e}"))
+    }
+
+    /// Kills etcd with SIGKILL (no chance to flush or say goodbye) and waits for it to exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts etcd again on the same data directory and ports (after [`Etcd::kill`]) and waits
+    /// until it answers. Plain-text etcd only.
+    pub async fn restart(&mut self) {
+        self.child = Self::command(self.dir.path(), &self.url, &self.peer_url, &[]);
+        self.until_ready().await;
     }
 
     /// A client talking to etcd directly (bypassing the proxy).
@@ -280,6 +305,12 @@ pub fn url_encode(s: &str) -> String {
 /// (labels sorted by name), or `name` alone for a metric without labels.
 pub fn sample(scrape: &str, series: &str) -> Option<f64> {
     scrape.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The resident set size (`VmRSS`) of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap()
 }
 
 /// Polls `check` every 100 ms until it is true; panics with `what` after `timeout`.

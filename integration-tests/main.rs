@@ -6,12 +6,16 @@
 mod dashboard;
 mod deploy;
 mod dictionary;
+mod faults;
 mod harness;
+mod history;
+mod hostile;
 mod kv;
 mod migration;
 mod ops;
 mod other;
 mod pki;
+mod soak;
 mod tls;
 mod watch;
 

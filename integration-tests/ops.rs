@@ -134,11 +134,11 @@ async fn an_unreachable_endpoint_is_skipped() {
 
 /// A config file for the real binary: `[server]` on `listen_ip` with `server` keys added, etcd at
 /// `upstream`, metrics on loopback, then `more` (other sections).
-struct BinaryConfig<'a> {
-    listen_ip: &'a str,
-    upstream: &'a str,
-    server: &'a str,
-    more: &'a str,
+pub(crate) struct BinaryConfig<'a> {
+    pub listen_ip: &'a str,
+    pub upstream: &'a str,
+    pub server: &'a str,
+    pub more: &'a str,
 }
 
 impl BinaryConfig<'_> {
@@ -153,19 +153,23 @@ impl BinaryConfig<'_> {
 
 /// The real binary, started with a config file on free ports, its stderr in `log`. Killed on
 /// drop if still running.
-struct Binary {
-    child: std::process::Child,
-    port: u16,
-    url: String,
-    metrics_url: String,
+pub(crate) struct Binary {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub url: String,
+    pub metrics_url: String,
     log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Binary {
-    async fn start(config: BinaryConfig<'_>) -> Binary {
+    pub async fn start(config: BinaryConfig<'_>) -> Binary {
+        Self::start_on(config, free_port(), free_port()).await
+    }
+
+    /// Starts the binary on the given ports (a restart after a kill reuses the old ones).
+    pub async fn start_on(config: BinaryConfig<'_>, port: u16, metrics: u16) -> Binary {
         let dir = tempfile::tempdir().unwrap();
-        let (port, metrics) = (free_port(), free_port());
         let path = dir.path().join("etcd-squeeze.toml");
         std::fs::write(&path, config.render(port, metrics)).unwrap();
         let log = dir.path().join("proxy.log");

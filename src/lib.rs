@@ -27,6 +27,7 @@ pub mod config;
 pub mod corpus;
 pub mod demo;
 pub mod dictionary;
+pub mod fuzzing;
 pub mod health;
 pub mod metrics;
 pub mod ops;

@@ -1,0 +1,278 @@
+//! Watch history checker: watchers that record every response they get (resuming from their
+//! last revision + 1 after an error), writers that record every acknowledged write, and an
+//! offline check of etcd's watch guarantees against a direct-etcd record of the same history.
+//!
+//! Checked per watcher: revisions ordered and unique across responses, all events of one
+//! revision in one response (atomic), no key twice in one revision, `prev_kv` equal to the
+//! previous event's value for that key, and the whole sequence (across resumptions) equal to the
+//! direct record from the watcher's start revision: no gap, no duplicate, no altered value.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_squeeze::codec::ValueCodec;
+use tokio::sync::Mutex;
+
+/// One event as seen by a watcher.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ev {
+    /// The event's `kv.mod_revision`.
+    pub revision: i64,
+    /// True for a PUT, false for a DELETE.
+    pub put: bool,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value (logical, decoded).
+    pub value: Vec<u8>,
+    /// `prev_kv.value` and `prev_kv.mod_revision`, when etcd sent one.
+    pub prev: Option<(Vec<u8>, i64)>,
+}
+
+/// What one watcher saw: its responses' events, one `Vec` per response, and how often it resumed.
+#[derive(Default, Debug)]
+pub struct Record {
+    /// The revision the watcher started at.
+    pub start: i64,
+    /// Events, grouped by the response that carried them (empty responses left out).
+    pub responses: Vec<Vec<Ev>>,
+    /// Errors after which the watcher resumed.
+    pub resumptions: usize,
+}
+
+impl Record {
+    /// The last revision seen (or `start - 1`).
+    pub fn last_revision(&self) -> i64 {
+        self.responses.iter().rev().find_map(|r| r.last()).map_or(self.start - 1, |e| e.revision)
+    }
+}
+
+fn event(e: &etcd_client::Event) -> Ev {
+    let kv = e.kv().expect("an event carries a kv");
+    Ev {
+        revision: kv.mod_revision(),
+        put: e.event_type() == EventType::Put,
+        key: kv.key().to_vec(),
+        value: kv.value().to_vec(),
+        prev: e.prev_kv().map(|p| (p.value().to_vec(), p.mod_revision())),
+    }
+}
+
+/// A watcher on `prefix` (with `prev_kv`) from revision `start`, through `url`, recording into a
+/// shared [`Record`]. On any error or end of stream it reconnects and resumes at the last seen
+/// revision + 1, until the record reaches `until` (set by the test once writes stop) or `deadline`.
+pub fn spawn_watcher(
+    url: String,
+    prefix: String,
+    start: i64,
+    until: Arc<std::sync::atomic::AtomicI64>,
+    deadline: Instant,
+) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
+    use std::sync::atomic::Ordering;
+    let record = Arc::new(Mutex::new(Record { start, ..Record::default() }));
+    let rec = record.clone();
+    let task = tokio::spawn(async move {
+        let done = |last: i64| {
+            let until = until.load(Ordering::SeqCst);
+            until > 0 && last >= until
+        };
+        let mut first = true;
+        loop {
+            let last = rec.lock().await.last_revision();
+            if done(last) || Instant::now() > deadline {
+                return;
+            }
+            if !first {
+                rec.lock().await.resumptions += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            first = false;
+            let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(last + 1);
+            let Ok(mut client) = etcd_client::Client::connect([&url], None).await else { continue };
+            let Ok(mut stream) = client.watch(prefix.as_str(), Some(opts)).await else { continue };
+            loop {
+                let msg = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+                let resp = match msg {
+                    Err(_) => {
+                        if done(rec.lock().await.last_revision()) || Instant::now() > deadline {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(Ok(Some(resp))) => resp,
+                    Ok(_) => break, // an error or the end: resume
+                };
+                if resp.canceled() {
+                    break;
+                }
+                let events: Vec<Ev> = resp.events().iter().map(event).collect();
+                if !events.is_empty() {
+                    rec.lock().await.responses.push(events);
+                }
+            }
+        }
+    });
+    (record, task)
+}
+
+/// Reads the whole history of `prefix` directly from etcd (a watch from revision 1 up to `until`,
+/// values decoded by `codec`): the reference the watchers are compared with.
+pub async fn direct_history(direct_url: &str, prefix: &str, until: i64, codec: &ValueCodec) -> Vec<Ev> {
+    let mut client = etcd_client::Client::connect([direct_url], None).await.unwrap();
+    let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(1);
+    let mut stream = client.watch(prefix, Some(opts)).await.unwrap();
+    let mut out: Vec<Ev> = Vec::new();
+    while out.last().is_none_or(|e| e.revision < until) {
+        let resp = tokio::time::timeout(Duration::from_secs(20), stream.message()).await.unwrap().unwrap().unwrap();
+        for e in resp.events() {
+            let mut ev = event(e);
+            let decode = |v: &[u8]| codec.decode(&ev.key, &bytes::Bytes::copy_from_slice(v)).unwrap().to_vec();
+            ev.value = decode(&ev.value);
+            ev.prev = ev.prev.take().map(|(v, r)| (decode(&v), r));
+            out.push(ev);
+        }
+    }
+    out
+}
+
+/// Checks one watcher's record against etcd's watch guarantees and against `reference` (the
+/// direct history of the same prefix). Panics with the first violation.
+pub fn check(name: &str, record: &Record, reference: &[Ev]) {
+    let mut last_rev = record.start - 1;
+    let mut latest: HashMap<&[u8], (&[u8], i64)> = HashMap::new();
+    for (i, resp) in record.responses.iter().enumerate() {
+        let first = &resp[0];
+        assert!(first.revision > last_rev, "{name}: response {i} starts at revision {} after revision {last_rev}: duplicate, reordered or split revision", first.revision);
+        let mut in_rev: Vec<&[u8]> = Vec::new();
+        let mut rev = first.revision;
+        for e in resp {
+            assert!(e.revision >= rev, "{name}: revisions go backwards inside response {i}");
+            if e.revision != rev {
+                in_rev.clear();
+                rev = e.revision;
+            }
+            assert!(!in_rev.contains(&&e.key[..]), "{name}: key {:?} twice in revision {rev}", String::from_utf8_lossy(&e.key));
+            in_rev.push(&e.key);
+            if let Some((value, mod_rev)) = latest.get(&e.key[..]) {
+                match &e.prev {
+                    Some((pv, pr)) => assert!(
+                        pv[..] == value[..] && pr == mod_rev,
+                        "{name}: prev_kv of {:?} at revision {rev} is not the previous event's kv (revision {mod_rev})",
+                        String::from_utf8_lossy(&e.key)
+                    ),
+                    None => assert!(value.is_empty() && *mod_rev == 0, "{name}: missing prev_kv at revision {rev}"),
+                }
+            }
+            latest.insert(&e.key, if e.put { (&e.value, e.revision) } else { (&[], 0) });
+        }
+        last_rev = resp.last().unwrap().revision;
+    }
+    let seen: Vec<&Ev> = record.responses.iter().flatten().collect();
+    let expected: Vec<&Ev> = reference.iter().filter(|e| e.revision >= record.start).collect();
+    assert_eq!(seen.len(), expected.len(), "{name}: saw {} events, etcd has {} from revision {}", seen.len(), expected.len(), record.start);
+    for (s, x) in seen.iter().zip(&expected) {
+        assert_eq!((s.revision, s.put, &s.key), (x.revision, x.put, &x.key), "{name}: event differs from etcd's history");
+        assert!(s.value == x.value && s.prev == x.prev, "{name}: value or prev_kv of revision {} differs from etcd's", s.revision);
+    }
+}
+
+/// An acknowledged write: etcd (through the proxy) said `key` = `value` at `revision`.
+#[derive(Clone, Debug)]
+pub struct Ack {
+    /// The key written.
+    pub key: String,
+    /// The value written.
+    pub value: Vec<u8>,
+    /// The revision of the write (the Txn's header revision).
+    pub revision: i64,
+}
+
+/// A GuaranteedUpdate loop (kube-apiserver's pattern): read `key`, write a new value with a Txn
+/// comparing `mod_revision`, on conflict use the Txn's Range, retry. Errors (the fault under
+/// test) are counted and retried after a pause. Runs until `stop`; returns acknowledged writes
+/// and the number of errors.
+pub async fn guaranteed_updates(url: String, key: String, writer: usize, stop: Arc<std::sync::atomic::AtomicBool>) -> (Vec<Ack>, usize) {
+    use std::sync::atomic::Ordering;
+    let mut acks = Vec::new();
+    let mut errors = 0;
+    let mut client = loop {
+        match etcd_client::Client::connect([&url], None).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let mut known: Option<i64> = None;
+    let mut n = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        let rev = match known {
+            Some(r) => r,
+            None => match client.get(key.as_str(), None).await {
+                Ok(r) => r.kvs().first().map_or(0, |kv| kv.mod_revision()),
+                Err(_) => {
+                    errors += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        n += 1;
+        let value = format!("{{\"writer\":{writer},\"n\":{n},\"spec\":\"{}\"}}", "workflow-node ".repeat(40)).into_bytes();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key.as_str(), value.clone(), None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        match tokio::time::timeout(Duration::from_secs(5), client.txn(txn)).await {
+            Ok(Ok(resp)) if resp.succeeded() => {
+                let revision = resp.header().unwrap().revision();
+                acks.push(Ack { key: key.clone(), value, revision });
+                known = Some(revision);
+            }
+            Ok(Ok(resp)) => {
+                known = resp.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Get(g) => Some(g.kvs().first().map_or(0, |kv| kv.mod_revision())),
+                    _ => None,
+                });
+            }
+            _ => {
+                // Unknown outcome: the write may or may not have been applied. Re-read.
+                errors += 1;
+                known = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    (acks, errors)
+}
+
+/// Checks that every acknowledged write is in etcd's history at its revision with its value.
+pub fn check_acks(acks: &[Ack], reference: &[Ev]) {
+    let by_rev: HashMap<(i64, &[u8]), &Ev> = reference.iter().map(|e| ((e.revision, &e.key[..]), e)).collect();
+    for a in acks {
+        let e = by_rev.get(&(a.revision, a.key.as_bytes())).unwrap_or_else(|| panic!("acknowledged write of {} at revision {} is lost", a.key, a.revision));
+        assert!(e.put && e.value == a.value, "acknowledged write of {} at revision {} has another value", a.key, a.revision);
+    }
+}
+
+/// The checker itself rejects a gap, a duplicate, a split revision and a wrong prev_kv.
+#[test]
+fn checker_rejects_broken_histories() {
+    let ev = |revision: i64, key: &str, value: &str, prev: Option<(&str, i64)>| Ev {
+        revision,
+        put: true,
+        key: key.into(),
+        value: value.into(),
+        prev: prev.map(|(v, r)| (v.into(), r)),
+    };
+    let reference = vec![ev(2, "a", "1", None), ev(3, "a", "2", Some(("1", 2))), ev(3, "b", "1", None), ev(4, "b", "2", Some(("1", 3)))];
+    let good = Record { start: 1, responses: vec![vec![reference[0].clone()], reference[1..].to_vec()], resumptions: 0 };
+    check("good", &good, &reference);
+    let broken = |responses: Vec<Vec<Ev>>| std::panic::catch_unwind(|| check("broken", &Record { start: 1, responses, resumptions: 1 }, &reference)).is_err();
+    let r = &reference;
+    assert!(broken(vec![vec![r[0].clone()], vec![r[2].clone(), r[3].clone()]]), "gap");
+    assert!(broken(vec![vec![r[0].clone(), r[1].clone()], vec![r[1].clone(), r[2].clone(), r[3].clone()]]), "duplicate");
+    assert!(broken(vec![vec![r[0].clone(), r[1].clone()], vec![r[2].clone(), r[3].clone()]]), "split revision");
+    let mut wrong = r.clone();
+    wrong[3].prev = Some(("0".into(), 3));
+    assert!(broken(vec![wrong]), "wrong prev_kv");
+}
