@@ -6,6 +6,7 @@
 pub mod deadline;
 pub mod kv;
 pub mod listener;
+pub mod oversize;
 pub mod raw;
 pub mod watch;
 
@@ -185,6 +186,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .initial_connection_window_size(16 << 20)
         .layer(crate::metrics::GrpcLayer::new(stop_rx.clone()))
         .layer(deadline::DeadlineLayer)
+        .layer(oversize::OversizeLayer)
         .add_service(kv)
         .add_service(watch)
         .add_service(raw::RawService::<raw::LeaseSpec>::new(shared.clone(), upstream.clone()))
