@@ -34,8 +34,27 @@ impl Etcd {
     }
 
     /// Starts etcd with extra flags.
+    ///
+    /// Free ports are found by binding and releasing them, so another process can take one
+    /// first: an etcd that exits at start (address in use) is started again on new ports.
     pub async fn start_with(extra: &[&str]) -> Etcd {
-        Self::wait_ready(Self::spawn(tempfile::tempdir().unwrap(), free_port(), "http", extra)).await
+        for _ in 0..3 {
+            let mut etcd = Self::spawn(tempfile::tempdir().unwrap(), free_port(), "http", extra);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = etcd.child.try_wait() {
+                    break; // exited: try other ports
+                }
+                if let Ok(mut c) = etcd_client::Client::connect([&etcd.url], None).await {
+                    if c.get("health-probe", None).await.is_ok() {
+                        return etcd;
+                    }
+                }
+                assert!(Instant::now() < deadline, "etcd did not start; see {}", etcd.dir.path().join("etcd.log").display());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        panic!("etcd exited at start three times (ports taken?)");
     }
 
     /// Restores an etcd snapshot (`etcdctl snapshot restore`) into a new data directory and

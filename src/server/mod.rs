@@ -3,10 +3,9 @@
 //! listener → service (`kv`, `watch`, `raw` for Lease/Cluster/Maintenance/Auth/Lock/Election, gRPC health)
 //! → value rewrite (`crate::rewrite`) → upstream etcd (`crate::upstream`).
 
-pub mod deadline;
+pub mod etcd_status;
 pub mod kv;
 pub mod listener;
-pub mod oversize;
 pub mod raw;
 pub mod watch;
 
@@ -185,8 +184,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
         .layer(crate::metrics::GrpcLayer::new(stop_rx.clone()))
-        .layer(deadline::DeadlineLayer)
-        .layer(oversize::OversizeLayer)
+        .layer(etcd_status::EtcdStatusLayer)
         .add_service(kv)
         .add_service(watch)
         .add_service(raw::RawService::<raw::LeaseSpec>::new(shared.clone(), upstream.clone()))
