@@ -40,18 +40,8 @@ impl Etcd {
     pub async fn start_with(extra: &[&str]) -> Etcd {
         for _ in 0..3 {
             let mut etcd = Self::spawn(tempfile::tempdir().unwrap(), free_port(), "http", extra);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Ok(Some(_)) = etcd.child.try_wait() {
-                    break; // exited: try other ports
-                }
-                if let Ok(mut c) = etcd_client::Client::connect([&etcd.url], None).await {
-                    if c.get("health-probe", None).await.is_ok() {
-                        return etcd;
-                    }
-                }
-                assert!(Instant::now() < deadline, "etcd did not start; see {}", etcd.dir.path().join("etcd.log").display());
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            if etcd.ready_unless_exited().await {
+                return etcd;
             }
         }
         panic!("etcd exited at start three times (ports taken?)");
@@ -77,18 +67,27 @@ impl Etcd {
     }
 
     /// Waits until a plain-text etcd answers a Range.
-    async fn wait_ready(etcd: Etcd) -> Etcd {
+    async fn wait_ready(mut etcd: Etcd) -> Etcd {
         etcd.until_ready().await;
         etcd
     }
 
     /// Polls until a plain-text etcd answers a Range (at most 20 s).
-    async fn until_ready(&self) {
+    async fn until_ready(&mut self) {
+        assert!(self.ready_unless_exited().await, "etcd exited at start; see {}", self.dir.path().join("etcd.log").display());
+    }
+
+    /// Polls until a plain-text etcd answers a Range (true), or its process exits (false); panics
+    /// after 20 s.
+    async fn ready_unless_exited(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
             if let Ok(mut c) = etcd_client::Client::connect([&self.url], None).await {
                 if c.get("health-probe", None).await.is_ok() {
-                    return;
+                    return true;
                 }
             }
             assert!(Instant::now() < deadline, "etcd did not start; see {}", self.dir.path().join("etcd.log").display());

@@ -237,15 +237,6 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     Ok(Running { addr: local, metrics_addr, serve: Box::pin(serve) })
 }
 
-/// [`start`], returning only the gRPC address and the serving future.
-pub async fn bind(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(SocketAddr, impl Future<Output = Result<(), ServeError>>), ServeError> {
-    let running = start(config, shutdown).await?;
-    Ok((running.addr, running.serve))
-}
-
 /// Loads what `--check-config` can check beyond [`Config::validate`]: the TLS files of both sides.
 pub fn check(config: &Config) -> Result<(), ServeError> {
     crate::tls::server_config(&config.server)?;
@@ -278,20 +269,28 @@ const HOP_HEADERS: &[&str] = &["te", "content-type", "user-agent", "grpc-encodin
 /// The client's metadata as sent upstream: everything (`token`, `hasleader`,
 /// `client-api-version`, `traceparent`, `grpc-timeout`, …) except [`HOP_HEADERS`].
 pub fn upstream_metadata(incoming: &MetadataMap) -> MetadataMap {
-    let mut headers = incoming.clone().into_headers();
+    without_hop_headers(incoming.clone())
+}
+
+fn without_hop_headers(metadata: MetadataMap) -> MetadataMap {
+    let mut headers = metadata.into_headers();
     for h in HOP_HEADERS {
         headers.remove(*h);
     }
     MetadataMap::from_headers(headers)
 }
 
-/// A client request re-addressed to etcd with the client's metadata.
+/// A client request re-addressed to etcd with the client's metadata (moved, not copied: this
+/// runs on every forwarded call).
 pub fn forward<T>(request: Request<T>) -> Request<T> {
     let (metadata, _, message) = request.into_parts();
-    with_metadata(&metadata, message)
+    let mut r = Request::new(message);
+    *r.metadata_mut() = without_hop_headers(metadata);
+    r
 }
 
-/// A new upstream request carrying `metadata` (filtered by [`upstream_metadata`]).
+/// A new upstream request carrying a copy of `metadata` (filtered by [`upstream_metadata`]), for
+/// callers that send several upstream requests for one client call.
 pub fn with_metadata<T>(metadata: &MetadataMap, message: T) -> Request<T> {
     let mut r = Request::new(message);
     *r.metadata_mut() = upstream_metadata(metadata);
