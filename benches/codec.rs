@@ -11,7 +11,7 @@ const KEY: &[u8] = b"/registry/flyte.lyft.com/flyteworkflows/ns/wf";
 
 fn codec(level: i32) -> ValueCodec {
     ValueCodec::new(
-        vec![PrefixRule { prefix: Bytes::from_static(b"/registry/flyte.lyft.com/flyteworkflows/"), compress: true, level, min_size: 256 }],
+        vec![PrefixRule { prefix: Bytes::from_static(b"/registry/flyte.lyft.com/flyteworkflows/"), compress: true, level, min_size: 256, delta: None }],
         64 << 20,
     )
 }

@@ -46,7 +46,7 @@ fn small_shapes(n: u64, seed: u64) -> Vec<Vec<u8>> {
 }
 
 fn codec(cache: Option<Arc<DictionaryCache>>) -> ValueCodec {
-    let rule = PrefixRule { prefix: Bytes::from_static(FLYTEWORKFLOW_PREFIX.as_bytes()), compress: true, level: DEFAULT_LEVEL, min_size: 256 };
+    let rule = PrefixRule { prefix: Bytes::from_static(FLYTEWORKFLOW_PREFIX.as_bytes()), compress: true, level: DEFAULT_LEVEL, min_size: 256, delta: None };
     let c = ValueCodec::new(vec![rule], 64 << 20);
     match cache {
         Some(cache) => c.with_dictionaries(cache),

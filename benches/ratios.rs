@@ -28,7 +28,7 @@ type Codec = (String, Box<dyn Fn(&[u8]) -> Vec<u8>>, Box<dyn Fn(&[u8]) -> Vec<u8
 fn codecs() -> Vec<Codec> {
     let mut out: Vec<Codec> = Vec::new();
     for level in [1, 3, 6, 9] {
-        let rule = PrefixRule { prefix: Bytes::from_static(b"/registry/"), compress: true, level, min_size: 0 };
+        let rule = PrefixRule { prefix: Bytes::from_static(b"/registry/"), compress: true, level, min_size: 0, delta: None };
         let c = std::rc::Rc::new(ValueCodec::new(vec![rule], 64 << 20));
         let d = c.clone();
         out.push((

@@ -208,6 +208,19 @@ impl Proxy {
     }
 }
 
+/// A proxy config for `upstream` with delta frames on for `prefix` (dictionaries off, so the
+/// stored bytes depend on the deltas alone).
+pub fn delta_config(upstream: &str, prefix: &str) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.upstream.endpoints = vec![upstream.to_string()];
+    let mut rule = PrefixConfig::new(prefix);
+    rule.delta = true;
+    config.prefixes = vec![rule];
+    config.dictionaries.enabled = false;
+    config
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -240,7 +253,16 @@ impl Env {
         Env { proxy, etcd, via, direct, prefix }
     }
 
-    /// A FlyteWorkflow key (compressed in both suites).
+    /// etcd + proxy compressing `prefix` with delta frames on.
+    pub async fn with_delta(prefix: &'static str) -> Env {
+        let etcd = Etcd::start().await;
+        let proxy = Proxy::start_config(delta_config(&etcd.url, prefix)).await;
+        let via = proxy.client().await;
+        let direct = etcd.client().await;
+        Env { proxy, etcd, via, direct, prefix }
+    }
+
+    /// A FlyteWorkflow key (compressed in every suite).
     pub fn wf_key(&self, name: &str) -> String {
         format!("{FLYTE}flytesnacks-development/{name}")
     }

@@ -1,9 +1,10 @@
 //! Integration tests: a real etcd, the proxy on loopback, real clients (`etcd-client`, `etcdctl`).
 //!
-//! Every case of [`suite!`] runs twice: with the default FlyteWorkflow prefix, and with a proxy
-//! that compresses every key (prefix "").
+//! Every case of [`suite!`] runs three times: with the default FlyteWorkflow prefix, with a proxy
+//! that compresses every key (prefix ""), and with delta frames on for the FlyteWorkflow prefix.
 
 mod dashboard;
+mod delta;
 mod deploy;
 mod dictionary;
 mod faults;
@@ -35,6 +36,14 @@ macro_rules! suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(crate::harness::Env::new("").await).await;
+                }
+            )*
+        }
+        mod delta_frames {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::harness::Env::with_delta(crate::harness::FLYTE).await).await;
                 }
             )*
         }

@@ -214,6 +214,18 @@ pub struct PrefixConfig {
     /// overlaps a sensitive prefix (accepting the compression side channel). Default false.
     #[serde(default)]
     pub allow_sensitive_dictionary: bool,
+    /// `prefixes[].delta`: store each new version of a key as a delta frame against a base (an
+    /// earlier version of the same key kept under `/etcd-squeeze/bases/`). Default false.
+    #[serde(default)]
+    pub delta: bool,
+    /// `prefixes[].delta_rebase_fraction`: a new base is written when the delta against the current
+    /// one is larger than this fraction of the value compressed on its own. Default 0.5.
+    #[serde(default = "default_rebase_fraction")]
+    pub delta_rebase_fraction: f64,
+    /// `prefixes[].delta_base_cache`: decompressed bases kept in memory for this prefix, shared by
+    /// every request (bases are immutable: never stale). Default 256 MiB.
+    #[serde(default = "default_base_cache")]
+    pub delta_base_cache: ByteSize,
 }
 
 /// `prefixes[].codec`
@@ -361,6 +373,9 @@ impl PrefixConfig {
             compress: true,
             dictionary: None,
             allow_sensitive_dictionary: false,
+            delta: false,
+            delta_rebase_fraction: default_rebase_fraction(),
+            delta_base_cache: default_base_cache(),
         }
     }
 }
@@ -373,6 +388,12 @@ fn default_level() -> i32 {
 }
 fn default_min_size() -> ByteSize {
     ByteSize::b(DEFAULT_MIN_SIZE)
+}
+fn default_rebase_fraction() -> f64 {
+    0.5
+}
+fn default_base_cache() -> ByteSize {
+    ByteSize::mib(256)
 }
 fn default_true() -> bool {
     true
@@ -425,6 +446,12 @@ impl Config {
             }
             if self.prefixes[..i].iter().any(|q| q.prefix == p.prefix) {
                 return invalid(&format!("prefixes[{i}].prefix"), format!("{:?} is listed twice", p.prefix));
+            }
+            if !(p.delta_rebase_fraction > 0.0 && p.delta_rebase_fraction <= 10.0) {
+                return invalid(&format!("prefixes[{i}].delta_rebase_fraction"), format!("{} is not in (0, 10]", p.delta_rebase_fraction));
+            }
+            if p.delta && p.delta_base_cache.as_u64() < (1 << 20) {
+                return invalid(&format!("prefixes[{i}].delta_base_cache"), format!("{} is below 1 MiB", p.delta_base_cache));
             }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
@@ -746,6 +773,9 @@ mod tests {
                 compress: true,
                 dictionary: Some(true),
                 allow_sensitive_dictionary: false,
+                delta: true,
+                delta_rebase_fraction: 0.5,
+                delta_base_cache: ByteSize::mib(256),
             }],
             log: LogConfig { level: "info".into(), format: LogFormat::Text },
             metrics: MetricsConfig { listen: DEFAULT_METRICS_LISTEN.parse().unwrap() },

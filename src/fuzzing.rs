@@ -19,7 +19,7 @@ pub const MAX_RESPONSE_BYTES: u64 = 4 << 20;
 /// The codec under test: keys under `/p/` compressed (zstd 1, `min_size` 16), keys under `/r/`
 /// stored as they are (`compress = false`), other keys untouched.
 pub fn codec() -> ValueCodec {
-    let rule = |prefix: &'static [u8], compress| PrefixRule { prefix: Bytes::from_static(prefix), compress, level: 1, min_size: 16 };
+    let rule = |prefix: &'static [u8], compress| PrefixRule { prefix: Bytes::from_static(prefix), compress, level: 1, min_size: 16, delta: None };
     ValueCodec::new(vec![rule(b"/p/", true), rule(b"/r/", false)], MAX_VALUE_BYTES).with_max_response_bytes(MAX_RESPONSE_BYTES)
 }
 
@@ -31,7 +31,7 @@ pub fn frame_decoder(data: &[u8]) {
     if let Ok(decoded) = codec.decode(b"/p/k", &value) {
         assert!(decoded.len() <= MAX_VALUE_BYTES.max(data.len()), "decoded {} bytes", decoded.len());
     }
-    if let Ok(Some(decoded)) = crate::codec::decode_frame(data, MAX_VALUE_BYTES, &crate::dictionary::cache::DictionaryCache::default()) {
+    if let Ok(Some(decoded)) = crate::codec::decode_frame(data, MAX_VALUE_BYTES, &crate::dictionary::cache::DictionaryCache::default(), None) {
         assert!(decoded.len() <= MAX_VALUE_BYTES);
     }
     round_trip_value(&codec, b"/p/k", &value);

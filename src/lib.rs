@@ -25,6 +25,7 @@
 pub mod codec;
 pub mod config;
 pub mod corpus;
+pub mod delta;
 pub mod demo;
 pub mod dictionary;
 pub mod fuzzing;

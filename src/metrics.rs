@@ -59,6 +59,17 @@ pub struct Metrics {
     pub dictionary_cache_misses: IntCounter,
     /// `etcd_squeeze_dictionary_cache_fetches_total`: dictionaries read from the dictionary store.
     pub dictionary_cache_fetches: IntCounter,
+    /// `etcd_squeeze_delta_writes_total{kind}`: values stored as delta frames, by `kind`:
+    /// `delta` (against the key's current base) or `rebase` (a new base written in the same Txn).
+    pub delta_writes: IntCounterVec,
+    /// `etcd_squeeze_bases_deleted_total`: superseded bases deleted once compaction passed them.
+    pub bases_deleted: IntCounter,
+    /// `etcd_squeeze_base_cache_hits_total`: delta frames whose base was in memory.
+    pub base_cache_hits: IntCounter,
+    /// `etcd_squeeze_base_cache_misses_total`: delta frames whose base had to be read from etcd.
+    pub base_cache_misses: IntCounter,
+    /// `etcd_squeeze_base_fetches_total`: base records read from etcd.
+    pub base_fetches: IntCounter,
     /// `etcd_squeeze_watch_streams_active`: client Watch streams open now.
     pub watch_streams_active: IntGauge,
     /// `etcd_squeeze_watch_events_total`: watch events passed to clients.
@@ -84,7 +95,7 @@ pub struct Metrics {
 }
 
 /// The decode error kinds of `etcd_squeeze_decode_errors_total{reason}` (see `DecodeReason::kind`).
-pub const DECODE_ERROR_KINDS: &[&str] = &["header", "unknown_dictionary", "raw_with_dictionary", "no_content_size", "too_large", "frame_length", "zstd", "response_too_large"];
+pub const DECODE_ERROR_KINDS: &[&str] = &["header", "unknown_dictionary", "raw_with_dictionary", "no_content_size", "too_large", "frame_length", "zstd", "response_too_large", "base"];
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
 
@@ -148,6 +159,15 @@ impl Metrics {
                 "etcd_squeeze_dictionary_cache_fetches_total",
                 "zstd dictionaries read from the dictionary store in etcd.",
             ),
+            delta_writes: counter_vec(
+                "etcd_squeeze_delta_writes_total",
+                "Values stored as delta frames, by kind: delta (against the current base) or rebase (new base in the same Txn).",
+                &["kind"],
+            ),
+            bases_deleted: counter("etcd_squeeze_bases_deleted_total", "Superseded bases deleted once compaction passed them."),
+            base_cache_hits: counter("etcd_squeeze_base_cache_hits_total", "Delta frames whose base was in memory."),
+            base_cache_misses: counter("etcd_squeeze_base_cache_misses_total", "Delta frames whose base had to be read from etcd."),
+            base_fetches: counter("etcd_squeeze_base_fetches_total", "Base records read from etcd."),
             watch_streams_active: gauge("etcd_squeeze_watch_streams_active", "Client Watch streams open."),
             watch_events: counter("etcd_squeeze_watch_events_total", "Watch events passed to clients."),
             upstream_up: gauge_vec(
@@ -188,6 +208,9 @@ impl Metrics {
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for kind in DECODE_ERROR_KINDS {
             m.decode_errors.with_label_values(&[kind]).inc_by(0);
+        }
+        for kind in ["delta", "rebase"] {
+            m.delta_writes.with_label_values(&[kind]).inc_by(0);
         }
         for side in ["server", "upstream"] {
             for result in ["ok", "error"] {
@@ -256,7 +279,7 @@ impl Registrar {
 
 fn outcome_label(o: EncodeOutcome) -> &'static str {
     match o {
-        EncodeOutcome::Compressed => "compressed",
+        EncodeOutcome::Compressed | EncodeOutcome::Delta => "compressed",
         EncodeOutcome::RawFrame => "raw_frame",
         EncodeOutcome::StoredAsIs => "stored_as_is",
         EncodeOutcome::Untouched => "untouched",

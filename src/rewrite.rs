@@ -4,8 +4,11 @@
 //! request path in `src/server/` calls them between the client and the upstream etcd.
 //! Everything that is not a value (keys, revisions, headers, flags) is left exactly as it is.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
+use crate::codec::delta::Base;
 use crate::codec::{DecodeError, EncodeError, EncodeOutcome, ValueCodec};
 use crate::proto::etcdserverpb::{
     compare, request_op, response_op, Compare, DeleteRangeResponse, PutRequest, PutResponse, RangeResponse,
@@ -48,7 +51,7 @@ pub struct PrefixStats {
 }
 
 impl EncodeStats {
-    fn add(&mut self, prefix: Option<&Bytes>, before: usize, after: usize, outcome: EncodeOutcome) {
+    pub(crate) fn add(&mut self, prefix: Option<&Bytes>, before: usize, after: usize, outcome: EncodeOutcome) {
         let Some(prefix) = prefix.filter(|_| outcome != EncodeOutcome::Untouched) else {
             return;
         };
@@ -180,8 +183,13 @@ impl KeyValues for RangeStreamResponse {
 /// Decodes one `mvccpb.KeyValue.value` in place, charging `budget` (decompressed bytes left
 /// for the whole response, see [`ValueCodec::decode_within`]).
 pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue, budget: &mut u64) -> Result<(), DecodeError> {
+    decode_kv_with(codec, kv, budget, &[])
+}
+
+/// [`decode_kv`], with the bases loaded for this response (delta frames).
+pub fn decode_kv_with(codec: &ValueCodec, kv: &mut KeyValue, budget: &mut u64, pinned: &[Arc<Base>]) -> Result<(), DecodeError> {
     if !kv.value.is_empty() {
-        kv.value = codec.decode_within(&kv.key, &kv.value, budget)?;
+        kv.value = codec.decode_with_bases(&kv.key, &kv.value, budget, pinned)?;
     }
     Ok(())
 }
@@ -190,8 +198,14 @@ pub fn decode_kv(codec: &ValueCodec, kv: &mut KeyValue, budget: &mut u64) -> Res
 /// decompressed bytes for the whole message (a fragment of a watch response is a message of
 /// its own). Nothing is returned half-decoded: on error the caller drops the message.
 pub fn decode<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Result<(), DecodeError> {
+    decode_with(codec, msg, &[])
+}
+
+/// [`decode`], where delta frames find their base in `pinned` (loaded for this message by
+/// `crate::delta::Deltas::prefetch`) or in the base cache.
+pub fn decode_with<T: KeyValues>(codec: &ValueCodec, msg: &mut T, pinned: &[Arc<Base>]) -> Result<(), DecodeError> {
     let mut budget = codec.max_response_bytes();
-    msg.try_for_each_kv(&mut |kv| decode_kv(codec, kv, &mut budget))
+    msg.try_for_each_kv(&mut |kv| decode_kv_with(codec, kv, &mut budget, pinned))
 }
 
 /// The dictionary IDs that decoding `msg` needs, in order of first use, each with how many of
@@ -290,7 +304,7 @@ mod tests {
     use crate::proto::mvccpb::Event;
 
     fn codec() -> ValueCodec {
-        ValueCodec::new(vec![PrefixRule { prefix: Bytes::from_static(b"/p/"), compress: true, level: 3, min_size: 0 }], 1 << 24)
+        ValueCodec::new(vec![PrefixRule { prefix: Bytes::from_static(b"/p/"), compress: true, level: 3, min_size: 0, delta: None }], 1 << 24)
     }
 
     fn big() -> Bytes {

@@ -4,10 +4,15 @@
 //! offset  size  field
 //! 0       4     magic            FF 53 51 5A  ("\xFFSQZ")
 //! 4       1     format version   1
-//! 5       1     codec            0 = stored raw, 1 = zstd
-//! 6       4     dictionary ID    u32 little-endian, 0 = no dictionary
+//! 5       1     codec            0 = stored raw, 1 = zstd, 2 = zstd delta
+//! 6       4     dictionary ID    u32 little-endian, 0 = no dictionary (always 0 for codec 2)
 //! 10      ...   payload          raw: the value itself; zstd: exactly one zstd frame
 //!                                with Frame_Content_Size and a content checksum
+//!
+//! codec 2 (delta) only:
+//! 10      8     base ID          u64 little-endian
+//! 18      8     base checksum    u64 little-endian (see `super::delta`)
+//! 26      ...   payload          one zstd frame compressed against the base content
 //! ```
 //!
 //! `0xFF` never occurs in UTF-8, so the magic cannot begin a JSON document, a Kubernetes
@@ -31,6 +36,9 @@ pub enum Codec {
     Raw = 0,
     /// The payload is one zstd frame.
     Zstd = 1,
+    /// The payload is one zstd frame compressed with a base (an earlier version of the same key)
+    /// as its prefix; the header names the base (`super::delta`).
+    Delta = 2,
 }
 
 impl fmt::Display for Codec {
@@ -38,6 +46,7 @@ impl fmt::Display for Codec {
         f.write_str(match self {
             Codec::Raw => "raw",
             Codec::Zstd => "zstd",
+            Codec::Delta => "delta",
         })
     }
 }
@@ -51,15 +60,17 @@ pub struct Frame<'a> {
     pub codec: Codec,
     /// zstd dictionary ID the payload was compressed with; 0 = none.
     pub dictionary_id: u32,
-    /// The bytes after the header.
+    /// The base a delta frame (codec 2) names; `None` for the other codecs.
+    pub base: Option<super::delta::BaseRef>,
+    /// The bytes after the header (after the base reference for a delta frame).
     pub payload: &'a [u8],
 }
 
 /// Why bytes that start with [`MAGIC`] are not a valid frame header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
-    /// Fewer than [`HEADER_LEN`] bytes.
-    #[error("truncated frame header ({0} bytes, need {HEADER_LEN})")]
+    /// Fewer than [`HEADER_LEN`] bytes (26 for a delta frame).
+    #[error("truncated frame header ({0} bytes)")]
     Truncated(usize),
     /// A format version this build does not know.
     #[error("unknown frame format version {0} (this build reads version {VERSION})")]
@@ -88,10 +99,19 @@ pub fn parse(value: &[u8]) -> Result<Frame<'_>, HeaderError> {
     let codec = match value[5] {
         0 => Codec::Raw,
         1 => Codec::Zstd,
+        2 => Codec::Delta,
         other => return Err(HeaderError::UnknownCodec(other)),
     };
     let dictionary_id = u32::from_le_bytes([value[6], value[7], value[8], value[9]]);
-    Ok(Frame { version, codec, dictionary_id, payload: &value[HEADER_LEN..] })
+    if codec != Codec::Delta {
+        return Ok(Frame { version, codec, dictionary_id, base: None, payload: &value[HEADER_LEN..] });
+    }
+    let end = HEADER_LEN + super::delta::DELTA_REF_LEN;
+    let reference = value.get(HEADER_LEN..end).ok_or(HeaderError::Truncated(value.len()))?;
+    let id = u64::from_le_bytes(reference[..8].try_into().expect("8 bytes"));
+    let checksum = u64::from_le_bytes(reference[8..].try_into().expect("8 bytes"));
+    let base = Some(super::delta::BaseRef { id, checksum });
+    Ok(Frame { version, codec, dictionary_id, base, payload: &value[end..] })
 }
 
 /// Writes a header for `codec` and `dictionary_id` into `out` (which should be empty),
@@ -114,7 +134,10 @@ mod tests {
         v.extend_from_slice(b"payload");
         assert!(is_framed(&v));
         let f = parse(&v).unwrap();
-        assert_eq!(f, Frame { version: 1, codec: Codec::Zstd, dictionary_id: 0xDEAD_BEEF, payload: b"payload" });
+        assert_eq!(f, Frame { version: 1, codec: Codec::Zstd, dictionary_id: 0xDEAD_BEEF, base: None, payload: b"payload" });
+        let mut d = Vec::new();
+        write_header(&mut d, Codec::Delta, 0);
+        assert_eq!(parse(&d), Err(HeaderError::Truncated(HEADER_LEN)), "a delta frame needs its base reference");
     }
 
     #[test]

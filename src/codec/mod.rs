@@ -5,6 +5,7 @@
 //! Trained dictionaries come from a [`DictionaryCache`] that the server fills (loading from etcd
 //! happens before decoding, never inside it; see `crate::dictionary`).
 
+pub mod delta;
 pub mod frame;
 
 use std::cell::RefCell;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 
 use crate::config::{Config, PrefixConfig};
 use crate::dictionary::cache::DictionaryCache;
+use delta::Base;
 use frame::{Codec, HeaderError};
 
 /// Values that begin with this are encrypted by kube-apiserver (encryption at rest): they do
@@ -41,6 +43,18 @@ pub struct PrefixRule {
     pub level: i32,
     /// Values shorter than this many bytes are stored in a raw frame.
     pub min_size: usize,
+    /// Delta frames for this prefix (`prefixes[].delta`); `None` = every version on its own.
+    pub delta: Option<DeltaRule>,
+}
+
+/// How a prefix with `delta = true` stores new versions (see [`delta`] and `crate::delta`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeltaRule {
+    /// Rebase when the delta is larger than this fraction of the value compressed alone
+    /// (`prefixes[].delta_rebase_fraction`).
+    pub rebase_fraction: f64,
+    /// Bytes of decompressed bases the prefix's base cache holds (`prefixes[].delta_base_cache`).
+    pub base_cache_bytes: u64,
 }
 
 /// What happened to one value on the way in; used for counters and the demo.
@@ -54,6 +68,8 @@ pub enum EncodeOutcome {
     RawFrame,
     /// Stored as a zstd frame.
     Compressed,
+    /// Stored as a delta frame against a base.
+    Delta,
 }
 
 /// A key, printed for humans and logs: UTF-8 when it is, otherwise escaped bytes.
@@ -97,6 +113,14 @@ pub enum DecodeReason {
     /// The zstd frame does not declare its decompressed size.
     #[error("zstd frame does not declare its content size")]
     NoContentSize,
+    /// A delta frame's base is not available (missing from etcd, refused, or another base).
+    #[error("base {id:016x} is not available: {detail}")]
+    Base {
+        /// The base ID the frame names.
+        id: u64,
+        /// Why (from the attempt to load it).
+        detail: String,
+    },
     /// Declared or actual decompressed size over `limits.max_value_bytes`.
     #[error("decompressed size {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -135,6 +159,7 @@ impl DecodeReason {
             DecodeReason::Header(_) => "header",
             DecodeReason::UnknownDictionary { .. } => "unknown_dictionary",
             DecodeReason::RawWithDictionary(_) => "raw_with_dictionary",
+            DecodeReason::Base { .. } => "base",
             DecodeReason::NoContentSize => "no_content_size",
             DecodeReason::TooLarge { .. } => "too_large",
             DecodeReason::FrameLength { .. } => "frame_length",
@@ -179,6 +204,7 @@ pub struct ValueCodec {
     max_value_bytes: usize,
     max_response_bytes: u64,
     dictionaries: Arc<DictionaryCache>,
+    bases: Arc<crate::delta::cache::BaseCache>,
 }
 
 thread_local! {
@@ -194,7 +220,8 @@ impl ValueCodec {
     /// No dictionary is used until [`ValueCodec::with_dictionaries`] gives it a cache.
     pub fn new(mut rules: Vec<PrefixRule>, max_value_bytes: usize) -> Self {
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        ValueCodec { rules, max_value_bytes, max_response_bytes: u64::MAX, dictionaries: Arc::default() }
+        let bases = Arc::new(crate::delta::cache::BaseCache::for_rules(&rules));
+        ValueCodec { rules, max_value_bytes, max_response_bytes: u64::MAX, dictionaries: Arc::default(), bases }
     }
 
     /// Uses the dictionaries of `cache`: each prefix's current encoder for new values, and any
@@ -331,6 +358,13 @@ impl ValueCodec {
     /// overdraw it fails with [`DecodeReason::ResponseTooLarge`] before anything is decompressed,
     /// so small stored values cannot make one response take gigabytes of memory.
     pub fn decode_within(&self, key: &[u8], value: &Bytes, budget: &mut u64) -> Result<Bytes, DecodeError> {
+        self.decode_with_bases(key, value, budget, &[])
+    }
+
+    /// [`ValueCodec::decode_within`], where a delta frame's base is looked up first in `pinned`
+    /// (the bases loaded for this response, see `crate::delta::Deltas::prefetch`), then in the
+    /// base cache. A missing base is [`DecodeReason::Base`].
+    pub fn decode_with_bases(&self, key: &[u8], value: &Bytes, budget: &mut u64, pinned: &[Arc<Base>]) -> Result<Bytes, DecodeError> {
         if !frame::is_framed(value) || self.rule_for(key).is_none() {
             return Ok(value.clone());
         }
@@ -340,7 +374,18 @@ impl ValueCodec {
                 return Err(error(DecodeReason::ResponseTooLarge { size, limit: self.max_response_bytes }));
             }
         }
-        let decoded = decode_frame(value, self.max_value_bytes, &self.dictionaries)
+        let base = match frame::parse(value) {
+            Ok(frame::Frame { base: Some(r), .. }) => {
+                let found = pinned.iter().find(|b| b.id == r.id && b.key == key).cloned().or_else(|| self.bases.get(key, r.id));
+                if found.is_none() {
+                    let detail = self.bases.unavailable_reason(key, r.id).unwrap_or_else(|| "not loaded".into());
+                    return Err(error(DecodeReason::Base { id: r.id, detail }));
+                }
+                found
+            }
+            _ => None,
+        };
+        let decoded = decode_frame(value, self.max_value_bytes, &self.dictionaries, base.as_deref())
             .map_err(error)?;
         Ok(match decoded {
             Some(bytes) => {
@@ -360,12 +405,62 @@ impl ValueCodec {
         }
         frame::parse(value).ok().filter(|f| f.codec == Codec::Zstd && f.dictionary_id != 0).map(|f| f.dictionary_id)
     }
+
+    /// The base that decoding this stored value needs, if it is a delta frame under a prefix
+    /// (the server loads it before decoding, as it does dictionaries).
+    pub fn needed_base(&self, key: &[u8], value: &[u8]) -> Option<delta::BaseRef> {
+        if !frame::is_framed(value) || self.rule_for(key).is_none() {
+            return None;
+        }
+        frame::parse(value).ok().and_then(|f| f.base)
+    }
+
+    /// The base cache delta frames are decoded with.
+    pub fn bases(&self) -> &Arc<crate::delta::cache::BaseCache> {
+        &self.bases
+    }
+
+    /// Uses `cache` for the bases of delta frames.
+    pub fn with_bases(mut self, cache: Arc<crate::delta::cache::BaseCache>) -> Self {
+        self.bases = cache;
+        self
+    }
+
+    /// Encodes `value` for `key` as a delta frame against `base`, or returns `None` when the value
+    /// is not one the prefix compresses (no delta rule, `compress = false`, below `min_size`,
+    /// `k8s:enc:`): the caller then uses [`ValueCodec::encode`], which also enforces
+    /// `limits.max_value_bytes`. `base.key` must be `key`.
+    pub fn encode_delta(&self, key: &[u8], value: &Bytes, base: &Base) -> Result<Option<Bytes>, EncodeError> {
+        if self.delta_candidate(key, value).is_none() {
+            return Ok(None);
+        }
+        debug_assert_eq!(&base.key[..], key);
+        delta::encode_delta(value, base)
+            .map(Some)
+            .map_err(|e| EncodeError { key: Bytes::copy_from_slice(key), reason: e.into() })
+    }
+
+    /// The prefix rule when `value` may be stored as a delta frame under `key`.
+    pub fn delta_candidate(&self, key: &[u8], value: &Bytes) -> Option<&PrefixRule> {
+        let rule = self.rule_for(key)?;
+        let ok = rule.delta.is_some()
+            && rule.compress
+            && value.len() >= rule.min_size.max(1)
+            && value.len() <= self.max_value_bytes
+            && !value.starts_with(K8S_ENCRYPTED_PREFIX);
+        ok.then_some(rule)
+    }
+
+    /// Largest value this codec accepts and decodes (`limits.max_value_bytes`), in bytes.
+    pub fn max_value_bytes(&self) -> usize {
+        self.max_value_bytes
+    }
 }
 
 /// The decompressed size a zstd frame declares, if `value` is one with a readable header.
 fn declared_size(value: &[u8]) -> Option<u64> {
     let f = frame::parse(value).ok()?;
-    (f.codec == Codec::Zstd).then(|| zstd::zstd_safe::get_frame_content_size(f.payload).ok().flatten()).flatten()
+    (f.codec != Codec::Raw).then(|| zstd::zstd_safe::get_frame_content_size(f.payload).ok().flatten()).flatten()
 }
 
 /// Decodes a framed value. `Ok(None)` means a raw frame: the original bytes are the payload.
@@ -373,25 +468,30 @@ fn declared_size(value: &[u8]) -> Option<u64> {
 ///
 /// Errors name what is wrong: header, dictionary not loaded, missing or oversized content size,
 /// trailing bytes, or a zstd error (corrupt data, checksum mismatch, wrong dictionary).
-pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &DictionaryCache) -> Result<Option<Bytes>, DecodeReason> {
+pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &DictionaryCache, base: Option<&Base>) -> Result<Option<Bytes>, DecodeReason> {
     let f = frame::parse(value)?;
     match f.codec {
         Codec::Raw if f.dictionary_id != 0 => Err(DecodeReason::RawWithDictionary(f.dictionary_id)),
         Codec::Raw => Ok(None),
+        Codec::Delta => {
+            let r = f.base.expect("parse sets the base of a delta frame");
+            let base_error = |detail: &str| DecodeReason::Base { id: r.id, detail: detail.into() };
+            if f.dictionary_id != 0 {
+                return Err(base_error("a delta frame names no dictionary"));
+            }
+            let Some(base) = base else { return Err(base_error("not loaded")) };
+            if base.checksum != r.checksum {
+                return Err(base_error("the stored base has another checksum"));
+            }
+            let size = checked_frame_size(f.payload, max_value_bytes)?;
+            let out = delta::decode_delta(f.payload, size as usize, base).map_err(DecodeReason::Zstd)?;
+            if out.len() as u64 != size {
+                return Err(DecodeReason::Zstd(format!("decompressed {} bytes, frame declares {size}", out.len())));
+            }
+            Ok(Some(Bytes::from(out)))
+        }
         Codec::Zstd => {
-            let size = match zstd::zstd_safe::get_frame_content_size(f.payload) {
-                Ok(Some(size)) => size,
-                Ok(None) => return Err(DecodeReason::NoContentSize),
-                Err(_) => return Err(DecodeReason::Zstd("not a zstd frame".into())),
-            };
-            if size > max_value_bytes as u64 {
-                return Err(DecodeReason::TooLarge { size, limit: max_value_bytes });
-            }
-            let frame_len = zstd::zstd_safe::find_frame_compressed_size(f.payload)
-                .map_err(|code| DecodeReason::Zstd(zstd::zstd_safe::get_error_name(code).to_string()))?;
-            if frame_len != f.payload.len() {
-                return Err(DecodeReason::FrameLength { actual: f.payload.len(), frame: frame_len });
-            }
+            let size = checked_frame_size(f.payload, max_value_bytes)?;
             let out = if f.dictionary_id == 0 {
                 DECOMPRESSOR.with(|cell| {
                     let mut slot = cell.borrow_mut();
@@ -431,6 +531,25 @@ pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &Diction
     }
 }
 
+/// The content size `payload` (one whole zstd frame) declares, checked against `max_value_bytes`,
+/// with nothing after the frame.
+fn checked_frame_size(payload: &[u8], max_value_bytes: usize) -> Result<u64, DecodeReason> {
+    let size = match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(size)) => size,
+        Ok(None) => return Err(DecodeReason::NoContentSize),
+        Err(_) => return Err(DecodeReason::Zstd("not a zstd frame".into())),
+    };
+    if size > max_value_bytes as u64 {
+        return Err(DecodeReason::TooLarge { size, limit: max_value_bytes });
+    }
+    let frame_len = zstd::zstd_safe::find_frame_compressed_size(payload)
+        .map_err(|code| DecodeReason::Zstd(zstd::zstd_safe::get_error_name(code).to_string()))?;
+    if frame_len != payload.len() {
+        return Err(DecodeReason::FrameLength { actual: payload.len(), frame: frame_len });
+    }
+    Ok(size)
+}
+
 fn raw_frame(value: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(frame::HEADER_LEN + value.len());
     frame::write_header(&mut out, Codec::Raw, 0);
@@ -458,6 +577,10 @@ impl From<&PrefixConfig> for PrefixRule {
             compress: p.compress,
             level: p.level,
             min_size: p.min_size.as_u64() as usize,
+            delta: p.delta.then(|| DeltaRule {
+                rebase_fraction: p.delta_rebase_fraction,
+                base_cache_bytes: p.delta_base_cache.as_u64(),
+            }),
         }
     }
 }
@@ -468,7 +591,7 @@ mod tests {
 
     fn codec() -> ValueCodec {
         ValueCodec::new(
-            vec![PrefixRule { prefix: Bytes::from_static(b"/registry/wf/"), compress: true, level: 3, min_size: 64 }],
+            vec![PrefixRule { prefix: Bytes::from_static(b"/registry/wf/"), compress: true, level: 3, min_size: 64, delta: None }],
             1 << 20,
         )
     }
@@ -592,7 +715,7 @@ mod tests {
 
     #[test]
     fn reserved_prefix_is_never_compressed() {
-        let every = ValueCodec::new(vec![PrefixRule { prefix: Bytes::new(), compress: true, level: 3, min_size: 0 }], 1 << 20);
+        let every = ValueCodec::new(vec![PrefixRule { prefix: Bytes::new(), compress: true, level: 3, min_size: 0, delta: None }], 1 << 20);
         let key = b"/etcd-squeeze/dictionaries/0000000001";
         let v = json(500);
         assert_eq!(every.encode(key, &v).unwrap(), (v.clone(), EncodeOutcome::Untouched));

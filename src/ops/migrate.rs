@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{human, key_string, Etcd, EtcdArgs, KeyRange, OpsError, PrefixArgs, DEFAULT_ETCD_MAX_REQUEST_BYTES, DEFAULT_PAGE_KEYS};
 use crate::codec::{frame, EncodeOutcome};
-use crate::proto::etcdserverpb::{compare, request_op, Compare, PutRequest, RequestOp, TxnRequest};
+use crate::proto::etcdserverpb::{DeleteRangeRequest, RangeRequest, compare, request_op, Compare, PutRequest, RequestOp, TxnRequest};
 use crate::proto::mvccpb::KeyValue;
 
 /// Default write rate: 100 rewrites per second is a small fraction of what one etcd member
@@ -168,6 +168,12 @@ pub struct Verification {
     pub frames: u64,
     /// The first keys that still hold a frame.
     pub examples: Vec<String>,
+    /// Bases (delta frames' `/etcd-squeeze/bases/` keys) of keys under the prefixes, deleted
+    /// once no frame remained.
+    pub bases_deleted: u64,
+    /// Bases of keys under the prefixes still there (a current value still needs them, or the
+    /// key changed while the base was being deleted).
+    pub bases_left: u64,
 }
 
 impl Summary {
@@ -294,7 +300,11 @@ pub async fn run(
     bar.finish_and_clear();
 
     let verify = if direction == Direction::Decompress && !dry_run && !interrupted {
-        Some(verify(etcd, &ranges, args.batch_size).await?)
+        let mut v = verify(etcd, &ranges, args.batch_size).await?;
+        if v.frames == 0 {
+            (v.bases_deleted, v.bases_left) = delete_bases(etcd, &ranges, args.batch_size).await?;
+        }
+        Some(v)
     } else {
         None
     };
@@ -498,9 +508,59 @@ fn rewrite_txn(kv: &KeyValue, value: Bytes) -> TxnRequest {
     TxnRequest { compare: vec![compare], success: vec![RequestOp { request: Some(request_op::Request::RequestPut(put)) }], failure: vec![] }
 }
 
+/// Deletes the bases of the keys under `ranges` (read from each base record's header) that no
+/// current value needs: each in a Txn guarded by `MOD(K) == m`, where K at m was read and is not
+/// a delta frame naming that base. Returns (deleted, left). Older revisions of K that are delta
+/// frames stay readable through the proxy until compaction passes them (the base is still in
+/// etcd's history).
+pub async fn delete_bases(etcd: &Etcd, ranges: &[KeyRange], page_keys: i64) -> Result<(u64, u64), OpsError> {
+    let (mut deleted, mut left) = (0, 0);
+    let bases = KeyRange::of_prefix(crate::codec::delta::BASES_PREFIX);
+    let mut pager = etcd.pager(&bases, bases.start.to_vec(), 0, page_keys.min(100)).including_reserved();
+    while let Some(page) = pager.next_page().await? {
+        for base in page {
+            let Some(key) = crate::codec::delta::record_key(&base.value) else { continue };
+            if !ranges.iter().any(|r| key >= &r.start[..] && (r.end[..] == b"\0"[..] || key < &r.end[..])) {
+                continue;
+            }
+            let key = Bytes::copy_from_slice(key);
+            let id = crate::codec::delta::id_of_base_key(&base.key);
+            let read = RangeRequest { key: key.clone(), ..Default::default() };
+            let current = etcd.range(read, || format!("Range of {}", key_string(&key))).await?;
+            let (m, needed) = match current.kvs.first() {
+                Some(kv) => (kv.mod_revision, frame::parse(&kv.value).ok().and_then(|f| f.base).is_some_and(|b| Some(b.id) == id)),
+                None => (0, false),
+            };
+            if needed {
+                left += 1;
+                continue;
+            }
+            let guard = Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Mod as i32,
+                key: key.clone(),
+                target_union: Some(compare::TargetUnion::ModRevision(m)),
+                ..Default::default()
+            };
+            let delete = DeleteRangeRequest { key: base.key.clone(), ..Default::default() };
+            let txn = TxnRequest {
+                compare: vec![guard],
+                success: vec![RequestOp { request: Some(request_op::Request::RequestDeleteRange(delete)) }],
+                failure: vec![],
+            };
+            match etcd.kv().txn(txn).await {
+                Ok(r) if r.get_ref().succeeded => deleted += 1,
+                Ok(_) => left += 1,
+                Err(status) => return Err(OpsError::Rpc { call: format!("Txn deleting base {}", key_string(&base.key)), status }),
+            }
+        }
+    }
+    Ok((deleted, left))
+}
+
 /// Scans every range at the latest revision for frames.
 pub async fn verify(etcd: &Etcd, ranges: &[KeyRange], page_keys: i64) -> Result<Verification, OpsError> {
-    let mut v = Verification { scanned: 0, frames: 0, examples: Vec::new() };
+    let mut v = Verification { scanned: 0, frames: 0, examples: Vec::new(), bases_deleted: 0, bases_left: 0 };
     for range in ranges {
         let mut pager = etcd.pager(range, range.start.to_vec(), 0, page_keys);
         while let Some(page) = pager.next_page().await? {
@@ -687,6 +747,9 @@ impl Summary {
         if let Some(v) = &self.verify {
             if v.frames == 0 {
                 let _ = writeln!(out, "verified: {} keys scanned, no frame remains; etcd can be used without the proxy", v.scanned);
+                if v.bases_deleted + v.bases_left > 0 {
+                    let _ = writeln!(out, "  delta bases     {} deleted, {} left (still needed by a current value)", v.bases_deleted, v.bases_left);
+                }
             } else {
                 let _ = writeln!(
                     out,

@@ -173,6 +173,10 @@ pub struct Etcd {
     decoder: ValueCodec,
     /// Loads the trained dictionaries that the frames of each page read name.
     dictionaries: std::sync::Arc<crate::dictionary::Dictionaries>,
+    /// Loads the bases that the delta frames of each page read name.
+    deltas: std::sync::Arc<crate::delta::Deltas>,
+    /// The bases of the last two pages read (decoded after their page is read).
+    pinned: std::sync::Arc<std::sync::Mutex<(Vec<std::sync::Arc<crate::codec::delta::Base>>, Vec<std::sync::Arc<crate::codec::delta::Base>>)>>,
     kv: KvClient<Upstream>,
 }
 
@@ -187,8 +191,9 @@ impl Etcd {
         catch_all.push(PrefixRule::from(&PrefixConfig::new("")));
         let decoder = ValueCodec::new(catch_all, config.limits.max_value_bytes.as_u64() as usize).with_dictionaries(codec.dictionaries().clone());
         let dictionaries = crate::dictionary::Dictionaries::new(&config, decoder.clone(), upstream.clone());
+        let deltas = crate::delta::Deltas::new(decoder.clone(), upstream.clone(), config.limits.max_txn_ops as usize);
         let kv = KvClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-        Ok(Etcd { config, codec, decoder, dictionaries, kv })
+        Ok(Etcd { config, codec, decoder, dictionaries, deltas, pinned: Default::default(), kv })
     }
 
     /// A KV client on the shared connections.
@@ -198,7 +203,10 @@ impl Etcd {
 
     /// The original bytes of a stored value (frames decoded, anything else as it is).
     pub fn decode(&self, key: &[u8], value: &Bytes) -> Result<Bytes, DecodeError> {
-        self.decoder.decode(key, value)
+        let pinned = self.pinned.lock().expect("pinned bases lock");
+        let bases: Vec<_> = pinned.0.iter().chain(pinned.1.iter()).cloned().collect();
+        drop(pinned);
+        self.decoder.decode_with_bases(key, value, &mut u64::MAX.clone(), &bases)
     }
 
     /// The configured prefixes, as bytes, in configuration order.
@@ -214,10 +222,19 @@ impl Etcd {
     /// One Range call; `call` describes it for the error message. The trained dictionaries its
     /// frames name are loaded, so [`Etcd::decode`] can decode them.
     pub async fn range(&self, request: RangeRequest, call: impl FnOnce() -> String) -> Result<RangeResponse, OpsError> {
+        let revision = request.revision;
         let mut resp = self.kv().range(request).await.map(|r| r.into_inner());
         if let Ok(r) = &mut resp {
             if let Err(status) = self.dictionaries.prefetch(r).await {
                 resp = Err(status);
+            } else {
+                match self.deltas.prefetch(r, revision).await {
+                    Ok(bases) => {
+                        let mut pinned = self.pinned.lock().expect("pinned bases lock");
+                        pinned.0 = std::mem::replace(&mut pinned.1, bases);
+                    }
+                    Err(status) => resp = Err(status),
+                }
             }
         }
         resp.map_err(|status| OpsError::Rpc { call: call(), status })

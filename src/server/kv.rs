@@ -11,6 +11,8 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{applied_decode_status, decode_status, encode_status, forward, with_metadata, Shared};
+use crate::codec::delta::Base;
+use crate::delta::RewriteError;
 use crate::rewrite::KeyValues;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::kv_server::Kv;
@@ -46,10 +48,9 @@ impl KvService {
         let attempts = self.shared.config.limits.value_compare_attempts;
         let compares = rewrite::value_compares(&self.shared.codec, &txn);
         // Values are encoded once; each attempt only clones (reference counts) and replaces compares.
-        let mut txn = txn;
         self.shared.dictionaries.observe_txn(&txn);
         let mut stats = EncodeStats::default();
-        rewrite::encode_txn(&self.shared.codec, &mut txn, &mut stats).map_err(encode_status)?;
+        let (txn, rewritten) = self.encode(txn, &mut stats).await?;
         for _ in 0..attempts {
             let mut guards: Vec<Compare> = Vec::new();
             let mut fixed: Vec<Compare> = Vec::new();
@@ -57,7 +58,7 @@ impl KvService {
                 // Linearizable read of the compare's key range, at the current revision.
                 let read = RangeRequest { key: c.key.clone(), range_end: c.range_end.clone(), ..Default::default() };
                 let mut range = self.client.clone().range(with_metadata(metadata, read)).await?.into_inner();
-                decode_values(&self.shared, &mut range, plain_decode_status).await?;
+                decode_values(&self.shared, &mut range, 0, &[], plain_decode_status).await?;
                 let revision = range.header.as_ref().map_or(0, |h| h.revision);
                 let values: Vec<_> = range.kvs.iter().map(|kv| kv.value.clone()).collect();
                 let holds = rewrite::evaluate_value_compare(c, &values);
@@ -110,13 +111,106 @@ impl KvService {
                 return Err(Status::internal("etcd-squeeze: guarded Txn response carries no inner Txn response"));
             };
             inner_resp.header = resp.header;
-            decode_values(&self.shared, &mut inner_resp, txn_decode_status).await?;
+            let pinned = self.finish(rewritten.as_ref(), &mut inner_resp);
+            let at = before(&inner_resp.header);
+            decode_values(&self.shared, &mut inner_resp, at, pinned, txn_decode_status).await?;
             return Ok(Response::from_parts(md, inner_resp, ext));
         }
         Err(Status::aborted(format!(
             "etcd-squeeze: the keys of a VALUE compare kept changing; gave up after {attempts} attempts"
         )))
     }
+}
+
+impl KvService {
+    /// Encodes the values of a Txn: through [`crate::delta::Deltas::rewrite`] when it writes or
+    /// deletes a key with delta frames (the returned [`crate::delta::Rewritten`] must see the
+    /// response), else value by value.
+    async fn encode(&self, mut txn: TxnRequest, stats: &mut EncodeStats) -> Result<(TxnRequest, Option<crate::delta::Rewritten>), Status> {
+        if !self.shared.deltas.touches(&txn) {
+            rewrite::encode_txn(&self.shared.codec, &mut txn, stats).map_err(encode_status)?;
+            return Ok((txn, None));
+        }
+        let mut rewritten = self.shared.deltas.rewrite(txn, stats).await.map_err(|e| match e {
+            RewriteError::Encode(e) => encode_status(e),
+            RewriteError::Etcd(status) => status,
+        })?;
+        Ok((std::mem::take(&mut rewritten.txn), Some(rewritten)))
+    }
+
+    /// Hands a Txn response to the delta rewrite that produced its request (strips the added
+    /// operations' responses) and returns the bases the write pinned.
+    fn finish<'a>(&self, rewritten: Option<&'a crate::delta::Rewritten>, resp: &mut TxnResponse) -> &'a [Arc<Base>] {
+        match rewritten {
+            Some(r) => {
+                self.shared.deltas.finish(r, resp);
+                &r.pinned
+            }
+            None => &[],
+        }
+    }
+
+    /// A top-level Put of a key with delta frames, sent as a Txn so its base can be written in the
+    /// same revision: guarded by `MOD(K) == m` when the proxy knows K's version m (then a delta
+    /// against its base), else, or when the guard fails, unguarded with a new base. The response
+    /// is etcd's PutResponse shape: the Txn's header and the Put's prev_kv.
+    async fn put_as_txn(&self, metadata: &tonic::metadata::MetadataMap, put: PutRequest) -> Result<Response<PutResponse>, Status> {
+        self.shared.dictionaries.observe(&put);
+        for guarded in [true, false] {
+            let guard = if guarded { self.shared.deltas.guard_for(&put.key) } else { None };
+            if guarded && guard.is_none() {
+                continue;
+            }
+            let txn = TxnRequest {
+                compare: guard.into_iter().collect(),
+                success: vec![RequestOp { request: Some(request_op::Request::RequestPut(put.clone())) }],
+                failure: vec![],
+            };
+            let mut stats = EncodeStats::default();
+            let (txn, rewritten) = self.encode(txn, &mut stats).await?;
+            let (md, mut resp, ext) = self.client.clone().txn(with_metadata(metadata, txn)).await?.into_parts();
+            if !resp.succeeded {
+                continue; // K changed since the proxy saw it: write a new base
+            }
+            crate::metrics::get().record_encode(&stats);
+            let pinned = self.finish(rewritten.as_ref(), &mut resp);
+            let prev_kv = match resp.responses.pop().and_then(|r| r.response) {
+                Some(response_op::Response::ResponsePut(p)) => p.prev_kv,
+                _ => return Err(Status::internal("etcd-squeeze: Txn response to a Put carries no Put response")),
+            };
+            let mut out = PutResponse { header: resp.header, prev_kv };
+            let at = before(&out.header);
+            decode_values(&self.shared, &mut out, at, pinned, |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
+            return Ok(Response::from_parts(md, out, ext));
+        }
+        unreachable!("the unguarded Txn always succeeds")
+    }
+
+    /// A single-key DeleteRange of a key with delta frames, sent as a Txn that also deletes the
+    /// key's bases; the response is etcd's DeleteRangeResponse shape.
+    async fn delete_as_txn(&self, metadata: &tonic::metadata::MetadataMap, delete: DeleteRangeRequest) -> Result<Response<DeleteRangeResponse>, Status> {
+        let txn = TxnRequest {
+            success: vec![RequestOp { request: Some(request_op::Request::RequestDeleteRange(delete)) }],
+            ..Default::default()
+        };
+        let mut stats = EncodeStats::default();
+        let (txn, rewritten) = self.encode(txn, &mut stats).await?;
+        let (md, mut resp, ext) = self.client.clone().txn(with_metadata(metadata, txn)).await?.into_parts();
+        let pinned = self.finish(rewritten.as_ref(), &mut resp);
+        let (deleted, prev_kvs) = match resp.responses.pop().and_then(|r| r.response) {
+            Some(response_op::Response::ResponseDeleteRange(d)) => (d.deleted, d.prev_kvs),
+            _ => return Err(Status::internal("etcd-squeeze: Txn response to a DeleteRange carries no DeleteRange response")),
+        };
+        let mut out = DeleteRangeResponse { header: resp.header, deleted, prev_kvs };
+        let at = before(&out.header);
+        decode_values(&self.shared, &mut out, at, pinned, |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        Ok(Response::from_parts(md, out, ext))
+    }
+}
+
+/// The revision just before the one in `header`: where a write's prev_kvs were current.
+fn before(header: &Option<crate::proto::etcdserverpb::ResponseHeader>) -> i64 {
+    header.as_ref().map_or(0, |h| h.revision - 1)
 }
 
 impl KvService {
@@ -135,7 +229,7 @@ impl KvService {
             ..want.clone()
         };
         let (md, mut resp, ext) = self.client.clone().range(with_metadata(&metadata, read)).await?.into_parts();
-        decode_values(&self.shared, &mut resp, plain_decode_status).await?;
+        decode_values(&self.shared, &mut resp, want.revision, &[], plain_decode_status).await?;
         resp.kvs.sort_by(|a, b| a.value.cmp(&b.value));
         if want.sort_order == range_request::SortOrder::Descend as i32 {
             resp.kvs.reverse();
@@ -181,9 +275,10 @@ impl Kv for KvService {
         if r.sort_target == range_request::SortTarget::Value as i32 && !r.count_only && self.shared.codec.range_touches_prefix(&r.key, &r.range_end) {
             return self.range_sorted_by_value(request).await;
         }
+        let read_revision = r.revision;
         let response = self.client.clone().range(forward(request)).await?;
         let (md, mut resp, ext) = response.into_parts();
-        decode_values(&self.shared, &mut resp, plain_decode_status).await?;
+        decode_values(&self.shared, &mut resp, read_revision, &[], plain_decode_status).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -206,19 +301,31 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let r = request.get_ref();
+        if !r.ignore_value && self.shared.deltas.applies_to(&r.key) {
+            let (metadata, _, put) = request.into_parts();
+            return self.put_as_txn(&metadata, put).await;
+        }
         let mut request = forward(request);
         self.shared.dictionaries.observe(request.get_ref());
         let mut stats = EncodeStats::default();
         rewrite::encode_put(&self.shared.codec, request.get_mut(), &mut stats).map_err(encode_status)?;
         let (md, mut resp, ext) = self.client.clone().put(request).await?.into_parts();
         crate::metrics::get().record_encode(&stats);
-        decode_values(&self.shared, &mut resp, |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        let at = before(&resp.header);
+        decode_values(&self.shared, &mut resp, at, &[], |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
     async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let r = request.get_ref();
+        if r.range_end.is_empty() && self.shared.deltas.applies_to(&r.key) {
+            let (metadata, _, delete) = request.into_parts();
+            return self.delete_as_txn(&metadata, delete).await;
+        }
         let (md, mut resp, ext) = self.client.clone().delete_range(forward(request)).await?.into_parts();
-        decode_values(&self.shared, &mut resp, |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        let at = before(&resp.header);
+        decode_values(&self.shared, &mut resp, at, &[], |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -230,29 +337,43 @@ impl Kv for KvService {
         let mut request = forward(request);
         self.shared.dictionaries.observe_txn(request.get_ref());
         let mut stats = EncodeStats::default();
-        rewrite::encode_txn(&self.shared.codec, request.get_mut(), &mut stats).map_err(encode_status)?;
+        let (txn, rewritten) = self.encode(std::mem::take(request.get_mut()), &mut stats).await?;
+        *request.get_mut() = txn;
         let (md, mut resp, ext) = self.client.clone().txn(request).await?.into_parts();
         crate::metrics::get().record_encode(&stats);
-        decode_values(&self.shared, &mut resp, txn_decode_status).await?;
+        let pinned = self.finish(rewritten.as_ref(), &mut resp);
+        let at = before(&resp.header);
+        decode_values(&self.shared, &mut resp, at, pinned, txn_decode_status).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
     async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        self.client.clone().compact(forward(request)).await
+        let revision = request.get_ref().revision;
+        let response = self.client.clone().compact(forward(request)).await?;
+        self.shared.deltas.observe_compaction(revision);
+        Ok(response)
     }
 }
 
-/// Decodes every value of a response: first loads the dictionaries its frames name (async,
-/// once per ID), then decodes synchronously. A value that cannot be decoded becomes the status
-/// `status` makes of it (DATA_LOSS naming the key, and the dictionary ID when that is what is
-/// missing); etcd being unreachable while loading a dictionary is etcd's own status.
+/// Decodes every value of a response: first loads the dictionaries and bases its frames name
+/// (async, from the caches or etcd), then decodes synchronously. `read_revision` is the revision
+/// the values were read at when older than the current one (a Range's `revision`; the revision
+/// before a write for its prev_kvs), where a base deleted since is still found; `pinned` are
+/// bases the caller already holds. A value that cannot be decoded becomes the status `status`
+/// makes of it (DATA_LOSS naming the key, and the dictionary or base that is missing); etcd being
+/// unreachable while loading is etcd's own status.
 pub(crate) async fn decode_values<T: KeyValues>(
     shared: &Shared,
     msg: &mut T,
+    read_revision: i64,
+    pinned: &[Arc<Base>],
     status: impl FnOnce(crate::codec::DecodeError, &T) -> Status,
 ) -> Result<(), Status> {
     shared.dictionaries.prefetch(msg).await?;
-    rewrite::decode(&shared.codec, msg).map_err(|e| status(e, msg))
+    let mut bases = pinned.to_vec();
+    bases.extend(shared.deltas.prefetch(msg, read_revision).await?);
+    shared.deltas.learn_from(msg);
+    rewrite::decode_with(&shared.codec, msg, &bases).map_err(|e| status(e, msg))
 }
 
 /// Decodes each message of an upstream response stream with [`decode_values`]; the first decode
@@ -265,7 +386,7 @@ where
         let shared = shared.clone();
         async move {
             match item {
-                Ok(mut msg) => match decode_values(&shared, &mut msg, plain_decode_status).await {
+                Ok(mut msg) => match decode_values(&shared, &mut msg, 0, &[], plain_decode_status).await {
                     Ok(()) => (Ok(msg), false),
                     Err(status) => (Err(status), true),
                 },

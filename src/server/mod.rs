@@ -38,14 +38,17 @@ pub struct Shared {
     pub codec: ValueCodec,
     /// Loads the dictionaries responses need, samples Puts, follows the store, trains.
     pub dictionaries: Arc<Dictionaries>,
+    /// Delta frames: which base each write uses, loading bases for reads.
+    pub deltas: Arc<crate::delta::Deltas>,
 }
 
 impl Shared {
     /// Builds the shared state from a validated config; dictionaries are read from `upstream`.
     pub fn new(config: Config, upstream: Upstream) -> Arc<Self> {
         let codec = ValueCodec::from_config(&config);
-        let dictionaries = Dictionaries::new(&config, codec.clone(), upstream);
-        Arc::new(Shared { config, codec, dictionaries })
+        let dictionaries = Dictionaries::new(&config, codec.clone(), upstream.clone());
+        let deltas = crate::delta::Deltas::new(codec.clone(), upstream, config.limits.max_txn_ops as usize);
+        Arc::new(Shared { config, codec, dictionaries, deltas })
     }
 }
 

@@ -69,17 +69,21 @@ impl Watch for WatchService {
                 if let Err(status) = shared.dictionaries.prefetch(&mut resp).await {
                     tracing::warn!(error = %status, "cannot load a dictionary for a watch response");
                 }
-                Ok(resp)
+                let pinned = shared.deltas.prefetch_watch(&resp).await.unwrap_or_else(|status| {
+                    tracing::warn!(error = %status, "cannot load a base for a watch response");
+                    Vec::new()
+                });
+                Ok((resp, pinned))
             }
         });
         let shared = self.shared.clone();
         let open = OpenStream::new();
         let mut canceled_here = std::collections::HashSet::<i64>::new();
-        let responses = loaded.filter_map(move |item: Result<WatchResponse, Status>| {
+        let responses = loaded.filter_map(move |item: Result<(WatchResponse, Vec<_>), Status>| {
             // Both live as long as the response stream, and are dropped with it.
             let _guards = (&open, &end_requests);
-            let mut resp = match item {
-                Ok(resp) => resp,
+            let (mut resp, pinned) = match item {
+                Ok(loaded) => loaded,
                 Err(status) => return Some(Err(status)),
             };
             if canceled_here.contains(&resp.watch_id) {
@@ -91,7 +95,8 @@ impl Watch for WatchService {
                 return None;
             }
             crate::metrics::get().watch_events.inc_by(resp.events.len() as u64);
-            match rewrite::decode(&shared.codec, &mut resp) {
+            shared.deltas.learn_from(&mut resp);
+            match rewrite::decode_with(&shared.codec, &mut resp, &pinned) {
                 Ok(()) => Some(Ok(resp)),
                 Err(e) => {
                     let reason = decode_status(e).message().to_string();

@@ -1,0 +1,599 @@
+//! Delta frames at run time: which base each write uses, loading bases for reads, and the
+//! bookkeeping that keeps bases alive exactly as long as some readable revision needs them.
+//!
+//! The pure parts (frame and base record formats, zstd calls) are in [`crate::codec::delta`];
+//! this module decides and does I/O. The rules (docs/frame-format.md, "Delta frames"):
+//!
+//! - **Write.** A Put of key K under a prefix with `delta = true` is stored as a delta against
+//!   K's current base only when the Txn's own compare `MOD(K) == m` proves that the version the
+//!   proxy knows (K at mod_revision m, base B) is still K's current version: then B exists (bases
+//!   of a current version are never deleted). Otherwise, or when the delta would be larger than
+//!   `delta_rebase_fraction` of the value compressed alone, the proxy *rebases*: it adds a Put of
+//!   a new base record to the same branch of the same Txn (one Txn is one revision, so no
+//!   revision of its own) and stores K as a delta against it. Responses to the added operations
+//!   are removed before the client sees the response.
+//! - **Delete.** A single-key DeleteRange of K gets a DeleteRange of K's whole base directory in
+//!   the same branch.
+//! - **History.** A base superseded at revision R (the next base's first revision) is deleted in
+//!   a later write Txn of K once the compaction revision is past R: no readable revision of K
+//!   needs it then. Until then every older revision of K still decodes.
+//! - **Read.** Bases come from the byte-bounded [`cache::BaseCache`], else from etcd: at the
+//!   current revision, else at the revision the value was read at (a base deleted since is still
+//!   in etcd's history until compaction passes that revision).
+
+pub mod cache;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tonic::Status;
+
+use crate::codec::delta::{self, Base, BaseRef};
+use crate::codec::{prefix_end, EncodeError, EncodeOutcome, ValueCodec};
+use crate::proto::etcdserverpb::kv_client::KvClient;
+use crate::proto::etcdserverpb::watch_client::WatchClient;
+use crate::proto::etcdserverpb::{
+    compare, request_op, response_op, watch_request, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use crate::proto::mvccpb::event;
+use crate::rewrite::{EncodeStats, KeyValues};
+use crate::upstream::Upstream;
+
+/// What the proxy knows of one key's delta chain.
+#[derive(Debug, Clone)]
+struct Known {
+    /// The newest mod_revision of the key this proxy has seen (written or read).
+    mod_revision: i64,
+    /// The base that version is a delta against.
+    base: BaseRef,
+    /// Older bases of the key and the revision from which they were no longer needed by new
+    /// versions (an upper bound: the superseding base's first revision or later).
+    superseded: Vec<(u64, i64)>,
+}
+
+/// Keys the knowledge map holds at most; beyond it is cleared (it only saves rebases and
+/// collects superseded bases early; deleting a key still deletes all its bases).
+const MAX_KNOWN_KEYS: usize = 1_000_000;
+/// How often the compaction revision is read back from etcd when no Compact call passed.
+const COMPACTION_REFRESH: Duration = Duration::from_secs(60);
+
+/// Delta-frame state shared by every request of one proxy.
+pub struct Deltas {
+    codec: ValueCodec,
+    kv: KvClient<Upstream>,
+    watch: WatchClient<Upstream>,
+    known: DashMap<Bytes, Known>,
+    /// The newest compaction revision seen (Compact calls through the proxy, or read from etcd).
+    compacted: Arc<AtomicI64>,
+    compaction_read: Mutex<Option<Instant>>,
+    max_txn_ops: usize,
+    enabled: bool,
+}
+
+impl std::fmt::Debug for Deltas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deltas")
+            .field("enabled", &self.enabled)
+            .field("known_keys", &self.known.len())
+            .field("compacted", &self.compacted.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Where an added or rewritten operation sits in a Txn tree: for each nesting level, the
+/// branch taken (`true` = success) and the index of the op in it.
+type Path = Vec<(bool, usize)>;
+
+/// What a rewritten write does to the proxy's knowledge, once etcd says its branch ran.
+#[derive(Debug)]
+enum Effect {
+    Wrote { path: Path, key: Bytes, base: Arc<Base>, rebased: bool, collected: Vec<u64> },
+    Deleted { path: Path, key: Bytes },
+}
+
+/// A Txn rewritten for delta frames: send `txn`, then hand the response to [`Deltas::finish`].
+#[derive(Debug)]
+pub struct Rewritten {
+    /// The Txn to send to etcd.
+    pub txn: TxnRequest,
+    /// The client's Txn shape (ops per branch), to strip the responses of added operations.
+    shape: TxnRequest,
+    effects: Vec<Effect>,
+    /// Bases this write created or used: decoding the response's prev_kvs may need them.
+    pub pinned: Vec<Arc<Base>>,
+}
+
+impl Deltas {
+    /// Delta state for `codec`'s prefix rules, reading bases from `upstream`. `max_txn_ops` is
+    /// etcd's `--max-txn-ops`: operations are only added to a branch that stays within it.
+    pub fn new(codec: ValueCodec, upstream: Upstream, max_txn_ops: usize) -> Arc<Self> {
+        let enabled = codec.rules().iter().any(|r| r.delta.is_some());
+        let kv = KvClient::new(upstream.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        let watch = WatchClient::new(upstream);
+        Arc::new(Deltas {
+            codec,
+            kv,
+            watch,
+            known: DashMap::new(),
+            compacted: Arc::new(AtomicI64::new(0)),
+            compaction_read: Mutex::new(None),
+            max_txn_ops,
+            enabled,
+        })
+    }
+
+    /// True when some prefix writes delta frames.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// True when a write to `key` is rewritten for delta frames (Put, single-key DeleteRange).
+    pub fn applies_to(&self, key: &[u8]) -> bool {
+        self.enabled && self.codec.rule_for(key).is_some_and(|r| r.delta.is_some())
+    }
+
+    /// True when some op of the Txn tree writes or deletes a key with delta frames.
+    pub fn touches(&self, txn: &TxnRequest) -> bool {
+        self.enabled
+            && txn.success.iter().chain(txn.failure.iter()).any(|op| match &op.request {
+                Some(request_op::Request::RequestPut(p)) => self.applies_to(&p.key),
+                Some(request_op::Request::RequestDeleteRange(d)) => self.applies_to(&d.key),
+                Some(request_op::Request::RequestTxn(inner)) => self.touches(inner),
+                _ => false,
+            })
+    }
+
+    /// A compaction at `revision` passed through the proxy (etcd's `Compact` succeeded).
+    pub fn observe_compaction(&self, revision: i64) {
+        self.compacted.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    /// The compare that makes a top-level Put of `key` a delta against its known base:
+    /// `MOD(key) == m`, if the proxy knows a version of `key`.
+    pub fn guard_for(&self, key: &[u8]) -> Option<Compare> {
+        let known = self.known.get(key)?;
+        Some(mod_equal(Bytes::copy_from_slice(key), known.mod_revision))
+    }
+
+    /// Rewrites a Txn: Puts under delta prefixes become delta frames (adding base Puts and the
+    /// deletion of superseded bases to their branch), other Puts are encoded as usual, and
+    /// single-key DeleteRanges of delta keys delete the key's bases too. Loads the bases it
+    /// needs first (from the cache, else etcd). Errors: an [`EncodeError`] as `encode_txn`'s, or
+    /// etcd's status when a base cannot be read.
+    pub async fn rewrite(&self, txn: TxnRequest, stats: &mut EncodeStats) -> Result<Rewritten, RewriteError> {
+        self.refresh_compaction_in_background();
+        // Load the current bases the guarded Puts will be deltas against.
+        let mut pinned = Vec::new();
+        let mut wanted = Vec::new();
+        self.guarded_puts(&txn, &[], &mut wanted);
+        for (key, r) in wanted {
+            if let Some(base) = self.base(&key, r, &[]).await.map_err(RewriteError::Etcd)? {
+                pinned.push(base);
+            }
+        }
+        let shape = txn.clone();
+        let mut txn = txn;
+        let mut effects = Vec::new();
+        let mut path = Vec::new();
+        self.rewrite_node(&mut txn, &[], &mut path, &mut pinned, &mut effects, stats).map_err(RewriteError::Encode)?;
+        Ok(Rewritten { txn, shape, effects, pinned })
+    }
+
+    /// Applies a response of a [`Rewritten`] Txn: strips the responses of added operations and
+    /// records which bases the keys now use.
+    pub fn finish(&self, rewritten: &Rewritten, resp: &mut TxnResponse) {
+        strip(resp, &rewritten.shape);
+        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        let metrics = crate::metrics::get();
+        for effect in &rewritten.effects {
+            match effect {
+                Effect::Wrote { path, key, base, rebased, collected } if ran(resp, path) => {
+                    self.codec.bases().insert(base.clone());
+                    metrics.delta_writes.with_label_values(&[if *rebased { "rebase" } else { "delta" }]).inc();
+                    metrics.bases_deleted.inc_by(collected.len() as u64);
+                    let r = BaseRef { id: base.id, checksum: base.checksum };
+                    let mut known = self.known.get(key).map(|k| k.clone());
+                    let superseded = match known.take() {
+                        Some(mut k) => {
+                            k.superseded.retain(|(id, _)| !collected.contains(id));
+                            if k.base.id != r.id {
+                                k.superseded.push((k.base.id, revision));
+                            }
+                            k.superseded
+                        }
+                        None => Vec::new(),
+                    };
+                    self.remember(key.clone(), Known { mod_revision: revision, base: r, superseded });
+                }
+                Effect::Deleted { path, key } if ran(resp, path) => {
+                    self.known.remove(key);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn remember(&self, key: Bytes, known: Known) {
+        if self.known.len() >= MAX_KNOWN_KEYS {
+            self.known.clear();
+        }
+        self.known.insert(key, known);
+    }
+
+    /// Learns from a value read back: K at `mod_revision` is a delta against `r`.
+    fn learn(&self, key: &[u8], mod_revision: i64, r: BaseRef) {
+        if !self.applies_to(key) || mod_revision <= 0 {
+            return;
+        }
+        match self.known.get_mut(key) {
+            Some(mut k) if k.mod_revision < mod_revision => {
+                if k.base.id != r.id {
+                    let old = k.base.id;
+                    k.superseded.push((old, mod_revision));
+                }
+                k.mod_revision = mod_revision;
+                k.base = r;
+            }
+            Some(_) => {}
+            None => self.remember(Bytes::copy_from_slice(key), Known { mod_revision, base: r, superseded: Vec::new() }),
+        }
+    }
+
+    /// The Puts under delta prefixes that a guard `MOD(K) == m` proves current, with the base
+    /// the proxy knows for K at m (those bases are loaded before rewriting).
+    fn guarded_puts(&self, txn: &TxnRequest, inherited: &[(Bytes, i64)], out: &mut Vec<(Bytes, BaseRef)>) {
+        let guards = success_guards(txn, inherited);
+        for (ops, guards) in [(&txn.success, &guards[..]), (&txn.failure, inherited)] {
+            for op in ops {
+                match &op.request {
+                    Some(request_op::Request::RequestPut(p)) if !p.ignore_value && self.applies_to(&p.key) => {
+                        if let Some(r) = self.known_base(&p.key, guards) {
+                            out.push((p.key.clone(), r));
+                        }
+                    }
+                    Some(request_op::Request::RequestTxn(inner)) => self.guarded_puts(inner, guards, out),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// K's known base, when one of `guards` is `MOD(K) == m` for the version the proxy knows.
+    fn known_base(&self, key: &[u8], guards: &[(Bytes, i64)]) -> Option<BaseRef> {
+        let known = self.known.get(key)?;
+        guards.iter().any(|(k, m)| k == key && *m == known.mod_revision && *m > 0).then_some(known.base)
+    }
+
+    fn rewrite_node(
+        &self,
+        txn: &mut TxnRequest,
+        inherited: &[(Bytes, i64)],
+        path: &mut Path,
+        pinned: &mut Vec<Arc<Base>>,
+        effects: &mut Vec<Effect>,
+        stats: &mut EncodeStats,
+    ) -> Result<(), EncodeError> {
+        let guards = success_guards(txn, inherited);
+        let compacted = self.compacted.load(Ordering::Relaxed);
+        for success in [true, false] {
+            let (ops, guards) = if success { (&mut txn.success, &guards[..]) } else { (&mut txn.failure, inherited) };
+            // etcd refuses a branch over --max-txn-ops: added operations only fill what is left.
+            let mut room = self.max_txn_ops.saturating_sub(ops.len());
+            let mut added: Vec<RequestOp> = Vec::new();
+            for (i, op) in ops.iter_mut().enumerate() {
+                path.push((success, i));
+                match &mut op.request {
+                    Some(request_op::Request::RequestPut(put)) => {
+                        let wrote = self.rewrite_put(put, guards, pinned, &mut room, compacted, &mut added, stats)?;
+                        if let Some((base, rebased, collected)) = wrote {
+                            effects.push(Effect::Wrote { path: path.clone(), key: put.key.clone(), base, rebased, collected });
+                        }
+                    }
+                    Some(request_op::Request::RequestDeleteRange(d)) if d.range_end.is_empty() && self.applies_to(&d.key) && room > 0 => {
+                        room -= 1;
+                        let dir = delta::bases_dir(&d.key);
+                        let end = prefix_end(&dir).expect("a bases directory ends in '/'");
+                        added.push(op_delete(Bytes::from(dir), Bytes::from(end)));
+                        effects.push(Effect::Deleted { path: path.clone(), key: d.key.clone() });
+                    }
+                    Some(request_op::Request::RequestTxn(inner)) => {
+                        self.rewrite_node(inner, guards, path, pinned, effects, stats)?;
+                    }
+                    _ => {}
+                }
+                path.pop();
+            }
+            ops.extend(added);
+        }
+        Ok(())
+    }
+
+    /// One Put: a delta against the proven base, else a rebase (when the branch has room), else
+    /// the usual per-value frame. Returns the base used, whether it is new, and the superseded
+    /// bases whose deletion was added.
+    #[allow(clippy::too_many_arguments)]
+    fn rewrite_put(
+        &self,
+        put: &mut PutRequest,
+        guards: &[(Bytes, i64)],
+        pinned: &mut Vec<Arc<Base>>,
+        room: &mut usize,
+        compacted: i64,
+        added: &mut Vec<RequestOp>,
+        stats: &mut EncodeStats,
+    ) -> Result<Option<(Arc<Base>, bool, Vec<u64>)>, EncodeError> {
+        let plain = |put: &mut PutRequest, stats: &mut EncodeStats| crate::rewrite::encode_put(&self.codec, put, stats).map(|()| None);
+        if put.ignore_value || !self.applies_to(&put.key) {
+            return plain(put, stats);
+        }
+        let Some(rule) = self.codec.delta_candidate(&put.key, &put.value) else { return plain(put, stats) };
+        let (level, fraction) = (rule.level, rule.delta.expect("delta rule").rebase_fraction);
+        let prefix = rule.prefix.clone();
+        let known = self.known_base(&put.key, guards);
+        let current = known.and_then(|r| pinned.iter().find(|b| b.id == r.id && b.checksum == r.checksum && b.key == put.key).cloned());
+        let mut chosen = None;
+        if let Some(base) = current {
+            // A value twice as large or half as small as its base has drifted away from it: the
+            // estimate below would then be off (small objects compress less), and a large base
+            // would be kept alive by a small object.
+            let (len, base_len) = (put.value.len(), base.content.len().max(1));
+            if len <= 2 * base_len && 2 * len >= base_len {
+                let frame = self.codec.encode_delta(&put.key, &put.value, &base)?.expect("a delta candidate");
+                // The value compressed alone, estimated from the base's (no second compression).
+                let alone = base.record_len as f64 * len as f64 / base_len as f64;
+                if (frame.len() as f64) <= fraction * alone {
+                    chosen = Some((frame, base, false));
+                }
+            }
+        }
+        if chosen.is_none() && *room > 0 {
+            *room -= 1;
+            let id = loop {
+                let id: u64 = rand::random();
+                if id != 0 {
+                    break id;
+                }
+            };
+            let (record, base) = delta::encode_base(&put.key, id, &put.value, level)
+                .map_err(|e| EncodeError { key: put.key.clone(), reason: e.into() })?;
+            let base = Arc::new(base);
+            let frame = self.codec.encode_delta(&put.key, &put.value, &base)?.expect("a delta candidate");
+            added.push(op_put(delta::base_key(&put.key, id), record));
+            pinned.push(base.clone());
+            chosen = Some((frame, base, true));
+        }
+        let Some((frame, base, rebased)) = chosen else { return plain(put, stats) };
+        // Superseded bases that no readable revision needs any more (compaction is past them).
+        let mut collected = Vec::new();
+        if let Some(k) = self.known.get(&put.key) {
+            for &(id, at) in &k.superseded {
+                if *room == 0 || compacted <= at {
+                    continue;
+                }
+                *room -= 1;
+                let bk = delta::base_key(&put.key, id);
+                added.push(op_delete(bk, Bytes::new()));
+                collected.push(id);
+            }
+        }
+        let stored = if rebased { frame.len() + base.record_len } else { frame.len() };
+        stats.add(Some(&prefix), put.value.len(), stored, EncodeOutcome::Delta);
+        put.value = frame;
+        Ok(Some((base, rebased, collected)))
+    }
+
+    /// Loads every base `msg` needs (cache, else etcd) and returns them pinned for decoding.
+    /// `read_revision` is the revision the message was read at, if older than the current one
+    /// (a Range with `revision`), or the revision just before a write (prev_kv): a base deleted
+    /// since is still there. Unreadable bases are left out: decoding then names key and base.
+    pub async fn prefetch<T: KeyValues>(&self, msg: &mut T, read_revision: i64) -> Result<Vec<Arc<Base>>, Status> {
+        let mut needs = Vec::new();
+        let _ = msg.try_for_each_kv(&mut |kv| {
+            if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
+                needs.push((kv.key.clone(), r, [read_revision, kv.mod_revision]));
+            }
+            Ok::<(), ()>(())
+        });
+        self.load_all(needs).await
+    }
+
+    /// [`Deltas::prefetch`] for a watch response: a PUT event's values are read at the event's
+    /// revision; a DELETE event's prev_kv just before it (the delete removed the key's bases).
+    pub async fn prefetch_watch(&self, resp: &WatchResponse) -> Result<Vec<Arc<Base>>, Status> {
+        let mut needs = Vec::new();
+        for ev in &resp.events {
+            let revision = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            let at = if ev.r#type == event::EventType::Delete as i32 { revision - 1 } else { revision };
+            for kv in ev.kv.iter().chain(ev.prev_kv.iter()) {
+                if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
+                    needs.push((kv.key.clone(), r, [at, kv.mod_revision]));
+                }
+            }
+        }
+        self.load_all(needs).await
+    }
+
+    async fn load_all(&self, needs: Vec<(Bytes, BaseRef, [i64; 2])>) -> Result<Vec<Arc<Base>>, Status> {
+        let mut pinned: Vec<Arc<Base>> = Vec::new();
+        for (key, r, revisions) in needs {
+            if pinned.iter().any(|b| b.id == r.id && b.key == key) {
+                continue;
+            }
+            if let Some(base) = self.base(&key, r, &revisions).await? {
+                pinned.push(base);
+            }
+        }
+        Ok(pinned)
+    }
+
+    /// Base `r` of `key`: cached, else read from etcd at the current revision, then at each of
+    /// `revisions` (> 0) until found. `Ok(None)` when it is nowhere (decoding then says so);
+    /// an error only when etcd cannot be asked.
+    async fn base(&self, key: &Bytes, r: BaseRef, revisions: &[i64]) -> Result<Option<Arc<Base>>, Status> {
+        let metrics = crate::metrics::get();
+        if let Some(base) = self.codec.bases().get(key, r.id) {
+            metrics.base_cache_hits.inc();
+            return Ok(Some(base));
+        }
+        metrics.base_cache_misses.inc();
+        let base_key = delta::base_key(key, r.id);
+        let mut tried = Vec::new();
+        for &revision in std::iter::once(&0).chain(revisions.iter().filter(|&&rev| rev > 0)) {
+            if tried.contains(&revision) {
+                continue;
+            }
+            tried.push(revision);
+            let read = RangeRequest { key: base_key.clone(), revision, ..Default::default() };
+            let resp = match self.kv.clone().range(read).await {
+                Ok(resp) => resp.into_inner(),
+                // Compacted or future revision: try the next one.
+                Err(status) if status.code() == tonic::Code::OutOfRange => continue,
+                Err(status) => return Err(status),
+            };
+            let Some(kv) = resp.kvs.first() else { continue };
+            metrics.base_fetches.inc();
+            match delta::decode_base(&base_key, &kv.value, self.codec.max_value_bytes()) {
+                Ok(base) if base.checksum == r.checksum => {
+                    let base = Arc::new(base);
+                    self.codec.bases().insert(base.clone());
+                    return Ok(Some(base));
+                }
+                Ok(_) => self.codec.bases().mark_unavailable(key, r.id, "the stored base has another checksum".into()),
+                Err(e) => self.codec.bases().mark_unavailable(key, r.id, e.to_string()),
+            }
+            tracing::error!(key = %crate::codec::KeyDisplay(key), base = %format_args!("{:016x}", r.id), "refused a stored base");
+            return Ok(None);
+        }
+        let detail = format!("no key {} at the current revision{}", crate::codec::KeyDisplay(&base_key),
+            if tried.len() > 1 { format!(" nor at revisions {:?} (deleted, or compacted away)", &tried[1..]) } else { String::new() });
+        self.codec.bases().mark_unavailable(key, r.id, detail);
+        Ok(None)
+    }
+
+    /// Learns which base each delta-framed value in `msg` uses (after a successful decode).
+    pub fn learn_from<T: KeyValues>(&self, msg: &mut T) {
+        if !self.enabled {
+            return;
+        }
+        let _ = msg.try_for_each_kv(&mut |kv| {
+            if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
+                self.learn(&kv.key, kv.mod_revision, r);
+            }
+            Ok::<(), ()>(())
+        });
+    }
+
+    /// Reads etcd's compaction revision at most once per minute, in the background (a watch
+    /// from revision 1 is refused with `compact_revision`, which etcd reports as it is).
+    fn refresh_compaction_in_background(&self) {
+        {
+            let mut last = self.compaction_read.lock().expect("compaction lock");
+            if last.is_some_and(|t| t.elapsed() < COMPACTION_REFRESH) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let (watch, compacted) = (self.watch.clone(), self.compacted.clone());
+        tokio::spawn(async move {
+            if let Some(revision) = read_compaction(watch).await {
+                compacted.fetch_max(revision, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+/// etcd's compaction revision, from a watch on a key that never exists starting at revision 1:
+/// etcd cancels it with `compact_revision` when revision 1 is compacted away. `None` when etcd
+/// says nothing within two seconds (nothing compacted, or unreachable).
+async fn read_compaction(mut watch: WatchClient<Upstream>) -> Option<i64> {
+    let create = WatchCreateRequest { key: Bytes::from_static(b"/etcd-squeeze/compaction-probe"), start_revision: 1, ..Default::default() };
+    let request = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(request).await.ok()?;
+    let probe = async move {
+        let mut stream = watch.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.ok()?.into_inner();
+        while let Some(resp) = stream.message().await.ok()? {
+            if resp.compact_revision > 0 {
+                return Some(resp.compact_revision);
+            }
+        }
+        None
+    };
+    let found = tokio::time::timeout(Duration::from_secs(2), probe).await.ok().flatten();
+    drop(tx);
+    found
+}
+
+/// Why a Txn could not be rewritten.
+#[derive(Debug)]
+pub enum RewriteError {
+    /// A value cannot be stored (as `rewrite::encode_txn`).
+    Encode(EncodeError),
+    /// etcd could not be asked for a base.
+    Etcd(Status),
+}
+
+/// The `MOD(K) == m` compares that hold in the success branch of `txn`, plus the inherited ones.
+fn success_guards(txn: &TxnRequest, inherited: &[(Bytes, i64)]) -> Vec<(Bytes, i64)> {
+    let mut guards = inherited.to_vec();
+    for c in &txn.compare {
+        if c.target == compare::CompareTarget::Mod as i32 && c.result == compare::CompareResult::Equal as i32 && c.range_end.is_empty() {
+            if let Some(compare::TargetUnion::ModRevision(m)) = c.target_union {
+                guards.push((c.key.clone(), m));
+            }
+        }
+    }
+    guards
+}
+
+fn mod_equal(key: Bytes, m: i64) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Mod as i32,
+        key,
+        range_end: Bytes::new(),
+        target_union: Some(compare::TargetUnion::ModRevision(m)),
+    }
+}
+
+fn op_put(key: Bytes, value: Bytes) -> RequestOp {
+    RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })) }
+}
+
+fn op_delete(key: Bytes, range_end: Bytes) -> RequestOp {
+    RequestOp { request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key, range_end, ..Default::default() })) }
+}
+
+/// Drops the responses of operations the proxy added: each executed branch keeps as many
+/// responses as the client's Txn had operations in it, recursively.
+fn strip(resp: &mut TxnResponse, shape: &TxnRequest) {
+    let ops = if resp.succeeded { &shape.success } else { &shape.failure };
+    resp.responses.truncate(ops.len());
+    for (r, op) in resp.responses.iter_mut().zip(ops) {
+        if let (Some(response_op::Response::ResponseTxn(inner)), Some(request_op::Request::RequestTxn(inner_shape))) = (&mut r.response, &op.request) {
+            strip(inner, inner_shape);
+        }
+    }
+}
+
+/// True when every branch on `path` is the one etcd executed.
+fn ran(resp: &TxnResponse, path: &Path) -> bool {
+    let mut resp = resp;
+    for (level, &(success, index)) in path.iter().enumerate() {
+        if resp.succeeded != success {
+            return false;
+        }
+        if level + 1 == path.len() {
+            return true;
+        }
+        match resp.responses.get(index).and_then(|r| r.response.as_ref()) {
+            Some(response_op::Response::ResponseTxn(inner)) => resp = inner,
+            _ => return false,
+        }
+    }
+    false
+}
