@@ -289,3 +289,76 @@ async fn migrate_decompress_leaves_no_frame_and_no_base() {
     }
     assert!(bases(&mut env.direct).await.is_empty(), "no base remains");
 }
+
+/// The binary against etcd at `url`.
+fn binary(args: &[&str], url: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_etcd-squeeze")).args(args).args(["--endpoints", url]).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_read_delta_frames_and_a_missing_base_is_data_loss() {
+    let mut env = Env::with_delta(FLYTE).await;
+    let key = env.wf_key("tools");
+    let other = env.wf_key("tools-other");
+    let versions = series();
+    write_series(&mut env.via, &key, &versions[..3]).await;
+    write_series(&mut env.via, &other, &versions[..2]).await;
+    let url = env.etcd.url.clone();
+
+    // get decodes a delta frame; --meta names its base.
+    let out = binary(&["get", &key], &url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, versions[2]);
+    let meta = String::from_utf8(binary(&["get", "--meta", &key], &url).stdout).unwrap();
+    assert!(meta.contains("codec delta") && meta.contains("base /etcd-squeeze/bases/"), "{meta}");
+    // analyze counts delta frames and their bases.
+    let out = binary(&["analyze", "--json", "--dictionary-samples", "0"], &url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &report["prefixes"][0];
+    assert_eq!(p["delta_frames"], 2, "{p}");
+    assert!(p["bases"].as_u64().unwrap() >= 2 && p["base_bytes"].as_u64().unwrap() > 0, "{p}");
+    assert_eq!(p["original_bytes"].as_u64().unwrap(), (versions[2].len() + versions[1].len()) as u64);
+
+    // A base deleted behind the proxy's back: a cold proxy answers DATA_LOSS naming key and base;
+    // the other key still reads.
+    let stored = env.direct.get(key.as_str(), None).await.unwrap().kvs()[0].value().to_vec();
+    let id = frame::parse(&stored).unwrap().base.unwrap().id;
+    let base_key = etcd_squeeze::codec::delta::base_key(key.as_bytes(), id);
+    // (Deleted and compacted away: while it is in etcd's history the proxy still finds it there.)
+    let deleted = env.direct.delete(base_key.to_vec(), None).await.unwrap();
+    env.direct.compact(deleted.header().unwrap().revision(), None).await.unwrap();
+    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let mut c = cold.client().await;
+    let err = error_of(c.get(key.as_str(), None).await);
+    assert!(err.contains("data loss"), "{err}");
+    assert!(err.contains("flytesnacks-development/tools") && err.contains(&format!("base {id:016x}")), "{err}");
+    assert_eq!(c.get(other.as_str(), None).await.unwrap().kvs()[0].value(), &versions[1][..]);
+    let out = binary(&["get", &key], &url);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("base"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A corrupt base record is refused (never garbage), and so is a base of another key.
+    let stored_other = env.direct.get(other.as_str(), None).await.unwrap().kvs()[0].value().to_vec();
+    let other_id = frame::parse(&stored_other).unwrap().base.unwrap().id;
+    let other_base = etcd_squeeze::codec::delta::base_key(other.as_bytes(), other_id);
+    let record = env.direct.get(other_base.to_vec(), None).await.unwrap().kvs()[0].value().to_vec();
+    let mut corrupt = record.clone();
+    let n = corrupt.len();
+    corrupt[n - 8] ^= 0x40;
+    env.direct.put(other_base.to_vec(), corrupt, None).await.unwrap();
+    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let err = error_of(cold.client().await.get(other.as_str(), None).await);
+    assert!(err.contains("tools-other") && err.contains("base"), "{err}");
+    env.direct.put(base_key.to_vec(), record, None).await.unwrap();
+    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let err = error_of(cold.client().await.get(key.as_str(), None).await);
+    assert!(err.contains("another key"), "{err}");
+}
+
+/// The error of a call that must fail (without printing a whole response if it did not).
+fn error_of<T>(r: Result<T, etcd_client::Error>) -> String {
+    match r {
+        Ok(_) => panic!("the call succeeded; it must fail"),
+        Err(e) => e.to_string(),
+    }
+}

@@ -94,6 +94,12 @@ pub struct PrefixReport {
     pub largest: Option<KeySize>,
     /// Values that already are frames.
     pub framed: u64,
+    /// Of those, delta frames (their bases are counted in `bases`/`base_bytes`).
+    pub delta_frames: u64,
+    /// Delta frames' bases (`/etcd-squeeze/bases/`) of keys under the prefix.
+    pub bases: u64,
+    /// Their stored size in bytes (not in `stored_bytes`).
+    pub base_bytes: u64,
     /// Values the codec stores as they are (`k8s:enc:` values, `compress = false`).
     pub stored_as_is: u64,
     /// Frames that cannot be decoded (counted at their stored size everywhere).
@@ -210,6 +216,19 @@ pub async fn run(etcd: &Etcd, args: &AnalyzeArgs) -> Result<Report, OpsError> {
         }
     }
 
+    // Delta frames' bases, attributed to the prefix of the key they belong to.
+    let bases = super::KeyRange::of_prefix(crate::codec::delta::BASES_PREFIX);
+    let mut pager = etcd.pager(&bases, bases.start.to_vec(), revision, args.page_size.min(100)).including_reserved();
+    while let Some(page) = pager.next_page().await? {
+        for kv in page {
+            let Some(key) = crate::codec::delta::record_key(&kv.value) else { continue };
+            if let Some(tally) = etcd.codec.rule_for(key).and_then(|r| index.get(&r.prefix)).map(|&i| &mut tallies[i]) {
+                tally.report.bases += 1;
+                tally.report.base_bytes += kv.value.len() as u64;
+            }
+        }
+    }
+
     if args.dictionary_samples > 0 {
         let dict_size = args.dictionary_size.as_u64() as usize;
         let mut second_pass = 0;
@@ -258,6 +277,9 @@ impl Tally {
                 original_bytes: 0,
                 largest: None,
                 framed: 0,
+                delta_frames: 0,
+                bases: 0,
+                base_bytes: 0,
                 stored_as_is: 0,
                 undecodable: 0,
                 first_undecodable: None,
@@ -291,6 +313,7 @@ impl Tally {
         }
         let framed = frame::is_framed(&kv.value);
         r.framed += framed as u64;
+        r.delta_frames += frame::parse(&kv.value).is_ok_and(|f| f.base.is_some()) as u64;
         let (original, projected) = match etcd.decode(&kv.key, &kv.value) {
             Ok(original) => {
                 let (encoded, outcome) = match etcd.codec.encode(&kv.key, &original) {
@@ -454,6 +477,9 @@ impl Report {
             }
             let largest = p.largest.as_ref().map_or(String::new(), |l| format!("   largest {} {}", human(l.bytes), l.key));
             let _ = writeln!(out, "  stored now        {:>10}{largest}", human(p.stored_bytes));
+            if p.delta_frames + p.bases > 0 {
+                let _ = writeln!(out, "  delta bases       {:>10}   {} bases; {} values are delta frames against them", human(p.base_bytes), p.bases, p.delta_frames);
+            }
             let now = if p.stored_bytes < p.original_bytes {
                 format!("   stored now is {:.1}x smaller", p.original_bytes as f64 / p.stored_bytes.max(1) as f64)
             } else {

@@ -57,10 +57,12 @@ pub struct Meta {
 pub struct FrameMeta {
     /// Frame format version.
     pub version: u8,
-    /// `raw` or `zstd`.
+    /// `raw`, `zstd` or `delta`.
     pub codec: String,
     /// zstd dictionary ID; 0 = none.
     pub dictionary_id: u32,
+    /// A delta frame's base: its etcd key (`/etcd-squeeze/bases/…`).
+    pub base: Option<String>,
 }
 
 /// Runs `get` and prints to stdout; the exit code for `main` (1 when a key is missing or a
@@ -145,7 +147,10 @@ pub fn meta(etcd: &Etcd, kv: &KeyValue) -> Meta {
     };
     if frame::is_framed(&kv.value) {
         match frame::parse(&kv.value) {
-            Ok(f) => m.frame = Some(FrameMeta { version: f.version, codec: f.codec.to_string(), dictionary_id: f.dictionary_id }),
+            Ok(f) => {
+                let base = f.base.map(|b| key_string(&crate::codec::delta::base_key(&kv.key, b.id)));
+                m.frame = Some(FrameMeta { version: f.version, codec: f.codec.to_string(), dictionary_id: f.dictionary_id, base })
+            }
             Err(e) => m.error = Some(e.to_string()),
         }
     }
@@ -160,7 +165,12 @@ impl fmt::Display for Meta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: ", self.key)?;
         match &self.frame {
-            Some(h) => write!(f, "frame version {}, codec {}, dictionary {}", h.version, h.codec, h.dictionary_id)?,
+            Some(h) => {
+                write!(f, "frame version {}, codec {}, dictionary {}", h.version, h.codec, h.dictionary_id)?;
+                if let Some(base) = &h.base {
+                    write!(f, ", base {base}")?;
+                }
+            }
             None if self.error.is_some() => write!(f, "invalid frame header")?,
             None => write!(f, "not framed (stored as it is)")?,
         }
