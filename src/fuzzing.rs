@@ -34,7 +34,28 @@ pub fn frame_decoder(data: &[u8]) {
     if let Ok(Some(decoded)) = crate::codec::decode_frame(data, MAX_VALUE_BYTES, &crate::dictionary::cache::DictionaryCache::default(), None) {
         assert!(decoded.len() <= MAX_VALUE_BYTES);
     }
+    // The same bytes as a delta frame's payload against a fixed base, and as a base record.
+    let base = fuzz_base();
+    let mut framed = Vec::new();
+    crate::codec::frame::write_header(&mut framed, crate::codec::frame::Codec::Delta, 0);
+    framed.extend_from_slice(&base.id.to_le_bytes());
+    framed.extend_from_slice(&base.checksum.to_le_bytes());
+    framed.extend_from_slice(data);
+    let dictionaries = crate::dictionary::cache::DictionaryCache::default();
+    if let Ok(Some(decoded)) = crate::codec::decode_frame(&framed, MAX_VALUE_BYTES, &dictionaries, Some(&base)) {
+        assert!(decoded.len() <= MAX_VALUE_BYTES);
+    }
+    let key = crate::codec::delta::base_key(&base.key, base.id);
+    if let Ok(decoded) = crate::codec::delta::decode_base(&key, data, MAX_VALUE_BYTES) {
+        assert!(decoded.content.len() <= MAX_VALUE_BYTES && decoded.key == base.key);
+    }
     round_trip_value(&codec, b"/p/k", &value);
+}
+
+/// The base delta frames are fuzzed against: a small JSON document of key `/p/k`.
+fn fuzz_base() -> crate::codec::delta::Base {
+    let content = br#"{"status":{"phase":1,"nodes":{"n0":{"phase":5},"n1":{"phase":3}}}}"#;
+    crate::codec::delta::encode_base(b"/p/k", 7, content, 1).expect("a small base encodes").1
 }
 
 /// decode(encode(value)) == value for `key`, unless the value is over the limit.
@@ -223,6 +244,25 @@ mod tests {
         bomb.extend_from_slice(&[1, 1, 0, 0, 0, 0]);
         bomb.extend(zstd::bulk::compress(&vec![0u8; 8 << 20], 1).unwrap());
         frame_decoder(&bomb);
+    }
+
+    #[test]
+    fn mutated_delta_frames_are_errors_or_the_original() {
+        let base = fuzz_base();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let dictionaries = crate::dictionary::cache::DictionaryCache::default();
+        for _ in 0..CASES {
+            let original = value(&mut rng);
+            let Ok(delta) = crate::codec::delta::encode_delta(&original, &base) else { continue };
+            let mutated = mutate(&mut rng, delta.to_vec());
+            match crate::codec::decode_frame(&mutated, MAX_VALUE_BYTES, &dictionaries, Some(&base)) {
+                Ok(Some(decoded)) => assert_eq!(decoded, original, "a mutated delta frame decoded to other bytes"),
+                Ok(None) => assert!(crate::codec::frame::parse(&mutated).is_ok_and(|f| f.codec == crate::codec::frame::Codec::Raw)),
+                Err(_) => {}
+            }
+            // The payload (its own payload's prefix here) as a base record: refused or exact.
+            frame_decoder(&mutated);
+        }
     }
 
     #[test]

@@ -480,8 +480,8 @@ pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &Diction
                 return Err(base_error("a delta frame names no dictionary"));
             }
             let Some(base) = base else { return Err(base_error("not loaded")) };
-            if base.checksum != r.checksum {
-                return Err(base_error("the stored base has another checksum"));
+            if base.id != r.id || base.checksum != r.checksum {
+                return Err(base_error("the stored base has another ID or checksum"));
             }
             let size = checked_frame_size(f.payload, max_value_bytes)?;
             let out = delta::decode_delta(f.payload, size as usize, base).map_err(DecodeReason::Zstd)?;

@@ -325,7 +325,7 @@ impl Deltas {
         compacted: i64,
         added: &mut Vec<RequestOp>,
         stats: &mut EncodeStats,
-    ) -> Result<Option<(Arc<Base>, bool, Vec<u64>)>, EncodeError> {
+    ) -> Result<Option<Wrote>, EncodeError> {
         let plain = |put: &mut PutRequest, stats: &mut EncodeStats| crate::rewrite::encode_put(&self.codec, put, stats).map(|()| None);
         if put.ignore_value || !self.applies_to(&put.key) {
             return plain(put, stats);
@@ -527,6 +527,10 @@ async fn read_compaction(mut watch: WatchClient<Upstream>) -> Option<i64> {
     drop(tx);
     found
 }
+
+/// A Put stored as a delta frame: its base, whether the base is new (a rebase), and the IDs of
+/// the superseded bases whose deletion was added to the Txn.
+type Wrote = (Arc<Base>, bool, Vec<u64>);
 
 /// Why a Txn could not be rewritten.
 #[derive(Debug)]

@@ -161,6 +161,10 @@ impl EtcdArgs {
     }
 }
 
+/// The bases loaded for the previous and the last page read (delta frames of a page are decoded
+/// after the page is read, while the next may already be loading).
+type PinnedPages = (Vec<std::sync::Arc<crate::codec::delta::Base>>, Vec<std::sync::Arc<crate::codec::delta::Base>>);
+
 /// A connection to etcd plus the codec of the configuration: everything a command needs.
 #[derive(Debug, Clone)]
 pub struct Etcd {
@@ -176,7 +180,7 @@ pub struct Etcd {
     /// Loads the bases that the delta frames of each page read name.
     deltas: std::sync::Arc<crate::delta::Deltas>,
     /// The bases of the last two pages read (decoded after their page is read).
-    pinned: std::sync::Arc<std::sync::Mutex<(Vec<std::sync::Arc<crate::codec::delta::Base>>, Vec<std::sync::Arc<crate::codec::delta::Base>>)>>,
+    pinned: std::sync::Arc<std::sync::Mutex<PinnedPages>>,
     kv: KvClient<Upstream>,
 }
 
