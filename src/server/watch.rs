@@ -69,10 +69,11 @@ impl Watch for WatchService {
                 if let Err(status) = shared.dictionaries.prefetch(&mut resp).await {
                     tracing::warn!(error = %status, "cannot load a dictionary for a watch response");
                 }
-                let pinned = shared.deltas.prefetch_watch(&resp).await.unwrap_or_else(|status| {
-                    tracing::warn!(error = %status, "cannot load a base for a watch response");
-                    Vec::new()
-                });
+                // etcd unreachable while loading a base: the stream ends with etcd's status, and the
+                // client re-watches from its last revision (not a DATA_LOSS cancel of the watch).
+                let pinned = shared.deltas.prefetch_watch(&resp).await.inspect_err(|status| {
+                    tracing::warn!(error = %status, "cannot load a base for a watch response: ending the stream");
+                })?;
                 Ok((resp, pinned))
             }
         });
