@@ -58,6 +58,8 @@ struct Known {
 /// Keys the knowledge map holds at most; beyond it is cleared (it only saves rebases and
 /// collects superseded bases early; deleting a key still deletes all its bases).
 const MAX_KNOWN_KEYS: usize = 1_000_000;
+/// Bases one response loads from etcd at the same time.
+const PARALLEL_BASE_LOADS: usize = 16;
 /// How often the compaction revision is read back from etcd when no Compact call passed.
 const COMPACTION_REFRESH: Duration = Duration::from_secs(60);
 
@@ -417,17 +419,18 @@ impl Deltas {
         self.load_all(needs).await
     }
 
-    async fn load_all(&self, needs: Vec<(Bytes, BaseRef, [i64; 2])>) -> Result<Vec<Arc<Base>>, Status> {
-        let mut pinned: Vec<Arc<Base>> = Vec::new();
-        for (key, r, revisions) in needs {
-            if pinned.iter().any(|b| b.id == r.id && b.key == key) {
-                continue;
-            }
-            if let Some(base) = self.base(&key, r, &revisions).await? {
-                pinned.push(base);
-            }
-        }
-        Ok(pinned)
+    /// Loads the bases of `needs` (deduplicated), at most [`PARALLEL_BASE_LOADS`] at a time: a cold
+    /// proxy answering a LIST of thousands of delta-framed objects reads their bases concurrently.
+    async fn load_all(&self, mut needs: Vec<(Bytes, BaseRef, [i64; 2])>) -> Result<Vec<Arc<Base>>, Status> {
+        use futures::{StreamExt, TryStreamExt};
+        let mut seen = std::collections::HashSet::new();
+        needs.retain(|(key, r, _)| seen.insert((key.clone(), r.id)));
+        futures::stream::iter(needs)
+            .map(|(key, r, revisions)| async move { self.base(&key, r, &revisions).await })
+            .buffer_unordered(PARALLEL_BASE_LOADS)
+            .try_filter_map(|base| async move { Ok(base) })
+            .try_collect()
+            .await
     }
 
     /// Base `r` of `key`: cached, else read from etcd at the current revision, then at each of
