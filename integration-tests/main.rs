@@ -5,6 +5,7 @@
 
 mod dashboard;
 mod delta;
+mod delta_attack;
 mod deploy;
 mod dictionary;
 mod faults;
