@@ -5,8 +5,8 @@
 //! every readable revision reads back byte-identical, through the writing proxy and through a
 //! cold one (no base cache), and that the base every current value names exists in etcd.
 //!
-//! Tests marked `BUG:` fail because of a defect in the proxy (to be fixed on main); the comment
-//! says what etcd does and what the proxy does instead.
+//! Tests marked `FIXED:` failed on the first version of delta frames; the comment says what etcd
+//! does and what the proxy did instead.
 
 use std::time::Duration;
 
@@ -102,7 +102,7 @@ async fn get_value(c: &mut etcd_client::Client, key: &str, rev: i64) -> Result<O
 // --max-txn-ops
 // ---------------------------------------------------------------------------------------------
 
-/// BUG: etcd limits a nested Txn to `max_txn_ops - opc(parent)` operations per branch, where
+/// FIXED: etcd limits a nested Txn to `max_txn_ops - opc(parent)` operations per branch, where
 /// `opc(parent) = max(len(compare), len(success), len(failure))` of the enclosing Txn
 /// (etcdserver/api/v3rpc/key.go `checkTxnRequest` → `checkRequestOp(u, maxTxnOps-opc)`).
 /// The proxy gives every branch `max_txn_ops - len(branch)` of room (src/delta/mod.rs
@@ -324,24 +324,26 @@ async fn prev_kv_and_lease_match_etcd() {
     assert_eq!(seen[0], seen[1], "etcd vs proxy");
 }
 
-/// A key with a lease, deleted by the lease's expiry (revoke): documented to leave its bases
-/// behind (docs/frame-format.md, "Deleting and history"). This records how many: one per key
-/// per rebase, never collected while the proxy runs. Under a prefix with leased keys (Events,
-/// masterleases) that is an unbounded leak; see the report.
+/// A key with a lease is deleted by the lease's expiry, without a DeleteRange the proxy could
+/// extend to its bases: values written with a lease are stored per value (no base), so nothing is
+/// left behind when the lease deletes the keys. (Found by this review: they used to leave one
+/// orphaned base per key.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lease_expiry_leaves_bases_behind() {
+async fn leased_keys_get_no_base() {
     let mut env = Env::with_delta(FLYTE).await;
     let lease = env.via.lease_grant(600, None).await.unwrap().id();
     for i in 0..10 {
         let k = format!("{FLYTE}leased/{i}");
         env.via.put(k.as_str(), val(i, 900), Some(PutOptions::new().with_lease(lease))).await.unwrap();
+        let stored = env.direct.get(k.as_str(), None).await.unwrap().kvs()[0].value().to_vec();
+        assert_eq!(frame::parse(&stored).unwrap().codec, Codec::Zstd, "a leased value is a per-value frame");
+        assert_eq!(get_value(&mut env.via, &k, 0).await.unwrap().unwrap(), val(i, 900));
     }
-    assert_eq!(all_bases(&mut env.direct).await, 10);
+    assert_eq!(all_bases(&mut env.direct).await, 0);
     env.via.lease_revoke(lease).await.unwrap();
     let left = env.direct.get(format!("{FLYTE}leased/"), Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap().count();
     assert_eq!(left, 0, "the lease deleted the keys");
-    // Documented orphans: every base stays.
-    assert_eq!(all_bases(&mut env.direct).await, 10, "bases of keys deleted by a lease");
+    assert_eq!(all_bases(&mut env.direct).await, 0, "nothing left behind");
 }
 
 /// ignore_value / ignore_lease Puts on delta keys, top-level and in a Txn, and their errors.
@@ -526,7 +528,7 @@ async fn compaction_keeps_every_readable_revision_readable() {
     }
 }
 
-/// BUG: a Range with `revision` inside a Txn decodes with the Txn's revision, not the
+/// FIXED: a Range with `revision` inside a Txn decodes with the Txn's revision, not the
 /// Range's. K v1 (base A) written at r1; compaction at c > r1; K deleted at d > c (its bases
 /// with it). A plain Range at revision c reads v1 (the proxy looks the base up at revision c);
 /// the same Range inside a Txn is DATA_LOSS: src/server/kv.rs `txn()` passes
@@ -654,7 +656,7 @@ async fn sequential_writes_never_delete_a_current_base() {
     race_rounds(false).await;
 }
 
-/// BUG (race): two writes of K through one proxy whose responses are handled out of order.
+/// FIXED (race): two writes of K through one proxy whose responses are handled out of order.
 /// `Deltas::finish` (src/delta/mod.rs) records `Known { mod_revision: revision, .. }` and pushes
 /// the previously known base to `superseded` at `revision` without checking that `revision` is
 /// newer than what it knows: when the write at r2 is finished before the write at r1, the

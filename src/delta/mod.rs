@@ -181,7 +181,7 @@ impl Deltas {
         let mut txn = txn;
         let mut effects = Vec::new();
         let mut path = Vec::new();
-        self.rewrite_node(&mut txn, &[], &mut path, &mut pinned, &mut effects, stats).map_err(RewriteError::Encode)?;
+        self.rewrite_node(&mut txn, self.max_txn_ops, &[], &mut path, &mut pinned, &mut effects, stats).map_err(RewriteError::Encode)?;
         Ok(Rewritten { txn, shape, effects, pinned })
     }
 
@@ -197,19 +197,7 @@ impl Deltas {
                     self.codec.bases().insert(base.clone());
                     metrics.delta_writes.with_label_values(&[if *rebased { "rebase" } else { "delta" }]).inc();
                     metrics.bases_deleted.inc_by(collected.len() as u64);
-                    let r = BaseRef { id: base.id, checksum: base.checksum };
-                    let mut known = self.known.get(key).map(|k| k.clone());
-                    let superseded = match known.take() {
-                        Some(mut k) => {
-                            k.superseded.retain(|(id, _)| !collected.contains(id));
-                            if k.base.id != r.id {
-                                k.superseded.push((k.base.id, revision));
-                            }
-                            k.superseded
-                        }
-                        None => Vec::new(),
-                    };
-                    self.remember(key.clone(), Known { mod_revision: revision, base: r, superseded });
+                    self.wrote(key, revision, BaseRef { id: base.id, checksum: base.checksum }, collected);
                 }
                 Effect::Deleted { path, key } if ran(resp, path) => {
                     self.known.remove(key);
@@ -219,30 +207,42 @@ impl Deltas {
         }
     }
 
-    fn remember(&self, key: Bytes, known: Known) {
-        if self.known.len() >= MAX_KNOWN_KEYS {
-            self.known.clear();
-        }
-        self.known.insert(key, known);
+    /// K was written at `revision` as a delta against `r`, deleting the `collected` bases.
+    fn wrote(&self, key: &Bytes, revision: i64, r: BaseRef, collected: &[u64]) {
+        self.advance(key, revision, r, collected);
     }
 
     /// Learns from a value read back: K at `mod_revision` is a delta against `r`.
     fn learn(&self, key: &[u8], mod_revision: i64, r: BaseRef) {
-        if !self.applies_to(key) || mod_revision <= 0 {
+        if self.applies_to(key) && mod_revision > 0 {
+            self.advance(key, mod_revision, r, &[]);
+        }
+    }
+
+    /// Records that K at `revision` is a delta against `r` (and that the `collected` bases are
+    /// gone). Under the key's entry lock, and never backwards: responses of concurrent writes of
+    /// one key may be handled out of order, and a current base must never be taken for superseded.
+    fn advance(&self, key: &[u8], revision: i64, r: BaseRef, collected: &[u64]) {
+        if self.known.len() >= MAX_KNOWN_KEYS && !self.known.contains_key(key) {
+            self.known.clear();
+        }
+        let mut entry =
+            self.known.entry(Bytes::copy_from_slice(key)).or_insert_with(|| Known { mod_revision: 0, base: r, superseded: Vec::new() });
+        let k = entry.value_mut();
+        k.superseded.retain(|(id, _)| !collected.contains(id));
+        if k.mod_revision >= revision {
+            // A newer version is already known: this one's base was superseded by it (at the latest).
+            if k.base.id != r.id {
+                supersede(&mut k.superseded, r.id, k.mod_revision);
+            }
             return;
         }
-        match self.known.get_mut(key) {
-            Some(mut k) if k.mod_revision < mod_revision => {
-                if k.base.id != r.id {
-                    let old = k.base.id;
-                    k.superseded.push((old, mod_revision));
-                }
-                k.mod_revision = mod_revision;
-                k.base = r;
-            }
-            Some(_) => {}
-            None => self.remember(Bytes::copy_from_slice(key), Known { mod_revision, base: r, superseded: Vec::new() }),
+        if k.mod_revision > 0 && k.base.id != r.id {
+            let old = k.base.id;
+            supersede(&mut k.superseded, old, revision);
         }
+        k.mod_revision = revision;
+        k.base = r;
     }
 
     /// The Puts under delta prefixes that a guard `MOD(K) == m` proves current, with the base
@@ -270,9 +270,14 @@ impl Deltas {
         guards.iter().any(|(k, m)| k == key && *m == known.mod_revision && *m > 0).then_some(known.base)
     }
 
+    /// Rewrites one Txn of the tree. `budget` is etcd's limit for this Txn: `--max-txn-ops` at
+    /// the top, and for a nested Txn the parent's limit minus the parent's operation count
+    /// (`max(compares, success, failure)`), as etcd's `checkTxnRequest` computes it.
+    #[allow(clippy::too_many_arguments)]
     fn rewrite_node(
         &self,
         txn: &mut TxnRequest,
+        budget: usize,
         inherited: &[(Bytes, i64)],
         path: &mut Path,
         pinned: &mut Vec<Arc<Base>>,
@@ -281,10 +286,15 @@ impl Deltas {
     ) -> Result<(), EncodeError> {
         let guards = success_guards(txn, inherited);
         let compacted = self.compacted.load(Ordering::Relaxed);
+        // Added operations only fill what etcd allows. A Txn with a nested Txn keeps its operation
+        // count (so the nested one keeps the limit etcd gives it); the nested one gets the rest.
+        let count = txn.compare.len().max(txn.success.len()).max(txn.failure.len());
+        let nests = txn.success.iter().chain(txn.failure.iter()).any(|op| matches!(op.request, Some(request_op::Request::RequestTxn(_))));
+        let limit = if nests { count.min(budget) } else { budget };
+        let nested_budget = budget.saturating_sub(count);
         for success in [true, false] {
             let (ops, guards) = if success { (&mut txn.success, &guards[..]) } else { (&mut txn.failure, inherited) };
-            // etcd refuses a branch over --max-txn-ops: added operations only fill what is left.
-            let mut room = self.max_txn_ops.saturating_sub(ops.len());
+            let mut room = limit.saturating_sub(ops.len());
             let mut added: Vec<RequestOp> = Vec::new();
             for (i, op) in ops.iter_mut().enumerate() {
                 path.push((success, i));
@@ -303,7 +313,7 @@ impl Deltas {
                         effects.push(Effect::Deleted { path: path.clone(), key: d.key.clone() });
                     }
                     Some(request_op::Request::RequestTxn(inner)) => {
-                        self.rewrite_node(inner, guards, path, pinned, effects, stats)?;
+                        self.rewrite_node(inner, nested_budget, guards, path, pinned, effects, stats)?;
                     }
                     _ => {}
                 }
@@ -329,7 +339,9 @@ impl Deltas {
         stats: &mut EncodeStats,
     ) -> Result<Option<Wrote>, EncodeError> {
         let plain = |put: &mut PutRequest, stats: &mut EncodeStats| crate::rewrite::encode_put(&self.codec, put, stats).map(|()| None);
-        if put.ignore_value || !self.applies_to(&put.key) {
+        // A key with a lease is deleted by etcd when the lease ends, without a DeleteRange the
+        // proxy could extend to its bases: such values are stored per value, never as deltas.
+        if put.ignore_value || put.lease != 0 || put.ignore_lease || !self.applies_to(&put.key) {
             return plain(put, stats);
         }
         let Some(rule) = self.codec.delta_candidate(&put.key, &put.value) else { return plain(put, stats) };
@@ -373,7 +385,7 @@ impl Deltas {
         let mut collected = Vec::new();
         if let Some(k) = self.known.get(&put.key) {
             for &(id, at) in &k.superseded {
-                if *room == 0 || compacted <= at {
+                if *room == 0 || compacted <= at || id == base.id || id == k.base.id {
                     continue;
                 }
                 *room -= 1;
@@ -389,14 +401,17 @@ impl Deltas {
     }
 
     /// Loads every base `msg` needs (cache, else etcd) and returns them pinned for decoding.
-    /// `read_revision` is the revision the message was read at, if older than the current one
-    /// (a Range with `revision`), or the revision just before a write (prev_kv): a base deleted
-    /// since is still there. Unreadable bases are left out: decoding then names key and base.
-    pub async fn prefetch<T: KeyValues>(&self, msg: &mut T, read_revision: i64) -> Result<Vec<Arc<Base>>, Status> {
+    /// `read_revisions` are the revisions the message's values were read at, when older than the
+    /// current one (a Range's `revision`, those of the Ranges inside a Txn), and the revision just
+    /// before a write (its prev_kvs): a base deleted since is still there. Unreadable bases are
+    /// left out: decoding then names key and base.
+    pub async fn prefetch<T: KeyValues>(&self, msg: &mut T, read_revisions: &[i64]) -> Result<Vec<Arc<Base>>, Status> {
         let mut needs = Vec::new();
         let _ = msg.try_for_each_kv(&mut |kv| {
             if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
-                needs.push((kv.key.clone(), r, [read_revision, kv.mod_revision]));
+                let mut revisions = read_revisions.to_vec();
+                revisions.push(kv.mod_revision);
+                needs.push((kv.key.clone(), r, revisions));
             }
             Ok::<(), ()>(())
         });
@@ -412,7 +427,7 @@ impl Deltas {
             let at = if ev.r#type == event::EventType::Delete as i32 { revision - 1 } else { revision };
             for kv in ev.kv.iter().chain(ev.prev_kv.iter()) {
                 if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
-                    needs.push((kv.key.clone(), r, [at, kv.mod_revision]));
+                    needs.push((kv.key.clone(), r, vec![at, kv.mod_revision]));
                 }
             }
         }
@@ -421,7 +436,7 @@ impl Deltas {
 
     /// Loads the bases of `needs` (deduplicated), at most [`PARALLEL_BASE_LOADS`] at a time: a cold
     /// proxy answering a LIST of thousands of delta-framed objects reads their bases concurrently.
-    async fn load_all(&self, mut needs: Vec<(Bytes, BaseRef, [i64; 2])>) -> Result<Vec<Arc<Base>>, Status> {
+    async fn load_all(&self, mut needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, Status> {
         use futures::{StreamExt, TryStreamExt};
         let mut seen = std::collections::HashSet::new();
         needs.retain(|(key, r, _)| seen.insert((key.clone(), r.id)));
@@ -544,6 +559,21 @@ pub enum RewriteError {
     Etcd(Status),
 }
 
+/// Most superseded bases remembered per key; beyond it the oldest is forgotten (left in etcd
+/// until the key is deleted) so that a key rebased forever without compaction stays bounded.
+const MAX_SUPERSEDED: usize = 64;
+
+/// Records base `id` as superseded at `at` (once; bounded by [`MAX_SUPERSEDED`]).
+fn supersede(list: &mut Vec<(u64, i64)>, id: u64, at: i64) {
+    if list.iter().any(|(i, _)| *i == id) {
+        return;
+    }
+    if list.len() >= MAX_SUPERSEDED {
+        list.remove(0);
+    }
+    list.push((id, at));
+}
+
 /// The `MOD(K) == m` compares that hold in the success branch of `txn`, plus the inherited ones.
 fn success_guards(txn: &TxnRequest, inherited: &[(Bytes, i64)]) -> Vec<(Bytes, i64)> {
     let mut guards = inherited.to_vec();
@@ -573,6 +603,17 @@ fn op_put(key: Bytes, value: Bytes) -> RequestOp {
 
 fn op_delete(key: Bytes, range_end: Bytes) -> RequestOp {
     RequestOp { request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key, range_end, ..Default::default() })) }
+}
+
+/// The `revision` of every Range in a Txn tree (both branches, nested Txns), without 0s.
+pub fn range_revisions(txn: &TxnRequest, out: &mut Vec<i64>) {
+    for op in txn.success.iter().chain(txn.failure.iter()) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) if r.revision > 0 && !out.contains(&r.revision) => out.push(r.revision),
+            Some(request_op::Request::RequestTxn(inner)) => range_revisions(inner, out),
+            _ => {}
+        }
+    }
 }
 
 /// Drops the responses of operations the proxy added: each executed branch keeps as many

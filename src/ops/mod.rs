@@ -232,7 +232,7 @@ impl Etcd {
             if let Err(status) = self.dictionaries.prefetch(r).await {
                 resp = Err(status);
             } else {
-                match self.deltas.prefetch(r, revision).await {
+                match self.deltas.prefetch(r, &[revision]).await {
                     Ok(bases) => {
                         let mut pinned = self.pinned.lock().expect("pinned bases lock");
                         pinned.0 = std::mem::replace(&mut pinned.1, bases);

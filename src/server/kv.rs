@@ -58,7 +58,7 @@ impl KvService {
                 // Linearizable read of the compare's key range, at the current revision.
                 let read = RangeRequest { key: c.key.clone(), range_end: c.range_end.clone(), ..Default::default() };
                 let mut range = self.client.clone().range(with_metadata(metadata, read)).await?.into_inner();
-                decode_values(&self.shared, &mut range, 0, &[], plain_decode_status).await?;
+                decode_values(&self.shared, &mut range, &[], &[], plain_decode_status).await?;
                 let revision = range.header.as_ref().map_or(0, |h| h.revision);
                 let values: Vec<_> = range.kvs.iter().map(|kv| kv.value.clone()).collect();
                 let holds = rewrite::evaluate_value_compare(c, &values);
@@ -89,9 +89,11 @@ impl KvService {
                 });
             }
             let limit = self.shared.config.limits.max_txn_ops as usize;
-            if guards.len() > limit {
+            // etcd gives the client's Txn, nested in the guard Txn, what the guards leave.
+            let client_ops = txn.compare.len().max(txn.success.len()).max(txn.failure.len());
+            if guards.len() > limit || guards.len() + client_ops > limit {
                 return Err(Status::invalid_argument(format!(
-                    "etcd-squeeze: VALUE compares over compressed keys read {} keys; guarding them needs one compare each, over etcd's --max-txn-ops (limits.max_txn_ops = {limit})",
+                    "etcd-squeeze: VALUE compares over compressed keys read {} keys; guarding them needs one compare each, and with the Txn's own {client_ops} operations that is over etcd's --max-txn-ops (limits.max_txn_ops = {limit})",
                     guards.len()
                 )));
             }
@@ -112,8 +114,9 @@ impl KvService {
             };
             inner_resp.header = resp.header;
             let pinned = self.finish(rewritten.as_ref(), &mut inner_resp);
-            let at = before(&inner_resp.header);
-            decode_values(&self.shared, &mut inner_resp, at, pinned, txn_decode_status).await?;
+            let mut read_revisions = vec![before(&inner_resp.header)];
+            crate::delta::range_revisions(&txn, &mut read_revisions);
+            decode_values(&self.shared, &mut inner_resp, &read_revisions, pinned, txn_decode_status).await?;
             return Ok(Response::from_parts(md, inner_resp, ext));
         }
         Err(Status::aborted(format!(
@@ -180,7 +183,7 @@ impl KvService {
             };
             let mut out = PutResponse { header: resp.header, prev_kv };
             let at = before(&out.header);
-            decode_values(&self.shared, &mut out, at, pinned, |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
+            decode_values(&self.shared, &mut out, &[at], pinned, |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
             return Ok(Response::from_parts(md, out, ext));
         }
         unreachable!("the unguarded Txn always succeeds")
@@ -203,7 +206,7 @@ impl KvService {
         };
         let mut out = DeleteRangeResponse { header: resp.header, deleted, prev_kvs };
         let at = before(&out.header);
-        decode_values(&self.shared, &mut out, at, pinned, |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        decode_values(&self.shared, &mut out, &[at], pinned, |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
         Ok(Response::from_parts(md, out, ext))
     }
 }
@@ -229,7 +232,7 @@ impl KvService {
             ..want.clone()
         };
         let (md, mut resp, ext) = self.client.clone().range(with_metadata(&metadata, read)).await?.into_parts();
-        decode_values(&self.shared, &mut resp, want.revision, &[], plain_decode_status).await?;
+        decode_values(&self.shared, &mut resp, &[want.revision], &[], plain_decode_status).await?;
         resp.kvs.sort_by(|a, b| a.value.cmp(&b.value));
         if want.sort_order == range_request::SortOrder::Descend as i32 {
             resp.kvs.reverse();
@@ -278,7 +281,7 @@ impl Kv for KvService {
         let read_revision = r.revision;
         let response = self.client.clone().range(forward(request)).await?;
         let (md, mut resp, ext) = response.into_parts();
-        decode_values(&self.shared, &mut resp, read_revision, &[], plain_decode_status).await?;
+        decode_values(&self.shared, &mut resp, &[read_revision], &[], plain_decode_status).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -294,9 +297,10 @@ impl Kv for KvService {
                 "etcd-squeeze: RangeStream sorted by VALUE over compressed keys is not supported; use Range",
             ));
         }
+        let read_revision = r.revision;
         let response = self.client.clone().range_stream(forward(request)).await?;
         let (md, upstream, ext) = response.into_parts();
-        let chunks = decode_stream(self.shared.clone(), upstream);
+        let chunks = decode_stream(self.shared.clone(), upstream, read_revision);
         Ok(Response::from_parts(md, Box::pin(chunks) as RangeStreamStream, ext))
     }
 
@@ -313,7 +317,7 @@ impl Kv for KvService {
         let (md, mut resp, ext) = self.client.clone().put(request).await?.into_parts();
         crate::metrics::get().record_encode(&stats);
         let at = before(&resp.header);
-        decode_values(&self.shared, &mut resp, at, &[], |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        decode_values(&self.shared, &mut resp, &[at], &[], |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -325,7 +329,7 @@ impl Kv for KvService {
         }
         let (md, mut resp, ext) = self.client.clone().delete_range(forward(request)).await?.into_parts();
         let at = before(&resp.header);
-        decode_values(&self.shared, &mut resp, at, &[], |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        decode_values(&self.shared, &mut resp, &[at], &[], |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -336,14 +340,17 @@ impl Kv for KvService {
         }
         let mut request = forward(request);
         self.shared.dictionaries.observe_txn(request.get_ref());
+        // The revisions the Txn's Ranges read at: a base deleted since is still there.
+        let mut read_revisions = Vec::new();
+        crate::delta::range_revisions(request.get_ref(), &mut read_revisions);
         let mut stats = EncodeStats::default();
         let (txn, rewritten) = self.encode(std::mem::take(request.get_mut()), &mut stats).await?;
         *request.get_mut() = txn;
         let (md, mut resp, ext) = self.client.clone().txn(request).await?.into_parts();
         crate::metrics::get().record_encode(&stats);
         let pinned = self.finish(rewritten.as_ref(), &mut resp);
-        let at = before(&resp.header);
-        decode_values(&self.shared, &mut resp, at, pinned, txn_decode_status).await?;
+        read_revisions.push(before(&resp.header));
+        decode_values(&self.shared, &mut resp, &read_revisions, pinned, txn_decode_status).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -365,20 +372,20 @@ impl Kv for KvService {
 pub(crate) async fn decode_values<T: KeyValues>(
     shared: &Shared,
     msg: &mut T,
-    read_revision: i64,
+    read_revisions: &[i64],
     pinned: &[Arc<Base>],
     status: impl FnOnce(crate::codec::DecodeError, &T) -> Status,
 ) -> Result<(), Status> {
     shared.dictionaries.prefetch(msg).await?;
     let mut bases = pinned.to_vec();
-    bases.extend(shared.deltas.prefetch(msg, read_revision).await?);
+    bases.extend(shared.deltas.prefetch(msg, read_revisions).await?);
     shared.deltas.learn_from(msg);
     rewrite::decode_with(&shared.codec, msg, &bases).map_err(|e| status(e, msg))
 }
 
 /// Decodes each message of an upstream response stream with [`decode_values`]; the first decode
 /// error ends the stream with DATA_LOSS naming the key (no message is ever passed on half-decoded).
-fn decode_stream<T>(shared: Arc<Shared>, upstream: Streaming<T>) -> impl Stream<Item = Result<T, Status>> + Send
+fn decode_stream<T>(shared: Arc<Shared>, upstream: Streaming<T>, read_revision: i64) -> impl Stream<Item = Result<T, Status>> + Send
 where
     T: KeyValues + Send + 'static,
 {
@@ -386,7 +393,7 @@ where
         let shared = shared.clone();
         async move {
             match item {
-                Ok(mut msg) => match decode_values(&shared, &mut msg, 0, &[], plain_decode_status).await {
+                Ok(mut msg) => match decode_values(&shared, &mut msg, &[read_revision], &[], plain_decode_status).await {
                     Ok(()) => (Ok(msg), false),
                     Err(status) => (Err(status), true),
                 },
