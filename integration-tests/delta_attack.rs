@@ -685,7 +685,7 @@ async fn race_rounds(concurrent: bool) {
     }
     for round in 0..80 {
         let mut tasks = Vec::new();
-        let taken: Vec<_> = clients.drain(..).collect();
+        let taken: Vec<_> = std::mem::take(&mut clients);
         for (w, mut cw) in taken.into_iter().enumerate() {
             let key = key.clone();
             // Sizes more than 2x apart: every write is a rebase, guarded or not.
