@@ -77,7 +77,7 @@ fn dashboard_is_importable() {
     let titles: Vec<&str> = panels(&d).iter().map(|p| p["title"].as_str().unwrap()).collect();
     for want in [
         "Compression ratio by prefix", "Bytes saved per second by prefix", "Request rate by method", "Errors by method and code",
-        "Latency by method (p50, p99)", "Watch streams", "Dictionary cache", "etcd endpoints up", "Connections to etcd",
+        "Latency by method (p50, p99)", "Watch streams", "Dictionary cache", "Delta writes by kind", "Base cache", "etcd endpoints up", "Connections to etcd",
     ] {
         assert!(titles.contains(&want), "no panel {want:?}");
     }
