@@ -151,14 +151,8 @@ impl Proxy {
         config.prefixes = vec![rule];
         config.dictionaries.enabled = false;
         config.validate().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let running = etcd_squeeze::server::start(config, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-        tokio::spawn(running.serve);
-        Some(Proxy { url: format!("http://{}", running.addr), _stop: stop })
+        let running = etcd_squeeze::server::spawn(config).await.unwrap();
+        Some(Proxy { url: format!("http://{}", running.addr), _stop: running.stop })
     }
 }
 

@@ -192,14 +192,8 @@ impl Proxy {
             config.metrics.listen = "127.0.0.1:0".parse().unwrap();
         }
         config.validate().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let running = etcd_squeeze::server::start(config, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-        tokio::spawn(running.serve);
-        Proxy { url: format!("http://{}", running.addr), metrics_url: format!("http://{}", running.metrics_addr), stop: Some(stop) }
+        let running = etcd_squeeze::server::spawn(config).await.unwrap();
+        Proxy { url: format!("http://{}", running.addr), metrics_url: format!("http://{}", running.metrics_addr), stop: Some(running.stop) }
     }
 
     /// An etcd-client talking to the proxy.

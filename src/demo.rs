@@ -217,13 +217,8 @@ pub async fn run_delta(etcd: &str, series: Vec<(String, Vec<Generated>)>) -> Res
     config.dictionaries.enabled = false;
     config.prefixes[0].delta = true;
     config.prefixes[0].dictionary = Some(false);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = crate::server::start(config, async move {
-        let _ = stopped.await;
-    })
-    .await?;
-    tokio::spawn(running.serve);
-    let mut via = client(&format!("http://{}", running.addr)).await?;
+    let proxy = crate::server::spawn(config).await?;
+    let mut via = client(&format!("http://{}", proxy.addr)).await?;
     let mut direct = client(etcd).await?;
     let plain = ValueCodec::from_config(&Config::default());
     let mut rows = Vec::new();
@@ -251,7 +246,7 @@ pub async fn run_delta(etcd: &str, series: Vec<(String, Vec<Generated>)>) -> Res
         row.base_bytes = bases.kvs.iter().map(|kv| kv.value.len()).sum();
         rows.push(row);
     }
-    let _ = stop.send(());
+    drop(proxy);
     Ok(rows)
 }
 

@@ -140,6 +140,28 @@ pub struct Running {
     pub serve: Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send>>,
 }
 
+/// A proxy serving in the background of the current tokio runtime (tests, benchmarks, the demo):
+/// its addresses, and a handle whose drop shuts it down.
+pub struct Background {
+    /// The gRPC listener's address.
+    pub addr: SocketAddr,
+    /// The `/metrics`, `/healthz`, `/readyz` listener's address.
+    pub metrics_addr: SocketAddr,
+    /// Dropping it (or sending) starts the graceful shutdown of [`start`].
+    pub stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// [`start`], spawned on the current runtime; shuts down when the returned handle is dropped.
+pub async fn spawn(config: Config) -> Result<Background, ServeError> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = start(config, async move {
+        let _ = stopped.await;
+    })
+    .await?;
+    tokio::spawn(running.serve);
+    Ok(Background { addr: running.addr, metrics_addr: running.metrics_addr, stop })
+}
+
 /// Binds `server.listen` and `metrics.listen`, loads the TLS files, probes etcd once, and
 /// returns the addresses and a future that serves until `shutdown` resolves.
 ///
