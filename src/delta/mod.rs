@@ -197,7 +197,7 @@ impl Deltas {
                     self.codec.bases().insert(base.clone());
                     metrics.delta_writes.with_label_values(&[if *rebased { "rebase" } else { "delta" }]).inc();
                     metrics.bases_deleted.inc_by(collected.len() as u64);
-                    self.wrote(key, revision, BaseRef { id: base.id, checksum: base.checksum }, collected);
+                    self.advance(key, revision, BaseRef { id: base.id, checksum: base.checksum }, collected);
                 }
                 Effect::Deleted { path, key } if ran(resp, path) => {
                     self.known.remove(key);
@@ -205,11 +205,6 @@ impl Deltas {
                 _ => {}
             }
         }
-    }
-
-    /// K was written at `revision` as a delta against `r`, deleting the `collected` bases.
-    fn wrote(&self, key: &Bytes, revision: i64, r: BaseRef, collected: &[u64]) {
-        self.advance(key, revision, r, collected);
     }
 
     /// Learns from a value read back: K at `mod_revision` is a delta against `r`.
@@ -438,6 +433,9 @@ impl Deltas {
     /// proxy answering a LIST of thousands of delta-framed objects reads their bases concurrently.
     async fn load_all(&self, mut needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, Status> {
         use futures::{StreamExt, TryStreamExt};
+        if needs.is_empty() {
+            return Ok(Vec::new()); // the common case: no delta frame in the response
+        }
         let mut seen = std::collections::HashSet::new();
         needs.retain(|(key, r, _)| seen.insert((key.clone(), r.id)));
         futures::stream::iter(needs)

@@ -306,7 +306,8 @@ impl Kv for KvService {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = request.get_ref();
-        if !r.ignore_value && self.shared.deltas.applies_to(&r.key) {
+        // Leased values are never delta frames (src/delta): those Puts stay Puts.
+        if !r.ignore_value && r.lease == 0 && !r.ignore_lease && self.shared.deltas.applies_to(&r.key) {
             let (metadata, _, put) = request.into_parts();
             return self.put_as_txn(&metadata, put).await;
         }
