@@ -276,6 +276,10 @@ async fn migrate_decompress_leaves_no_frame_and_no_base() {
     let target = etcd_squeeze::ops::EtcdArgs { endpoints: vec![env.etcd.url.clone()], ..Default::default() }
         .connect(&etcd_squeeze::ops::PrefixArgs { prefixes: vec![FLYTE.to_string()] })
         .unwrap();
+    // A dry run says the bases would go too.
+    let dry = binary(&["migrate", "decompress", "--prefix", FLYTE], &env.etcd.url);
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would then delete the"), "{}", String::from_utf8_lossy(&dry.stdout));
     let mut out = Vec::new();
     let summary = migrate::run(&target, Direction::Decompress, &args, &mut out, Box::pin(std::future::pending())).await.unwrap();
     assert!(summary.complete(), "{}", String::from_utf8_lossy(&out));
@@ -319,6 +323,14 @@ async fn tools_read_delta_frames_and_a_missing_base_is_data_loss() {
     assert_eq!(p["delta_frames"], 2, "{p}");
     assert!(p["bases"].as_u64().unwrap() >= 2 && p["base_bytes"].as_u64().unwrap() > 0, "{p}");
     assert_eq!(p["original_bytes"].as_u64().unwrap(), (versions[2].len() + versions[1].len()) as u64);
+    // The text report counts the bases in what etcd holds now.
+    let text = String::from_utf8(binary(&["analyze", "--dictionary-samples", "0"], &url).stdout).unwrap();
+    assert!(text.contains(" + delta bases "), "{text}");
+    // get --meta recognises a base record.
+    let stored = env.direct.get(key.as_str(), None).await.unwrap().kvs()[0].value().to_vec();
+    let bk = etcd_squeeze::codec::delta::base_key(key.as_bytes(), frame::parse(&stored).unwrap().base.unwrap().id);
+    let meta = String::from_utf8(binary(&["get", "--meta", std::str::from_utf8(&bk).unwrap()], &url).stdout).unwrap();
+    assert!(meta.contains(&format!("delta-frame base record of {key}")), "{meta}");
 
     // A base deleted behind the proxy's back: a cold proxy answers DATA_LOSS naming key and base;
     // the other key still reads.

@@ -450,7 +450,7 @@ impl Config {
             if !(p.delta_rebase_fraction > 0.0 && p.delta_rebase_fraction <= 10.0) {
                 return invalid(&format!("prefixes[{i}].delta_rebase_fraction"), format!("{} is not in (0, 10]", p.delta_rebase_fraction));
             }
-            if p.delta && p.delta_base_cache.as_u64() < (1 << 20) {
+            if p.delta_base_cache.as_u64() < (1 << 20) {
                 return invalid(&format!("prefixes[{i}].delta_base_cache"), format!("{} is below 1 MiB", p.delta_base_cache));
             }
         }

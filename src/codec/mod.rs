@@ -113,8 +113,9 @@ pub enum DecodeReason {
     /// The zstd frame does not declare its decompressed size.
     #[error("zstd frame does not declare its content size")]
     NoContentSize,
-    /// A delta frame's base is not available (missing from etcd, refused, or another base).
-    #[error("base {id:016x} is not available: {detail}")]
+    /// A delta frame's base cannot be used: missing from etcd (and its history), or its record
+    /// is refused (corrupt, another key's, another checksum).
+    #[error("base {id:016x} cannot be used: {detail}")]
     Base {
         /// The base ID the frame names.
         id: u64,

@@ -472,14 +472,15 @@ impl Deltas {
             };
             let Some(kv) = resp.kvs.first() else { continue };
             metrics.base_fetches.inc();
+            let refused = |why: String| format!("the record at {} is refused: {why}", crate::codec::KeyDisplay(&base_key));
             match delta::decode_base(&base_key, &kv.value, self.codec.max_value_bytes()) {
                 Ok(base) if base.checksum == r.checksum => {
                     let base = Arc::new(base);
                     self.codec.bases().insert(base.clone());
                     return Ok(Some(base));
                 }
-                Ok(_) => self.codec.bases().mark_unavailable(key, r.id, "the stored base has another checksum".into()),
-                Err(e) => self.codec.bases().mark_unavailable(key, r.id, e.to_string()),
+                Ok(_) => self.codec.bases().mark_unavailable(key, r.id, refused("its content has another checksum than the frame names".into())),
+                Err(e) => self.codec.bases().mark_unavailable(key, r.id, refused(e.to_string())),
             }
             tracing::error!(key = %crate::codec::KeyDisplay(key), base = %format_args!("{:016x}", r.id), "refused a stored base");
             return Ok(None);

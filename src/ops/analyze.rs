@@ -86,7 +86,7 @@ pub struct PrefixReport {
     pub level: i32,
     /// Keys under the prefix (and under no longer configured prefix).
     pub keys: u64,
-    /// Bytes of values as etcd stores them now.
+    /// Bytes of values as etcd stores them now (the bases of delta frames are in `base_bytes`).
     pub stored_bytes: u64,
     /// Bytes of the original values (frames decoded).
     pub original_bytes: u64,
@@ -110,7 +110,7 @@ pub struct PrefixReport {
     pub refused: u64,
     /// Bytes etcd would store once every value is written through the proxy.
     pub projected_bytes: u64,
-    /// `stored_bytes - projected_bytes` (negative if the proxy would store more).
+    /// `stored_bytes + base_bytes - projected_bytes` (negative if the proxy would store more).
     pub projected_savings_bytes: i64,
     /// The same projection with a trained dictionary; `None` when not asked for.
     pub dictionary: Option<DictionaryProjection>,
@@ -416,7 +416,7 @@ impl Tally {
             d.projected_bytes = Some(self.dict_projected);
         }
         let r = &mut self.report;
-        r.projected_savings_bytes = r.stored_bytes as i64 - r.projected_bytes as i64;
+        r.projected_savings_bytes = (r.stored_bytes + r.base_bytes) as i64 - r.projected_bytes as i64;
         r.largest_before = self.before.into_sorted();
         r.largest_after = self.after.into_sorted();
         self.report
@@ -476,24 +476,28 @@ impl Report {
                 let _ = writeln!(out, "                                 first undecodable: {reason}");
             }
             let largest = p.largest.as_ref().map_or(String::new(), |l| format!("   largest {} {}", human(l.bytes), l.key));
-            let _ = writeln!(out, "  stored now        {:>10}{largest}", human(p.stored_bytes));
+            // What etcd holds now: the values, plus the bases their delta frames need.
+            let stored = p.stored_bytes + p.base_bytes;
             if p.delta_frames + p.bases > 0 {
-                let _ = writeln!(out, "  delta bases       {:>10}   {} bases; {} values are delta frames against them", human(p.base_bytes), p.bases, p.delta_frames);
+                let _ = writeln!(out, "  stored now        {:>10}   values {} + delta bases {}{largest}", human(stored), human(p.stored_bytes), human(p.base_bytes));
+                let _ = writeln!(out, "                                 {} bases; {} values are delta frames against them", p.bases, p.delta_frames);
+            } else {
+                let _ = writeln!(out, "  stored now        {:>10}{largest}", human(stored));
             }
-            let now = if p.stored_bytes < p.original_bytes {
-                format!("   stored now is {:.1}x smaller", p.original_bytes as f64 / p.stored_bytes.max(1) as f64)
+            let now = if stored < p.original_bytes {
+                format!("   stored now is {:.1}x smaller", p.original_bytes as f64 / stored.max(1) as f64)
             } else {
                 String::new()
             };
             let _ = writeln!(out, "  original values   {:>10}{now}", human(p.original_bytes));
-            let _ = writeln!(out, "  projected (zstd)  {:>10}   {}", human(p.projected_bytes), savings(p.stored_bytes, p.projected_bytes));
+            let _ = writeln!(out, "  projected (zstd)  {:>10}   {}", human(p.projected_bytes), savings(stored, p.projected_bytes));
             match &p.dictionary {
                 Some(DictionaryProjection { projected_bytes: Some(d), dictionary_bytes, samples, .. }) => {
                     let _ = writeln!(
                         out,
                         "  with dictionary   {:>10}   {}; {} dictionary trained on {samples} sampled values",
                         human(*d),
-                        savings(p.stored_bytes, *d),
+                        savings(stored, *d),
                         human(*dictionary_bytes)
                     );
                 }

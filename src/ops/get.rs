@@ -24,7 +24,7 @@ pub struct GetArgs {
     /// Read every key under this prefix instead (printed as key, then value, one per line).
     #[arg(long)]
     pub prefix: Option<String>,
-    /// Print the frame metadata (frame version, codec, dictionary ID, stored and original size)
+    /// Print the frame metadata (frame version, codec, dictionary ID or delta base, stored and original size)
     /// instead of the value.
     #[arg(long)]
     pub meta: bool,
@@ -50,6 +50,8 @@ pub struct Meta {
     pub original: Option<u64>,
     /// Why the frame cannot be decoded.
     pub error: Option<String>,
+    /// For a delta-frame base record (`/etcd-squeeze/bases/…`): the key whose versions use it.
+    pub base_of: Option<String>,
 }
 
 /// A frame header as read.
@@ -144,6 +146,11 @@ pub fn meta(etcd: &Etcd, kv: &KeyValue) -> Meta {
         frame: None,
         original: None,
         error: None,
+        base_of: kv
+            .key
+            .starts_with(crate::codec::delta::BASES_PREFIX)
+            .then(|| crate::codec::delta::record_key(&kv.value).map(key_string))
+            .flatten(),
     };
     if frame::is_framed(&kv.value) {
         match frame::parse(&kv.value) {
@@ -171,14 +178,18 @@ impl fmt::Display for Meta {
                     write!(f, ", base {base}")?;
                 }
             }
+            None if self.base_of.is_some() => write!(f, "delta-frame base record of {}", self.base_of.as_deref().unwrap_or_default())?,
             None if self.error.is_some() => write!(f, "invalid frame header")?,
             None => write!(f, "not framed (stored as it is)")?,
         }
         write!(f, ", stored {}", exact(self.stored))?;
         if let Some(original) = self.original {
             write!(f, ", original {}", exact(original))?;
-            if self.frame.is_some() {
+            if let Some(h) = &self.frame {
                 write!(f, ", {:.1}x", original as f64 / self.stored.max(1) as f64)?;
+                if h.base.is_some() {
+                    write!(f, " (the delta frame alone; its base is stored once for many versions)")?;
+                }
             }
         }
         write!(f, ", mod_revision {}", self.mod_revision)?;

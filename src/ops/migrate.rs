@@ -177,11 +177,12 @@ pub struct Verification {
 }
 
 impl Summary {
-    /// True when the run did all it was asked: not interrupted, no key too large or failed, and
+    /// True when the run did (or, dry, would do) all it was asked: not interrupted, no key too large or failed, and
     /// (decompress) no frame left.
     pub fn complete(&self) -> bool {
         !self.interrupted
-            && (self.dry_run || (self.counters.too_large == 0 && self.counters.failed == 0))
+            && self.counters.too_large == 0
+            && self.counters.failed == 0
             && self.verify.as_ref().is_none_or(|v| v.frames == 0)
     }
 }
@@ -302,12 +303,18 @@ pub async fn run(
     let verify = if direction == Direction::Decompress && !dry_run && !interrupted {
         let mut v = verify(etcd, &ranges, args.batch_size).await?;
         if v.frames == 0 {
-            (v.bases_deleted, v.bases_left) = delete_bases(etcd, &ranges, args.batch_size).await?;
+            (v.bases_deleted, v.bases_left) = delete_bases(etcd, &ranges, args.batch_size, false).await?;
         }
         Some(v)
     } else {
         None
     };
+    if direction == Direction::Decompress && dry_run && !interrupted {
+        let (bases, _) = delete_bases(etcd, &ranges, args.batch_size, true).await?;
+        if bases > 0 {
+            writeln!(out, "would then delete the {bases} delta-frame bases of these keys (under /etcd-squeeze/bases/)")?;
+        }
+    }
     if !interrupted && !dry_run {
         if let Some(state) = &m.state {
             state.remove()?;
@@ -513,7 +520,8 @@ fn rewrite_txn(kv: &KeyValue, value: Bytes) -> TxnRequest {
 /// a delta frame naming that base. Returns (deleted, left). Older revisions of K that are delta
 /// frames stay readable through the proxy until compaction passes them (the base is still in
 /// etcd's history).
-pub async fn delete_bases(etcd: &Etcd, ranges: &[KeyRange], page_keys: i64) -> Result<(u64, u64), OpsError> {
+/// With `dry_run`, only counts the bases of keys under `ranges` (as deleted) and writes nothing.
+pub async fn delete_bases(etcd: &Etcd, ranges: &[KeyRange], page_keys: i64, dry_run: bool) -> Result<(u64, u64), OpsError> {
     let (mut deleted, mut left) = (0, 0);
     let bases = KeyRange::of_prefix(crate::codec::delta::BASES_PREFIX);
     let mut pager = etcd.pager(&bases, bases.start.to_vec(), 0, page_keys.min(100)).including_reserved();
@@ -521,6 +529,10 @@ pub async fn delete_bases(etcd: &Etcd, ranges: &[KeyRange], page_keys: i64) -> R
         for base in page {
             let Some(key) = crate::codec::delta::record_key(&base.value) else { continue };
             if !ranges.iter().any(|r| key >= &r.start[..] && (r.end[..] == b"\0"[..] || key < &r.end[..])) {
+                continue;
+            }
+            if dry_run {
+                deleted += 1;
                 continue;
             }
             let key = Bytes::copy_from_slice(key);
@@ -703,8 +715,10 @@ impl Summary {
         let mut out = String::new();
         let status = if self.interrupted {
             "INTERRUPTED"
-        } else if self.dry_run {
+        } else if self.dry_run && self.complete() {
             "dry run, nothing written"
+        } else if self.dry_run {
+            "dry run, nothing written; PROBLEMS found"
         } else if self.complete() {
             "done"
         } else {
