@@ -357,3 +357,48 @@ async fn dict_commands_train_list_show_and_gc() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout, values[0]);
 }
+
+/// The dictionary ID of the frame inside the base record of `key`'s stored delta frame.
+async fn base_dict_id(direct: &mut etcd_client::Client, key: &str) -> u32 {
+    let stored = direct.get(key, None).await.unwrap().kvs()[0].value().to_vec();
+    let f = frame::parse(&stored).unwrap();
+    assert_eq!(f.codec, frame::Codec::Delta, "{key} is a delta frame");
+    let base_key = etcd_squeeze::codec::delta::base_key(key.as_bytes(), f.base.unwrap().id);
+    let record = direct.get(base_key.to_vec(), None).await.unwrap().kvs()[0].value().to_vec();
+    frame::parse(etcd_squeeze::codec::delta::record_frame(&record).unwrap()).unwrap().dictionary_id
+}
+
+/// With delta frames on, a new base is stored as its value would be on its own: with the prefix's
+/// dictionary. A cold replica loads the dictionary a base record names before decoding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_bases_use_the_dictionary_and_a_cold_replica_reads_them() {
+    let Trained { etcd, proxy: _trainer, mut direct, id, .. } = Trained::start(3).await;
+    let delta = |etcd: &Etcd| {
+        let mut c = config(etcd, false);
+        c.prefixes[0].delta = true;
+        c
+    };
+    let writer = Proxy::start_config(delta(&etcd)).await;
+    let mut via = writer.client().await;
+    let probe = population(1, 98).remove(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        via.delete(key("delta-probe"), None).await.unwrap();
+        via.put(key("delta-probe"), probe.clone(), None).await.unwrap();
+        if base_dict_id(&mut direct, &key("delta-probe")).await == id {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the delta proxy does not use dictionary {id} for bases after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let objects = population(6, 5);
+    for (i, v) in objects.iter().enumerate() {
+        via.put(key(&format!("delta-{i}")), v.clone(), None).await.unwrap();
+        assert_eq!(base_dict_id(&mut direct, &key(&format!("delta-{i}"))).await, id);
+    }
+    let cold = Proxy::start_config(delta(&etcd)).await;
+    let mut c = cold.client().await;
+    for (i, v) in objects.iter().enumerate() {
+        assert_eq!(c.get(key(&format!("delta-{i}")), None).await.unwrap().kvs()[0].value(), &v[..], "delta-{i} through a cold replica");
+    }
+}

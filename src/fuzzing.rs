@@ -46,7 +46,7 @@ pub fn frame_decoder(data: &[u8]) {
         assert!(decoded.len() <= MAX_VALUE_BYTES);
     }
     let key = crate::codec::delta::base_key(&base.key, base.id);
-    if let Ok(decoded) = crate::codec::delta::decode_base(&key, data, MAX_VALUE_BYTES) {
+    if let Ok(decoded) = crate::codec::delta::decode_base(&key, data, MAX_VALUE_BYTES, &dictionaries) {
         assert!(decoded.content.len() <= MAX_VALUE_BYTES && decoded.key == base.key);
     }
     round_trip_value(&codec, b"/p/k", &value);
@@ -55,7 +55,8 @@ pub fn frame_decoder(data: &[u8]) {
 /// The base delta frames are fuzzed against: a small JSON document of key `/p/k`.
 fn fuzz_base() -> crate::codec::delta::Base {
     let content = br#"{"status":{"phase":1,"nodes":{"n0":{"phase":5},"n1":{"phase":3}}}}"#;
-    crate::codec::delta::encode_base(b"/p/k", 7, content, 1).expect("a small base encodes").1
+    let frame = codec().encode(b"/p/k", &Bytes::from_static(content)).expect("a small base encodes").0;
+    crate::codec::delta::encode_base(b"/p/k", 7, content, &frame).1
 }
 
 /// decode(encode(value)) == value for `key`, unless the value is over the limit.

@@ -13,7 +13,8 @@
 //! 10      n     key K            the key whose versions use this base
 //! 10+n    8     base ID          u64 little-endian (also the last part of its etcd key)
 //! 18+n    8     content checksum u64 little-endian: the first 8 bytes of SHA-256(content)
-//! 26+n    ...   one zstd frame   the base content, with Frame_Content_Size and a checksum
+//! 26+n    ...   the base content as an etcd-squeeze frame (codec 0 or 1, with the prefix's
+//!               dictionary when it has one), exactly as the value would be stored on its own
 //! ```
 //!
 //! A **delta frame** (codec 2 of [`super::frame`]) names its base by ID and content checksum and
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 use zstd::zstd_safe::{self, CCtx, CParameter, DCtx, DParameter};
 
 use super::frame::{self, Codec};
+use crate::dictionary::cache::DictionaryCache;
 
 /// Where bases live: `/etcd-squeeze/bases/<32 hex digits of SHA-256(K)>/<16 hex digits of the base ID>`.
 /// Under the reserved prefix, so never compressed or decoded by the proxy itself.
@@ -131,13 +133,15 @@ pub fn id_of_base_key(base_key: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(id).ok()?, 16).ok()
 }
 
-/// Builds the base record of `content` as base `id` of `key`, compressed at zstd `level`.
-/// Returns the record (the value to Put at [`base_key`]) and the decoded [`Base`], whose
-/// content is a copy: zstd ignores a prefix that shares memory with the value it compresses,
-/// and the first delta against a new base is the very value it was made from.
-pub fn encode_base(key: &[u8], id: u64, content: &[u8], level: i32) -> std::io::Result<(Bytes, Base)> {
+/// Builds the base record of `content` as base `id` of `key`, around `frame`: the content
+/// encoded as the value would be stored on its own (`ValueCodec::encode`: a zstd frame, with the
+/// prefix's dictionary when it has one, or a raw frame). Returns the record (the value to Put at
+/// [`base_key`]) and the decoded [`Base`], whose content is a copy: zstd ignores a prefix that
+/// shares memory with the value it compresses, and the first delta against a new base is the
+/// very value it was made from.
+pub fn encode_base(key: &[u8], id: u64, content: &[u8], frame: &[u8]) -> (Bytes, Base) {
     let checksum = content_checksum(content);
-    let mut out = Vec::with_capacity(26 + key.len() + zstd_safe::compress_bound(content.len()));
+    let mut out = Vec::with_capacity(26 + key.len() + frame.len());
     out.extend_from_slice(&BASE_MAGIC);
     out.push(1);
     out.push(0);
@@ -145,20 +149,24 @@ pub fn encode_base(key: &[u8], id: u64, content: &[u8], level: i32) -> std::io::
     out.extend_from_slice(key);
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&checksum.to_le_bytes());
-    let mut c = zstd::bulk::Compressor::new(level)?;
-    c.include_checksum(true)?;
-    c.include_contentsize(true)?;
-    out.extend_from_slice(&c.compress(content)?);
+    out.extend_from_slice(frame);
     let record = Bytes::from(out);
     let content = Bytes::copy_from_slice(content);
     let base = Base { key: Bytes::copy_from_slice(key), id, checksum, content, record_len: record.len() };
-    Ok((record, base))
+    (record, base)
+}
+
+/// The frame inside a base record (its content, encoded), without checking anything else: the
+/// caller loads the dictionary it may name before [`decode_base`].
+pub fn record_frame(record: &[u8]) -> Option<&[u8]> {
+    let key = record_key(record)?;
+    record.get(26 + key.len()..)
 }
 
 /// Reads the base record stored at `base_key`: checks that it names the same key (by its
-/// directory hash) and ID, decompresses the content (at most `max_value_bytes`) and verifies
-/// its checksum. Errors: [`BaseError`]; never a panic.
-pub fn decode_base(base_key_bytes: &[u8], record: &[u8], max_value_bytes: usize) -> Result<Base, BaseError> {
+/// directory hash) and ID, decodes the content's frame (at most `max_value_bytes`; a dictionary it
+/// names must be in `dictionaries`) and verifies its checksum. Errors: [`BaseError`]; never a panic.
+pub fn decode_base(base_key_bytes: &[u8], record: &[u8], max_value_bytes: usize, dictionaries: &DictionaryCache) -> Result<Base, BaseError> {
     let take = |at: usize, n: usize| record.get(at..at + n).ok_or(BaseError::Malformed("truncated"));
     if take(0, 4)? != BASE_MAGIC {
         return Err(BaseError::Malformed("no base magic"));
@@ -174,19 +182,24 @@ pub fn decode_base(base_key_bytes: &[u8], record: &[u8], max_value_bytes: usize)
         return Err(BaseError::WrongKey);
     }
     let payload = &record[26 + key_len..];
-    let size = match zstd_safe::get_frame_content_size(payload) {
-        Ok(Some(size)) if size <= max_value_bytes as u64 => size as usize,
-        Ok(Some(size)) => return Err(BaseError::Content(format!("{size} bytes, over limits.max_value_bytes ({max_value_bytes})"))),
-        _ => return Err(BaseError::Content("not a zstd frame with a content size".into())),
+    if !frame::is_framed(payload) {
+        return Err(BaseError::Malformed("the content is not a frame"));
+    }
+    if frame::parse(payload).is_ok_and(|f| f.codec == Codec::Delta) {
+        return Err(BaseError::Malformed("a base cannot be a delta frame"));
+    }
+    let content = match super::decode_frame(payload, max_value_bytes, dictionaries, None) {
+        Ok(Some(content)) => content,
+        Ok(None) => Bytes::copy_from_slice(&payload[frame::HEADER_LEN..]),
+        Err(e) => return Err(BaseError::Content(e.to_string())),
     };
-    let content = zstd::bulk::decompress(payload, size).map_err(|e| BaseError::Content(e.to_string()))?;
-    if content.len() != size {
-        return Err(BaseError::Content("shorter than declared".into()));
+    if content.len() > max_value_bytes {
+        return Err(BaseError::Content(format!("{} bytes, over limits.max_value_bytes ({max_value_bytes})", content.len())));
     }
     if content_checksum(&content) != checksum {
         return Err(BaseError::Checksum);
     }
-    Ok(Base { key: Bytes::copy_from_slice(key), id, checksum, content: Bytes::from(content), record_len: record.len() })
+    Ok(Base { key: Bytes::copy_from_slice(key), id, checksum, content, record_len: record.len() })
 }
 
 /// The key K a base record names, read from its header without decompressing (`None` when
@@ -257,36 +270,61 @@ mod tests {
         Bytes::from(s)
     }
 
+    fn zstd_frame(content: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        frame::write_header(&mut f, Codec::Zstd, 0);
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.include_checksum(true).unwrap();
+        c.include_contentsize(true).unwrap();
+        f.extend_from_slice(&c.compress(content).unwrap());
+        f
+    }
+
+    fn base_of(key: &[u8], id: u64, content: &[u8]) -> (Bytes, Base) {
+        encode_base(key, id, content, &zstd_frame(content))
+    }
+
     #[test]
     fn base_record_round_trip_and_refusals() {
         let key = b"/registry/flyte.lyft.com/flyteworkflows/ns/wf";
         let content = version(500);
-        let (record, base) = encode_base(key, 0x1234, &content, 3).unwrap();
+        let (record, base) = base_of(key, 0x1234, &content);
+        let none = DictionaryCache::default();
         assert!(record.len() * 5 < content.len());
         let bk = base_key(key, 0x1234);
         assert!(bk.starts_with(&bases_dir(key)));
         assert_eq!(id_of_base_key(&bk), Some(0x1234));
-        assert_eq!(decode_base(&bk, &record, 1 << 24).unwrap(), base);
+        assert_eq!(decode_base(&bk, &record, 1 << 24, &none).unwrap(), base);
+        assert_eq!(record_frame(&record), Some(&zstd_frame(&content)[..]));
         assert_eq!(record_key(&record), Some(&key[..]));
-        assert_eq!(decode_base(&base_key(key, 0x1235), &record, 1 << 24), Err(BaseError::WrongKey));
-        assert_eq!(decode_base(&base_key(b"/other", 0x1234), &record, 1 << 24), Err(BaseError::WrongKey));
+        assert_eq!(decode_base(&base_key(key, 0x1235), &record, 1 << 24, &none), Err(BaseError::WrongKey));
+        assert_eq!(decode_base(&base_key(b"/other", 0x1234), &record, 1 << 24, &none), Err(BaseError::WrongKey));
         let mut flipped = record.to_vec();
         let n = flipped.len();
         flipped[n - 6] ^= 1;
-        assert!(decode_base(&bk, &flipped, 1 << 24).is_err());
+        assert!(decode_base(&bk, &flipped, 1 << 24, &none).is_err());
         for cut in [0, 3, 9, 20, record.len() - 1] {
-            assert!(decode_base(&bk, &record[..cut], 1 << 24).is_err(), "cut at {cut}");
+            assert!(decode_base(&bk, &record[..cut], 1 << 24, &none).is_err(), "cut at {cut}");
         }
-        assert!(matches!(decode_base(&bk, &record, 100), Err(BaseError::Content(_))));
+        assert!(matches!(decode_base(&bk, &record, 100, &none), Err(BaseError::Content(_))));
+        // A raw frame works too; a delta frame as a base does not.
+        let mut raw = Vec::new();
+        frame::write_header(&mut raw, Codec::Raw, 0);
+        raw.extend_from_slice(&content);
+        let (raw_record, raw_base) = encode_base(key, 9, &content, &raw);
+        assert_eq!(decode_base(&base_key(key, 9), &raw_record, 1 << 24, &none).unwrap(), raw_base);
+        let delta = encode_delta(&content, &base).unwrap();
+        let (bad, _) = encode_base(key, 10, &content, &delta);
+        assert!(decode_base(&base_key(key, 10), &bad, 1 << 24, &none).is_err());
     }
 
     #[test]
     fn delta_round_trip_is_small() {
         let key = b"/k";
-        let (_, base) = encode_base(key, 7, &version(2000), 3).unwrap();
+        let (_, base) = base_of(key, 7, &version(2000));
         let next = version(2010);
         let delta = encode_delta(&next, &base).unwrap();
-        let itself = encode_delta(&next, &encode_base(key, 9, &next, 3).unwrap().1).unwrap();
+        let itself = encode_delta(&next, &base_of(key, 9, &next).1).unwrap();
         assert!(itself.len() < 100, "a version against itself: {} bytes", itself.len());
         let alone = zstd::bulk::compress(&next, 3).unwrap();
         assert!(delta.len() * 5 < alone.len(), "delta {} vs alone {}", delta.len(), alone.len());
@@ -295,7 +333,7 @@ mod tests {
         assert_eq!(f.base, Some(BaseRef { id: 7, checksum: base.checksum }));
         assert_eq!(decode_delta(f.payload, next.len(), &base).unwrap(), &next[..]);
         // Another base: zstd's checksum (or a corrupt match) catches it.
-        let (_, other) = encode_base(key, 8, &version(1990), 3).unwrap();
+        let (_, other) = base_of(key, 8, &version(1990));
         assert!(decode_delta(f.payload, next.len(), &other).map(|v| v != next[..]).unwrap_or(true));
     }
 

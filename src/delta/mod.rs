@@ -66,6 +66,7 @@ const COMPACTION_REFRESH: Duration = Duration::from_secs(60);
 /// Delta-frame state shared by every request of one proxy.
 pub struct Deltas {
     codec: ValueCodec,
+    dictionaries: Arc<crate::dictionary::Dictionaries>,
     kv: KvClient<Upstream>,
     watch: WatchClient<Upstream>,
     known: DashMap<Bytes, Known>,
@@ -112,11 +113,13 @@ pub struct Rewritten {
 impl Deltas {
     /// Delta state for `codec`'s prefix rules, reading bases from `upstream`. `max_txn_ops` is
     /// etcd's `--max-txn-ops`: operations are only added to a branch that stays within it.
-    pub fn new(codec: ValueCodec, upstream: Upstream, max_txn_ops: usize) -> Arc<Self> {
+    /// `dictionaries` loads the dictionary a base record's frame names.
+    pub fn new(codec: ValueCodec, upstream: Upstream, max_txn_ops: usize, dictionaries: Arc<crate::dictionary::Dictionaries>) -> Arc<Self> {
         let enabled = codec.rules().iter().any(|r| r.delta.is_some());
         let kv = KvClient::new(upstream.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         let watch = WatchClient::new(upstream);
         Arc::new(Deltas {
+            dictionaries,
             codec,
             kv,
             watch,
@@ -340,7 +343,7 @@ impl Deltas {
             return plain(put, stats);
         }
         let Some(rule) = self.codec.delta_candidate(&put.key, &put.value) else { return plain(put, stats) };
-        let (level, fraction) = (rule.level, rule.delta.expect("delta rule").rebase_fraction);
+        let fraction = rule.delta.expect("delta rule").rebase_fraction;
         let prefix = rule.prefix.clone();
         let known = self.known_base(&put.key, guards);
         let current = known.and_then(|r| pinned.iter().find(|b| b.id == r.id && b.checksum == r.checksum && b.key == put.key).cloned());
@@ -367,8 +370,9 @@ impl Deltas {
                     break id;
                 }
             };
-            let (record, base) = delta::encode_base(&put.key, id, &put.value, level)
-                .map_err(|e| EncodeError { key: put.key.clone(), reason: e.into() })?;
+            // The base is stored as the value would be on its own (the prefix's dictionary too).
+            let (alone, _) = self.codec.encode(&put.key, &put.value)?;
+            let (record, base) = delta::encode_base(&put.key, id, &put.value, &alone);
             let base = Arc::new(base);
             let frame = self.codec.encode_delta(&put.key, &put.value, &base)?.expect("a delta candidate");
             added.push(op_put(delta::base_key(&put.key, id), record));
@@ -473,7 +477,11 @@ impl Deltas {
             let Some(kv) = resp.kvs.first() else { continue };
             metrics.base_fetches.inc();
             let refused = |why: String| format!("the record at {} is refused: {why}", crate::codec::KeyDisplay(&base_key));
-            match delta::decode_base(&base_key, &kv.value, self.codec.max_value_bytes()) {
+            // The dictionary the base's own frame may name, loaded first as for any value.
+            if let Some(frame) = delta::record_frame(&kv.value) {
+                self.dictionaries.ensure(key, frame).await?;
+            }
+            match delta::decode_base(&base_key, &kv.value, self.codec.max_value_bytes(), self.codec.dictionaries()) {
                 Ok(base) if base.checksum == r.checksum => {
                     let base = Arc::new(base);
                     self.codec.bases().insert(base.clone());

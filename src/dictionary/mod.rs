@@ -216,6 +216,13 @@ impl Dictionaries {
         Ok(())
     }
 
+    /// Loads the dictionary that the stored `value` of `key` names, if any (as [`Dictionaries::prefetch`]
+    /// does for a response): for frames read outside a response, such as a delta frame's base record.
+    pub async fn ensure(&self, key: &Bytes, value: &[u8]) -> Result<(), Status> {
+        let kv = crate::proto::mvccpb::KeyValue { key: key.clone(), value: Bytes::copy_from_slice(&value[..value.len().min(frame::HEADER_LEN)]), ..Default::default() };
+        self.prefetch(&mut crate::proto::etcdserverpb::RangeResponse { kvs: vec![kv], ..Default::default() }).await
+    }
+
     /// Loads dictionary `id` into the cache unless it is there. Concurrent callers for one ID wait
     /// for a single fetch (single-flight).
     async fn load(&self, id: u32) -> Result<(), LoadFailure> {
