@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--clients 4] [--scale 1.0] [--sizes 1k,10k,100k,1m,4m]
-//!                             [--fronts direct,grpc-proxy,squeeze-off,squeeze-zstd,squeeze-dict]
+//!                             [--fronts direct,grpc-proxy,squeeze-off,squeeze-zstd,squeeze-dict,squeeze-delta]
 //!                             [--markdown FILE] [--chart FILE.png]
 //! ```
 //!
@@ -32,6 +32,7 @@ enum Front {
     SqueezeOff,
     SqueezeZstd,
     SqueezeDict,
+    SqueezeDelta,
 }
 
 impl Front {
@@ -42,6 +43,7 @@ impl Front {
             Front::SqueezeOff => "squeeze-off",
             Front::SqueezeZstd => "squeeze-zstd",
             Front::SqueezeDict => "squeeze-dict",
+            Front::SqueezeDelta => "squeeze-delta",
         }
     }
     fn parse(s: &str) -> Front {
@@ -51,6 +53,7 @@ impl Front {
             "squeeze-off" => Front::SqueezeOff,
             "squeeze-zstd" => Front::SqueezeZstd,
             "squeeze-dict" => Front::SqueezeDict,
+            "squeeze-delta" => Front::SqueezeDelta,
             other => panic!("unknown front {other:?}"),
         }
     }
@@ -70,7 +73,7 @@ fn parse_args() -> Args {
         clients: 4,
         scale: 1.0,
         sizes: ["1k", "10k", "100k", "1m", "4m"].map(String::from).to_vec(),
-        fronts: vec![Front::Direct, Front::GrpcProxy, Front::SqueezeOff, Front::SqueezeZstd, Front::SqueezeDict],
+        fronts: vec![Front::Direct, Front::GrpcProxy, Front::SqueezeOff, Front::SqueezeZstd, Front::SqueezeDict, Front::SqueezeDelta],
         markdown: None,
         chart: None,
     };
@@ -158,10 +161,12 @@ fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String)> {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-        Front::SqueezeOff | Front::SqueezeZstd | Front::SqueezeDict => {
+        Front::SqueezeOff | Front::SqueezeZstd | Front::SqueezeDict | Front::SqueezeDelta => {
             let config = dir.join("squeeze.toml");
             let compress = front != Front::SqueezeOff;
-            std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{etcd}\"]\n[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ncompress = {compress}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n")).unwrap();
+            // squeeze-delta: delta frames, dictionaries off (the history cost of plain updates).
+            let delta = if front == Front::SqueezeDelta { "delta = true\ndictionary = false\n" } else { "" };
+            std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{etcd}\"]\n[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ncompress = {compress}\n{delta}[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n")).unwrap();
             Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
                 .args(["serve", "--config"])
                 .arg(&config)
@@ -373,8 +378,12 @@ async fn run_one(size: &str, front: Front, args: &Args) -> Row {
     }
 
     let stored = direct.get(PREFIX, Some(GetOptions::new().with_prefix())).await.unwrap();
-    let stored_bytes: u64 = stored.kvs().iter().map(|kv| kv.value().len() as u64).sum();
-    let per_key = stored_bytes / stored.kvs().len().max(1) as u64;
+    let values_bytes: u64 = stored.kvs().iter().map(|kv| kv.value().len() as u64).sum();
+    let per_key = values_bytes / stored.kvs().len().max(1) as u64;
+    // Delta frames' bases (written once per key here: the updates only change a number).
+    let bases = direct.get("/etcd-squeeze/bases/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let base_bytes: u64 = bases.kvs().iter().map(|kv| kv.value().len() as u64).sum();
+    let stored_bytes = values_bytes + base_bytes;
     let db_size = direct.status().await.unwrap().db_size();
     let (cpu_s, rss) = front_proc.as_ref().map_or((0.0, 0), |(p, _)| cpu_and_rss(p.0.id()));
     Row {
@@ -391,7 +400,7 @@ async fn run_one(size: &str, front: Front, args: &Args) -> Row {
         refused,
         watch_ok,
         stored_bytes,
-        written_bytes: per_key * (updates + keys.len() as u64),
+        written_bytes: per_key * (updates + keys.len() as u64) + base_bytes,
         db_size,
         cpu_s,
         rss,
@@ -482,7 +491,7 @@ fn chart(rows: &[Row], args: &Args, path: &Path) -> Result<(), Box<dyn std::erro
     let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(700);
-    let colors = [RGBColor(90, 90, 90), RGBColor(230, 150, 40), RGBColor(110, 160, 220), RGBColor(40, 150, 80), RGBColor(150, 60, 160)];
+    let colors = [RGBColor(90, 90, 90), RGBColor(230, 150, 40), RGBColor(110, 160, 220), RGBColor(40, 150, 80), RGBColor(150, 60, 160), RGBColor(200, 60, 60)];
     let sizes = &args.sizes;
     let fronts = &args.fronts;
     let width = fronts.len() as f64 + 1.0;
@@ -515,7 +524,7 @@ fn chart(rows: &[Row], args: &Args, path: &Path) -> Result<(), Box<dyn std::erro
             chart.draw_series((0..sizes.len()).map(|si| group_label(si, max / 1.6)))?;
             for (si, fi, v) in data {
                 let x0 = si as f64 * width + fi as f64 + 0.5;
-                chart.draw_series([Rectangle::new([(x0, 1.0), (x0 + 0.9, v.max(1.0))], colors[fi % 5].filled())])?;
+                chart.draw_series([Rectangle::new([(x0, 1.0), (x0 + 0.9, v.max(1.0))], colors[fi % 6].filled())])?;
             }
         } else {
             let mut chart = builder.build_cartesian_2d(x_range, 0.0..max)?;
@@ -523,9 +532,9 @@ fn chart(rows: &[Row], args: &Args, path: &Path) -> Result<(), Box<dyn std::erro
             chart.draw_series((0..sizes.len()).map(|si| group_label(si, max * 0.97)))?;
             for (si, fi, v) in data {
                 let x0 = si as f64 * width + fi as f64 + 0.5;
-                let series = chart.draw_series([Rectangle::new([(x0, 0.0), (x0 + 0.9, v)], colors[fi % 5].filled())])?;
+                let series = chart.draw_series([Rectangle::new([(x0, 0.0), (x0 + 0.9, v)], colors[fi % 6].filled())])?;
                 if si == 0 {
-                    series.label(fronts[fi].name()).legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colors[fi % 5].filled()));
+                    series.label(fronts[fi].name()).legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colors[fi % 6].filled()));
                 }
             }
             chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw()?;

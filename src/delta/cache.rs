@@ -17,15 +17,16 @@ struct Shelf {
     capacity: u64,
     bytes: u64,
     tick: u64,
-    entries: HashMap<(Bytes, u64), (Arc<Base>, u64)>,
+    /// By base ID (random, so practically unique across keys); the key is compared on lookup,
+    /// so a lookup allocates nothing.
+    entries: HashMap<u64, (Arc<Base>, u64)>,
 }
 
 impl Shelf {
     fn get(&mut self, key: &[u8], id: u64) -> Option<Arc<Base>> {
         self.tick += 1;
         let tick = self.tick;
-        // HashMap lookups by (Bytes, u64) need an owned key; bases are few per request.
-        let entry = self.entries.get_mut(&(Bytes::copy_from_slice(key), id))?;
+        let entry = self.entries.get_mut(&id).filter(|(b, _)| b.key == key)?;
         entry.1 = tick;
         Some(entry.0.clone())
     }
@@ -36,13 +37,12 @@ impl Shelf {
         if size > self.capacity {
             return; // larger than the whole budget: decoded from the pinned copy only
         }
-        let key = (base.key.clone(), base.id);
-        if let Some((old, _)) = self.entries.insert(key, (base, self.tick)) {
+        if let Some((old, _)) = self.entries.insert(base.id, (base, self.tick)) {
             self.bytes -= old.content.len() as u64;
         }
         self.bytes += size;
         while self.bytes > self.capacity {
-            let Some(oldest) = self.entries.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) else { break };
+            let Some(oldest) = self.entries.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) else { break };
             if let Some((gone, _)) = self.entries.remove(&oldest) {
                 self.bytes -= gone.content.len() as u64;
             }
@@ -133,16 +133,17 @@ mod tests {
         };
         let c = BaseCache::for_rules(&[rule]);
         c.insert(base(b"/p/a", 1, 100));
-        c.insert(base(b"/p/b", 1, 100));
-        c.insert(base(b"/p/c", 1, 100));
+        c.insert(base(b"/p/b", 2, 100));
+        c.insert(base(b"/p/c", 3, 100));
         assert!(c.get(b"/p/a", 1).is_some(), "touch a");
-        c.insert(base(b"/p/d", 1, 100));
-        assert!(c.get(b"/p/b", 1).is_none(), "b was the least recently used");
-        assert!(c.get(b"/p/a", 1).is_some() && c.get(b"/p/d", 1).is_some());
+        assert!(c.get(b"/p/b", 1).is_none(), "the ID of another key's base");
+        c.insert(base(b"/p/d", 4, 100));
+        assert!(c.get(b"/p/b", 2).is_none(), "b was the least recently used");
+        assert!(c.get(b"/p/a", 1).is_some() && c.get(b"/p/d", 4).is_some());
         assert_eq!(c.bytes(), 300);
-        c.insert(base(b"/p/e", 1, 1000));
-        assert!(c.get(b"/p/e", 1).is_none(), "over the whole budget: not cached");
-        c.insert(base(b"/q/a", 1, 10));
-        assert!(c.get(b"/q/a", 1).is_none(), "no rule: no shelf");
+        c.insert(base(b"/p/e", 5, 1000));
+        assert!(c.get(b"/p/e", 5).is_none(), "over the whole budget: not cached");
+        c.insert(base(b"/q/a", 6, 10));
+        assert!(c.get(b"/q/a", 6).is_none(), "no rule: no shelf");
     }
 }

@@ -221,12 +221,20 @@ impl Deltas {
     /// gone). Under the key's entry lock, and never backwards: responses of concurrent writes of
     /// one key may be handled out of order, and a current base must never be taken for superseded.
     fn advance(&self, key: &[u8], revision: i64, r: BaseRef, collected: &[u64]) {
-        if self.known.len() >= MAX_KNOWN_KEYS && !self.known.contains_key(key) {
-            self.known.clear();
-        }
-        let mut entry =
-            self.known.entry(Bytes::copy_from_slice(key)).or_insert_with(|| Known { mod_revision: 0, base: r, superseded: Vec::new() });
+        // The common case (a key already known) locks its entry without allocating a key.
+        let mut entry = match self.known.get_mut(key) {
+            Some(entry) => entry,
+            None => {
+                if self.known.len() >= MAX_KNOWN_KEYS {
+                    self.known.clear();
+                }
+                self.known.entry(Bytes::copy_from_slice(key)).or_insert_with(|| Known { mod_revision: 0, base: r, superseded: Vec::new() })
+            }
+        };
         let k = entry.value_mut();
+        if collected.is_empty() && k.mod_revision == revision && k.base.id == r.id {
+            return; // already known: a read of the current version
+        }
         k.superseded.retain(|(id, _)| !collected.contains(id));
         if k.mod_revision >= revision {
             // A newer version is already known: this one's base was superseded by it (at the latest).
