@@ -539,6 +539,12 @@ impl Deltas {
     }
 }
 
+/// etcd's compaction revision, read from etcd itself (see [`read_compaction`]): how a proxy
+/// learns of compactions that did not pass through it (another apiserver's proxy, etcdctl, a restart).
+pub async fn compaction_revision(upstream: Upstream) -> Option<i64> {
+    read_compaction(WatchClient::new(upstream)).await
+}
+
 /// etcd's compaction revision, from a watch on a key that never exists starting at revision 1:
 /// etcd cancels it with `compact_revision` when revision 1 is compacted away. `None` when etcd
 /// says nothing within two seconds (nothing compacted, or unreachable).
