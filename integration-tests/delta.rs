@@ -392,3 +392,40 @@ async fn compaction_revision_is_read_back_from_etcd() {
     env.direct.compact(rev - 1, None).await.unwrap();
     assert_eq!(etcd_squeeze::delta::compaction_revision(upstream()).await, Some(rev - 1));
 }
+
+/// A proxy that did not write a key's older bases (another replica did, or it restarted) still
+/// collects them: after its own rebase it lists the key's bases and marks the older ones
+/// superseded; once compaction passes them, its next write deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_collects_bases_it_did_not_write() {
+    let mut env = Env::with_delta(FLYTE).await;
+    let key = env.wf_key("restart");
+    let versions = drifting_series();
+    let revs = write_series(&mut env.via, &key, &versions[..10]).await;
+    let before = bases(&mut env.direct).await.len();
+    assert!(before >= 3, "the drifting series rebased: {before} bases");
+    // A new proxy (no knowledge of this key): its first write rebases.
+    let fresh = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let mut c = fresh.client().await;
+    let mut rev = *revs.last().unwrap();
+    let mut put = |v: &Vec<u8>, rev: i64| Txn::new().when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)]).and_then([TxnOp::put(key.as_str(), v.clone(), None)]);
+    for v in &versions[10..12] {
+        let r = c.txn(put(v, rev)).await.unwrap();
+        assert!(r.succeeded());
+        rev = r.header().unwrap().revision();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // the background listing
+    c.compact(rev, None).await.unwrap();
+    for v in &versions[12..14] {
+        let r = c.txn(put(v, rev)).await.unwrap();
+        assert!(r.succeeded());
+        rev = r.header().unwrap().revision();
+    }
+    let after = bases(&mut env.direct).await.len();
+    assert!(after <= 2, "older bases collected: {before} before, {after} after");
+    // Everything readable still reads, through a cold proxy too.
+    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    assert_eq!(cold.client().await.get(key.as_str(), None).await.unwrap().kvs()[0].value(), &versions[13][..]);
+    let at = c.get(key.as_str(), Some(GetOptions::new().with_revision(rev - 1))).await.unwrap();
+    assert_eq!(at.kvs()[0].value(), &versions[12][..]);
+}

@@ -189,8 +189,9 @@ impl Deltas {
     }
 
     /// Applies a response of a [`Rewritten`] Txn: strips the responses of added operations and
-    /// records which bases the keys now use.
-    pub fn finish(&self, rewritten: &Rewritten, resp: &mut TxnResponse) {
+    /// records which bases the keys now use. After a rebase, the key's older bases are listed in
+    /// the background (see [`Deltas::recover_superseded`]).
+    pub fn finish(self: &Arc<Self>, rewritten: &Rewritten, resp: &mut TxnResponse) {
         strip(resp, &rewritten.shape);
         let revision = resp.header.as_ref().map_or(0, |h| h.revision);
         let metrics = crate::metrics::get();
@@ -201,12 +202,39 @@ impl Deltas {
                     metrics.delta_writes.with_label_values(&[if *rebased { "rebase" } else { "delta" }]).inc();
                     metrics.bases_deleted.inc_by(collected.len() as u64);
                     self.advance(key, revision, BaseRef { id: base.id, checksum: base.checksum }, collected);
+                    if *rebased {
+                        let (deltas, key, id) = (self.clone(), key.clone(), base.id);
+                        tokio::spawn(async move { deltas.recover_superseded(key, revision, id).await });
+                    }
                 }
                 Effect::Deleted { path, key } if ran(resp, path) => {
                     self.known.remove(key);
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Lists K's bases as of `revision` (the rebase that wrote base `current`) and records every
+    /// other one as superseded: each at the next base's create_revision (from then on no new
+    /// version of K can be a delta against it: its guard would fail), the newest at `revision`.
+    /// So superseded bases are collected after compaction even when this proxy did not write
+    /// them, or restarted since. Best effort: an error leaves them until K is deleted.
+    async fn recover_superseded(&self, key: Bytes, revision: i64, current: u64) {
+        let dir = delta::bases_dir(&key);
+        let end = prefix_end(&dir).expect("a bases directory ends in '/'");
+        let list = RangeRequest { key: Bytes::from(dir), range_end: Bytes::from(end), keys_only: true, revision, ..Default::default() };
+        let Ok(resp) = self.kv.clone().range(list).await else { return };
+        let mut bases: Vec<(i64, u64)> =
+            resp.into_inner().kvs.iter().filter_map(|kv| Some((kv.create_revision, delta::id_of_base_key(&kv.key)?))).collect();
+        bases.sort_unstable();
+        let Some(mut k) = self.known.get_mut(&key[..]) else { return };
+        for (i, &(_, id)) in bases.iter().enumerate() {
+            if id == current || id == k.base.id {
+                continue;
+            }
+            let at = bases.get(i + 1).map_or(revision, |(next, _)| *next).min(revision);
+            supersede(&mut k.superseded, id, at);
         }
     }
 
