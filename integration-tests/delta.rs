@@ -408,7 +408,7 @@ async fn a_restarted_proxy_collects_bases_it_did_not_write() {
     let fresh = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
     let mut c = fresh.client().await;
     let mut rev = *revs.last().unwrap();
-    let mut put = |v: &Vec<u8>, rev: i64| Txn::new().when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)]).and_then([TxnOp::put(key.as_str(), v.clone(), None)]);
+    let put = |v: &Vec<u8>, rev: i64| Txn::new().when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)]).and_then([TxnOp::put(key.as_str(), v.clone(), None)]);
     for v in &versions[10..12] {
         let r = c.txn(put(v, rev)).await.unwrap();
         assert!(r.succeeded());
