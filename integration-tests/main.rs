@@ -6,6 +6,7 @@
 mod dashboard;
 mod delta;
 mod delta_attack;
+mod delta_review2;
 mod deploy;
 mod dictionary;
 mod faults;
