@@ -1,6 +1,6 @@
 //! Second adversarial review of delta frames (GC safety of bases, --max-txn-ops budget).
 //!
-//! Tests marked `BUG:` fail on the reviewed commit; the comment says what etcd does and what
+//! Tests marked `FIXED:` failed on the reviewed commit; the comment says what etcd does and what
 //! the proxy does instead. The others are adversarial interleavings that pass (regression tests).
 
 use std::time::Duration;
@@ -47,7 +47,7 @@ async fn current_base_exists(direct: &mut etcd_client::Client, key: &str) {
     }
 }
 
-/// BUG: the --max-txn-ops budget of a Txn with a VALUE compare on a compressed key.
+/// FIXED: the --max-txn-ops budget of a Txn with a VALUE compare on a compressed key.
 ///
 /// etcd accepts `Txn(VALUE(K) == v) → n Puts` for any n ≤ 128. The proxy first rewrites the
 /// Txn for delta frames with the full budget (src/server/kv.rs `txn_with_value_compares`,
@@ -78,7 +78,7 @@ async fn value_compare_txn_within_max_txn_ops_is_accepted() {
     assert_eq!(out[0..2], out[2..4], "etcd (first two) vs the proxy (last two)");
 }
 
-/// BUG: a Put of K and a single-key DeleteRange of K in two sibling nested Txns (etcd 3.4's
+/// FIXED: a Put of K and a single-key DeleteRange of K in two sibling nested Txns (etcd 3.4's
 /// `checkIntervals` accepts Put-then-Delete in that order; the first review's
 /// `put_and_delete_of_the_same_key_in_one_txn` checks the Txn response). The proxy adds the new
 /// base's Put to the first nested Txn and a DeleteRange of K's whole base directory to the

@@ -73,7 +73,6 @@ pub struct Deltas {
     /// The newest compaction revision seen (Compact calls through the proxy, or read from etcd).
     compacted: Arc<AtomicI64>,
     compaction_read: Mutex<Option<Instant>>,
-    max_txn_ops: usize,
     enabled: bool,
 }
 
@@ -111,10 +110,9 @@ pub struct Rewritten {
 }
 
 impl Deltas {
-    /// Delta state for `codec`'s prefix rules, reading bases from `upstream`. `max_txn_ops` is
-    /// etcd's `--max-txn-ops`: operations are only added to a branch that stays within it.
-    /// `dictionaries` loads the dictionary a base record's frame names.
-    pub fn new(codec: ValueCodec, upstream: Upstream, max_txn_ops: usize, dictionaries: Arc<crate::dictionary::Dictionaries>) -> Arc<Self> {
+    /// Delta state for `codec`'s prefix rules, reading bases from `upstream`; `dictionaries`
+    /// loads the dictionary a base record's frame names.
+    pub fn new(codec: ValueCodec, upstream: Upstream, dictionaries: Arc<crate::dictionary::Dictionaries>) -> Arc<Self> {
         let enabled = codec.rules().iter().any(|r| r.delta.is_some());
         let kv = KvClient::new(upstream.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         let watch = WatchClient::new(upstream);
@@ -126,7 +124,6 @@ impl Deltas {
             known: DashMap::new(),
             compacted: Arc::new(AtomicI64::new(0)),
             compaction_read: Mutex::new(None),
-            max_txn_ops,
             enabled,
         })
     }
@@ -166,10 +163,11 @@ impl Deltas {
 
     /// Rewrites a Txn: Puts under delta prefixes become delta frames (adding base Puts and the
     /// deletion of superseded bases to their branch), other Puts are encoded as usual, and
-    /// single-key DeleteRanges of delta keys delete the key's bases too. Loads the bases it
-    /// needs first (from the cache, else etcd). Errors: an [`EncodeError`] as `encode_txn`'s, or
-    /// etcd's status when a base cannot be read.
-    pub async fn rewrite(&self, txn: TxnRequest, stats: &mut EncodeStats) -> Result<Rewritten, RewriteError> {
+    /// single-key DeleteRanges of delta keys delete the key's bases too. `budget` is etcd's
+    /// `--max-txn-ops` for this Txn (less when it is sent nested in another one). Loads the bases
+    /// it needs first (from the cache, else etcd). Errors: an [`EncodeError`] as `encode_txn`'s,
+    /// or etcd's status when a base cannot be read.
+    pub async fn rewrite(&self, txn: TxnRequest, budget: usize, stats: &mut EncodeStats) -> Result<Rewritten, RewriteError> {
         self.refresh_compaction_in_background();
         // Load the current bases the guarded Puts will be deltas against.
         let mut pinned = Vec::new();
@@ -180,12 +178,19 @@ impl Deltas {
                 pinned.push(base);
             }
         }
+        // A key this Txn deletes (anywhere: etcd accepts a Put then a Delete of one key in sibling
+        // nested Txns) gets no delta: the added delete of its bases could remove the new base.
+        let mut deleted = Vec::new();
+        single_key_deletes(&txn, &mut |key| {
+            if self.applies_to(key) {
+                deleted.push(Bytes::copy_from_slice(key));
+            }
+        });
         let shape = txn.clone();
         let mut txn = txn;
-        let mut effects = Vec::new();
-        let mut path = Vec::new();
-        self.rewrite_node(&mut txn, self.max_txn_ops, &[], &mut path, &mut pinned, &mut effects, stats).map_err(RewriteError::Encode)?;
-        Ok(Rewritten { txn, shape, effects, pinned })
+        let mut ctx = Ctx { pinned, effects: Vec::new(), path: Vec::new(), deleted, compacted: self.compacted.load(Ordering::Relaxed), stats };
+        self.rewrite_node(&mut txn, budget, &[], &mut ctx).map_err(RewriteError::Encode)?;
+        Ok(Rewritten { txn, shape, effects: ctx.effects, pinned: ctx.pinned })
     }
 
     /// Applies a response of a [`Rewritten`] Txn: strips the responses of added operations and
@@ -307,19 +312,8 @@ impl Deltas {
     /// Rewrites one Txn of the tree. `budget` is etcd's limit for this Txn: `--max-txn-ops` at
     /// the top, and for a nested Txn the parent's limit minus the parent's operation count
     /// (`max(compares, success, failure)`), as etcd's `checkTxnRequest` computes it.
-    #[allow(clippy::too_many_arguments)]
-    fn rewrite_node(
-        &self,
-        txn: &mut TxnRequest,
-        budget: usize,
-        inherited: &[(Bytes, i64)],
-        path: &mut Path,
-        pinned: &mut Vec<Arc<Base>>,
-        effects: &mut Vec<Effect>,
-        stats: &mut EncodeStats,
-    ) -> Result<(), EncodeError> {
+    fn rewrite_node(&self, txn: &mut TxnRequest, budget: usize, inherited: &[(Bytes, i64)], ctx: &mut Ctx<'_>) -> Result<(), EncodeError> {
         let guards = success_guards(txn, inherited);
-        let compacted = self.compacted.load(Ordering::Relaxed);
         // Added operations only fill what etcd allows. A Txn with a nested Txn keeps its operation
         // count (so the nested one keeps the limit etcd gives it); the nested one gets the rest.
         let count = txn.compare.len().max(txn.success.len()).max(txn.failure.len());
@@ -331,12 +325,12 @@ impl Deltas {
             let mut room = limit.saturating_sub(ops.len());
             let mut added: Vec<RequestOp> = Vec::new();
             for (i, op) in ops.iter_mut().enumerate() {
-                path.push((success, i));
+                ctx.path.push((success, i));
                 match &mut op.request {
                     Some(request_op::Request::RequestPut(put)) => {
-                        let wrote = self.rewrite_put(put, guards, pinned, &mut room, compacted, &mut added, stats)?;
-                        if let Some((base, rebased, collected)) = wrote {
-                            effects.push(Effect::Wrote { path: path.clone(), key: put.key.clone(), base, rebased, collected });
+                        if let Some((base, rebased, collected)) = self.rewrite_put(put, guards, &mut room, &mut added, ctx)? {
+                            let path = ctx.path.clone();
+                            ctx.effects.push(Effect::Wrote { path, key: put.key.clone(), base, rebased, collected });
                         }
                     }
                     Some(request_op::Request::RequestDeleteRange(d)) if d.range_end.is_empty() && self.applies_to(&d.key) && room > 0 => {
@@ -344,14 +338,12 @@ impl Deltas {
                         let dir = delta::bases_dir(&d.key);
                         let end = prefix_end(&dir).expect("a bases directory ends in '/'");
                         added.push(op_delete(Bytes::from(dir), Bytes::from(end)));
-                        effects.push(Effect::Deleted { path: path.clone(), key: d.key.clone() });
+                        ctx.effects.push(Effect::Deleted { path: ctx.path.clone(), key: d.key.clone() });
                     }
-                    Some(request_op::Request::RequestTxn(inner)) => {
-                        self.rewrite_node(inner, nested_budget, guards, path, pinned, effects, stats)?;
-                    }
+                    Some(request_op::Request::RequestTxn(inner)) => self.rewrite_node(inner, nested_budget, guards, ctx)?,
                     _ => {}
                 }
-                path.pop();
+                ctx.path.pop();
             }
             ops.extend(added);
         }
@@ -361,28 +353,26 @@ impl Deltas {
     /// One Put: a delta against the proven base, else a rebase (when the branch has room), else
     /// the usual per-value frame. Returns the base used, whether it is new, and the superseded
     /// bases whose deletion was added.
-    #[allow(clippy::too_many_arguments)]
     fn rewrite_put(
         &self,
         put: &mut PutRequest,
         guards: &[(Bytes, i64)],
-        pinned: &mut Vec<Arc<Base>>,
         room: &mut usize,
-        compacted: i64,
         added: &mut Vec<RequestOp>,
-        stats: &mut EncodeStats,
+        ctx: &mut Ctx<'_>,
     ) -> Result<Option<Wrote>, EncodeError> {
         let plain = |put: &mut PutRequest, stats: &mut EncodeStats| crate::rewrite::encode_put(&self.codec, put, stats).map(|()| None);
         // A key with a lease is deleted by etcd when the lease ends, without a DeleteRange the
-        // proxy could extend to its bases: such values are stored per value, never as deltas.
-        if put.ignore_value || put.lease != 0 || put.ignore_lease || !self.applies_to(&put.key) {
-            return plain(put, stats);
+        // proxy could extend to its bases: such values are stored per value, never as deltas. So
+        // is a key the same Txn deletes.
+        if put.ignore_value || put.lease != 0 || put.ignore_lease || !self.applies_to(&put.key) || ctx.deleted.contains(&put.key) {
+            return plain(put, ctx.stats);
         }
-        let Some(rule) = self.codec.delta_candidate(&put.key, &put.value) else { return plain(put, stats) };
+        let Some(rule) = self.codec.delta_candidate(&put.key, &put.value) else { return plain(put, ctx.stats) };
         let fraction = rule.delta.expect("delta rule").rebase_fraction;
         let prefix = rule.prefix.clone();
         let known = self.known_base(&put.key, guards);
-        let current = known.and_then(|r| pinned.iter().find(|b| b.id == r.id && b.checksum == r.checksum && b.key == put.key).cloned());
+        let current = known.and_then(|r| ctx.pinned.iter().find(|b| b.id == r.id && b.checksum == r.checksum && b.key == put.key).cloned());
         let mut chosen = None;
         if let Some(base) = current {
             // A value twice as large or half as small as its base has drifted away from it: the
@@ -412,15 +402,15 @@ impl Deltas {
             let base = Arc::new(base);
             let frame = self.codec.encode_delta(&put.key, &put.value, &base)?.expect("a delta candidate");
             added.push(op_put(delta::base_key(&put.key, id), record));
-            pinned.push(base.clone());
+            ctx.pinned.push(base.clone());
             chosen = Some((frame, base, true));
         }
-        let Some((frame, base, rebased)) = chosen else { return plain(put, stats) };
+        let Some((frame, base, rebased)) = chosen else { return plain(put, ctx.stats) };
         // Superseded bases that no readable revision needs any more (compaction is past them).
         let mut collected = Vec::new();
         if let Some(k) = self.known.get(&put.key) {
             for &(id, at) in &k.superseded {
-                if *room == 0 || compacted <= at || id == base.id || id == k.base.id {
+                if *room == 0 || ctx.compacted <= at || id == base.id || id == k.base.id {
                     continue;
                 }
                 *room -= 1;
@@ -430,7 +420,7 @@ impl Deltas {
             }
         }
         let stored = if rebased { frame.len() + base.record_len } else { frame.len() };
-        stats.add(Some(&prefix), put.value.len(), stored, EncodeOutcome::Delta);
+        ctx.stats.add(Some(&prefix), put.value.len(), stored, EncodeOutcome::Delta);
         put.value = frame;
         Ok(Some((base, rebased, collected)))
     }
@@ -593,6 +583,31 @@ async fn read_compaction(mut watch: WatchClient<Upstream>) -> Option<i64> {
     let found = tokio::time::timeout(Duration::from_secs(2), probe).await.ok().flatten();
     drop(tx);
     found
+}
+
+/// The state of one Txn rewrite, shared by every level of the Txn tree.
+struct Ctx<'a> {
+    /// Bases loaded or created for this Txn.
+    pinned: Vec<Arc<Base>>,
+    effects: Vec<Effect>,
+    /// Where the op being rewritten sits.
+    path: Path,
+    /// Delta keys a single-key DeleteRange of this Txn deletes: their Puts get no delta.
+    deleted: Vec<Bytes>,
+    /// The compaction revision when the rewrite began.
+    compacted: i64,
+    stats: &'a mut EncodeStats,
+}
+
+/// Calls `f` with the key of every single-key DeleteRange in a Txn tree (both branches, nested Txns).
+fn single_key_deletes(txn: &TxnRequest, f: &mut impl FnMut(&[u8])) {
+    for op in txn.success.iter().chain(txn.failure.iter()) {
+        match &op.request {
+            Some(request_op::Request::RequestDeleteRange(d)) if d.range_end.is_empty() => f(&d.key),
+            Some(request_op::Request::RequestTxn(inner)) => single_key_deletes(inner, f),
+            _ => {}
+        }
+    }
 }
 
 /// A Put stored as a delta frame: its base, whether the base is new (a rebase), and the IDs of

@@ -195,7 +195,7 @@ impl Etcd {
         catch_all.push(PrefixRule::from(&PrefixConfig::new("")));
         let decoder = ValueCodec::new(catch_all, config.limits.max_value_bytes.as_u64() as usize).with_dictionaries(codec.dictionaries().clone());
         let dictionaries = crate::dictionary::Dictionaries::new(&config, decoder.clone(), upstream.clone());
-        let deltas = crate::delta::Deltas::new(decoder.clone(), upstream.clone(), config.limits.max_txn_ops as usize, dictionaries.clone());
+        let deltas = crate::delta::Deltas::new(decoder.clone(), upstream.clone(), dictionaries.clone());
         let kv = KvClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         Ok(Etcd { config, codec, decoder, dictionaries, deltas, pinned: Default::default(), kv })
     }

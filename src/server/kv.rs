@@ -47,10 +47,13 @@ impl KvService {
     async fn txn_with_value_compares(&self, metadata: &tonic::metadata::MetadataMap, txn: TxnRequest) -> Result<Response<TxnResponse>, Status> {
         let attempts = self.shared.config.limits.value_compare_attempts;
         let compares = rewrite::value_compares(&self.shared.codec, &txn);
-        // Values are encoded once; each attempt only clones (reference counts) and replaces compares.
         self.shared.dictionaries.observe_txn(&txn);
-        let mut stats = EncodeStats::default();
-        let (txn, rewritten) = self.encode(txn, &mut stats).await?;
+        let limit = self.shared.config.limits.max_txn_ops as usize;
+        // etcd gives the client's Txn, nested in the guard Txn, what the guards leave.
+        let client_ops = txn.compare.len().max(txn.success.len()).max(txn.failure.len());
+        // Values are encoded once per guard count (the operations delta frames may add must fit
+        // in what the guards leave); each attempt only clones (reference counts) and replaces compares.
+        let mut encoded: Option<(usize, TxnRequest, Option<crate::delta::Rewritten>, EncodeStats)> = None;
         for _ in 0..attempts {
             let mut guards: Vec<Compare> = Vec::new();
             let mut fixed: Vec<Compare> = Vec::new();
@@ -88,16 +91,20 @@ impl KvService {
                     mod_compare(compare::CompareResult::Greater, &c.key, &c.range_end, revision)
                 });
             }
-            let limit = self.shared.config.limits.max_txn_ops as usize;
-            // etcd gives the client's Txn, nested in the guard Txn, what the guards leave.
-            let client_ops = txn.compare.len().max(txn.success.len()).max(txn.failure.len());
-            if guards.len() > limit || guards.len() + client_ops > limit {
+            if guards.len() + client_ops > limit {
                 return Err(Status::invalid_argument(format!(
                     "etcd-squeeze: VALUE compares over compressed keys read {} keys; guarding them needs one compare each, and with the Txn's own {client_ops} operations that is over etcd's --max-txn-ops (limits.max_txn_ops = {limit})",
                     guards.len()
                 )));
             }
-            let mut inner = txn.clone();
+            let budget = limit - guards.len();
+            if encoded.as_ref().is_none_or(|(b, ..)| *b != budget) {
+                let mut stats = EncodeStats::default();
+                let (encoded_txn, rewritten) = self.encode(txn.clone(), budget, &mut stats).await?;
+                encoded = Some((budget, encoded_txn, rewritten, stats));
+            }
+            let (_, encoded_txn, rewritten, stats) = encoded.as_ref().expect("encoded above");
+            let mut inner = encoded_txn.clone();
             rewrite::replace_value_compares(&self.shared.codec, &mut inner, &mut fixed.into_iter());
             let outer = TxnRequest {
                 compare: guards,
@@ -108,7 +115,7 @@ impl KvService {
             if !resp.succeeded {
                 continue;
             }
-            crate::metrics::get().record_encode(&stats);
+            crate::metrics::get().record_encode(stats);
             let Some(response_op::Response::ResponseTxn(mut inner_resp)) = resp.responses.pop().and_then(|r| r.response) else {
                 return Err(Status::internal("etcd-squeeze: guarded Txn response carries no inner Txn response"));
             };
@@ -128,17 +135,22 @@ impl KvService {
 impl KvService {
     /// Encodes the values of a Txn: through [`crate::delta::Deltas::rewrite`] when it writes or
     /// deletes a key with delta frames (the returned [`crate::delta::Rewritten`] must see the
-    /// response), else value by value.
-    async fn encode(&self, mut txn: TxnRequest, stats: &mut EncodeStats) -> Result<(TxnRequest, Option<crate::delta::Rewritten>), Status> {
+    /// response; `budget` is etcd's `--max-txn-ops` for this Txn), else value by value.
+    async fn encode(&self, mut txn: TxnRequest, budget: usize, stats: &mut EncodeStats) -> Result<(TxnRequest, Option<crate::delta::Rewritten>), Status> {
         if !self.shared.deltas.touches(&txn) {
             rewrite::encode_txn(&self.shared.codec, &mut txn, stats).map_err(encode_status)?;
             return Ok((txn, None));
         }
-        let mut rewritten = self.shared.deltas.rewrite(txn, stats).await.map_err(|e| match e {
+        let mut rewritten = self.shared.deltas.rewrite(txn, budget, stats).await.map_err(|e| match e {
             RewriteError::Encode(e) => encode_status(e),
             RewriteError::Etcd(status) => status,
         })?;
         Ok((std::mem::take(&mut rewritten.txn), Some(rewritten)))
+    }
+
+    /// etcd's `--max-txn-ops` (`limits.max_txn_ops`).
+    fn max_txn_ops(&self) -> usize {
+        self.shared.config.limits.max_txn_ops as usize
     }
 
     /// Hands a Txn response to the delta rewrite that produced its request (strips the added
@@ -170,7 +182,7 @@ impl KvService {
                 failure: vec![],
             };
             let mut stats = EncodeStats::default();
-            let (txn, rewritten) = self.encode(txn, &mut stats).await?;
+            let (txn, rewritten) = self.encode(txn, self.max_txn_ops(), &mut stats).await?;
             let (md, mut resp, ext) = self.client.clone().txn(with_metadata(metadata, txn)).await?.into_parts();
             if !resp.succeeded {
                 continue; // K changed since the proxy saw it: write a new base
@@ -197,7 +209,7 @@ impl KvService {
             ..Default::default()
         };
         let mut stats = EncodeStats::default();
-        let (txn, rewritten) = self.encode(txn, &mut stats).await?;
+        let (txn, rewritten) = self.encode(txn, self.max_txn_ops(), &mut stats).await?;
         let (md, mut resp, ext) = self.client.clone().txn(with_metadata(metadata, txn)).await?.into_parts();
         let pinned = self.finish(rewritten.as_ref(), &mut resp);
         let (deleted, prev_kvs) = match resp.responses.pop().and_then(|r| r.response) {
@@ -345,7 +357,7 @@ impl Kv for KvService {
         let mut read_revisions = Vec::new();
         crate::delta::range_revisions(request.get_ref(), &mut read_revisions);
         let mut stats = EncodeStats::default();
-        let (txn, rewritten) = self.encode(std::mem::take(request.get_mut()), &mut stats).await?;
+        let (txn, rewritten) = self.encode(std::mem::take(request.get_mut()), self.max_txn_ops(), &mut stats).await?;
         *request.get_mut() = txn;
         let (md, mut resp, ext) = self.client.clone().txn(request).await?.into_parts();
         crate::metrics::get().record_encode(&stats);

@@ -47,7 +47,7 @@ impl Shared {
     pub fn new(config: Config, upstream: Upstream) -> Arc<Self> {
         let codec = ValueCodec::from_config(&config);
         let dictionaries = Dictionaries::new(&config, codec.clone(), upstream.clone());
-        let deltas = crate::delta::Deltas::new(codec.clone(), upstream, config.limits.max_txn_ops as usize, dictionaries.clone());
+        let deltas = crate::delta::Deltas::new(codec.clone(), upstream, dictionaries.clone());
         Arc::new(Shared { config, codec, dictionaries, deltas })
     }
 }
