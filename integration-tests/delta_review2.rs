@@ -1,7 +1,7 @@
 //! Second adversarial review of delta frames (GC safety of bases, --max-txn-ops budget).
 //!
 //! Tests marked `FIXED:` failed on the reviewed commit; the comment says what etcd does and what
-//! the proxy does instead. The others are adversarial interleavings that pass (regression tests).
+//! the proxy did instead. The others are adversarial interleavings that pass (regression tests).
 
 use std::time::Duration;
 
