@@ -18,7 +18,7 @@ use etcd_squeeze::corpus::{consecutive_writes, update_series, Scenario, Topology
 use crate::harness::{delta_config, Env, Etcd, Proxy, FLYTE};
 
 /// A compressible JSON-ish value of about `n` bytes, different for each `tag`.
-fn val(tag: usize, n: usize) -> Vec<u8> {
+pub(crate) fn val(tag: usize, n: usize) -> Vec<u8> {
     let mut s = format!("{{\"tag\":{tag},\"items\":[");
     let mut i = 0;
     while s.len() < n.saturating_sub(3) {
@@ -40,7 +40,7 @@ fn steady_series(n: usize) -> Vec<Vec<u8>> {
 }
 
 /// (gRPC code, message) of a client error.
-fn status(e: etcd_client::Error) -> (i32, String) {
+pub(crate) fn status(e: etcd_client::Error) -> (i32, String) {
     match e {
         etcd_client::Error::GRpcStatus(s) => (s.code() as i32, s.message().to_string()),
         other => (-1, other.to_string()),
@@ -63,7 +63,7 @@ fn shape(r: &etcd_client::TxnResponse) -> String {
 }
 
 /// Every base key in etcd under K's directory.
-async fn bases_of(direct: &mut etcd_client::Client, key: &str) -> Vec<String> {
+pub(crate) async fn bases_of(direct: &mut etcd_client::Client, key: &str) -> Vec<String> {
     let dir = bases_dir(key.as_bytes());
     let r = direct.get(dir, Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
     r.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect()
@@ -75,7 +75,7 @@ async fn all_bases(direct: &mut etcd_client::Client) -> usize {
 
 /// The stored value of `key` (as etcd holds it) is either not a delta frame, or a delta frame
 /// whose base exists in etcd now. Returns the codec.
-async fn current_base_exists(direct: &mut etcd_client::Client, key: &str) -> Option<Codec> {
+pub(crate) async fn current_base_exists(direct: &mut etcd_client::Client, key: &str) -> Option<Codec> {
     let r = direct.get(key, None).await.unwrap();
     let kv = r.kvs().first()?;
     let f = frame::parse(kv.value()).ok()?;

@@ -6,46 +6,10 @@
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
-use etcd_squeeze::codec::delta::{base_key, bases_dir};
-use etcd_squeeze::codec::frame;
 
 use crate::harness::{delta_config, Env, Proxy, FLYTE};
 
-/// A compressible JSON-ish value of about `n` bytes, different for each `tag`.
-fn val(tag: usize, n: usize) -> Vec<u8> {
-    let mut s = format!("{{\"tag\":{tag},\"items\":[");
-    let mut i = 0;
-    while s.len() < n.saturating_sub(3) {
-        s.push_str(&format!("{{\"n\":\"item-{i}\",\"p\":{}}},", (i * 7 + tag) % 5));
-        i += 1;
-    }
-    s.truncate(n.saturating_sub(3));
-    s.push_str("]}\n");
-    s.into_bytes()
-}
-
-/// (gRPC code, message) of a client error.
-fn status(e: etcd_client::Error) -> (i32, String) {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => (s.code() as i32, s.message().to_string()),
-        other => (-1, other.to_string()),
-    }
-}
-
-async fn bases_of(direct: &mut etcd_client::Client, key: &str) -> Vec<String> {
-    let r = direct.get(bases_dir(key.as_bytes()), Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
-    r.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect()
-}
-
-/// The stored value of `key` is not a delta frame, or its base exists in etcd now.
-async fn current_base_exists(direct: &mut etcd_client::Client, key: &str) {
-    let r = direct.get(key, None).await.unwrap();
-    let Some(kv) = r.kvs().first() else { return };
-    if let Some(b) = frame::parse(kv.value()).ok().and_then(|f| f.base) {
-        let got = direct.get(base_key(key.as_bytes(), b.id).to_vec(), Some(GetOptions::new().with_count_only())).await.unwrap();
-        assert_eq!(got.count(), 1, "current value of {key} (rev {}) names base {:016x}, which is not in etcd", kv.mod_revision(), b.id);
-    }
-}
+use crate::delta_attack::{bases_of, current_base_exists, status, val};
 
 /// FIXED: the --max-txn-ops budget of a Txn with a VALUE compare on a compressed key.
 ///
