@@ -75,7 +75,13 @@ async fn worker(url: String, w: u64, objects: Arc<Vec<Vec<u8>>>, minute: Arc<Min
 async fn soak() {
     let minutes: u64 = std::env::var("ETCD_SQUEEZE_SOAK_MINUTES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let etcd = Etcd::start_with(&["--quota-backend-bytes", "8589934592", "--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000"]).await;
-    let proxy = Binary::start(BinaryConfig { listen_ip: "127.0.0.1", upstream: &etcd.url, server: "", more: "" }).await;
+    // ETCD_SQUEEZE_SOAK_DELTA=1: delta frames on for the FlyteWorkflow prefix (etcd's auto-compaction
+    // then also exercises the collection of superseded bases).
+    let delta = std::env::var("ETCD_SQUEEZE_SOAK_DELTA").is_ok_and(|v| v == "1");
+    let cache = std::env::var("ETCD_SQUEEZE_SOAK_BASE_CACHE").unwrap_or_else(|_| "64MiB".into());
+    let more = if delta { format!("[[prefixes]]\nprefix = \"{FLYTE}\"\ndelta = true\ndelta_base_cache = \"{cache}\"\n") } else { String::new() };
+    eprintln!("soak: delta frames {}", if delta { "on" } else { "off" });
+    let proxy = Binary::start(BinaryConfig { listen_ip: "127.0.0.1", upstream: &etcd.url, server: "", more: &more }).await;
     let objects: Arc<Vec<Vec<u8>>> = Arc::new(etcd_squeeze::corpus::small_set(7).into_iter().map(|g| g.json).collect());
     let minute = Arc::new(Minute::default());
     let stop = Arc::new(AtomicBool::new(false));

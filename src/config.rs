@@ -223,7 +223,7 @@ pub struct PrefixConfig {
     #[serde(default = "default_rebase_fraction")]
     pub delta_rebase_fraction: f64,
     /// `prefixes[].delta_base_cache`: decompressed bases kept in memory for this prefix, shared by
-    /// every request (bases are immutable: never stale). Default 256 MiB.
+    /// every request (bases are immutable: never stale). Default 64 MiB.
     #[serde(default = "default_base_cache")]
     pub delta_base_cache: ByteSize,
 }
@@ -393,7 +393,7 @@ fn default_rebase_fraction() -> f64 {
     0.5
 }
 fn default_base_cache() -> ByteSize {
-    ByteSize::mib(256)
+    ByteSize::mib(64)
 }
 fn default_true() -> bool {
     true
@@ -775,7 +775,7 @@ mod tests {
                 allow_sensitive_dictionary: false,
                 delta: true,
                 delta_rebase_fraction: 0.5,
-                delta_base_cache: ByteSize::mib(256),
+                delta_base_cache: ByteSize::mib(64),
             }],
             log: LogConfig { level: "info".into(), format: LogFormat::Text },
             metrics: MetricsConfig { listen: DEFAULT_METRICS_LISTEN.parse().unwrap() },

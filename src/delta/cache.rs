@@ -90,6 +90,7 @@ impl BaseCache {
     pub fn insert(&self, base: Arc<Base>) {
         if let Some(shelf) = self.shelf(&base.key) {
             shelf.lock().expect("base cache lock").insert(base);
+            crate::metrics::get().base_cache_bytes.set(self.bytes() as i64);
         }
     }
 
