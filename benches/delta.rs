@@ -23,9 +23,8 @@
 //! on a consecutive-writes series.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, KvClient, Txn, TxnOp};
@@ -36,6 +35,9 @@ use etcd_squeeze::corpus::{self, consecutive_writes, update_series, Scenario, To
 use etcd_squeeze::dictionary::{cache::DictionaryCache, store::set_zstd_dict_id};
 use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
+
+mod common;
+use common::{ms, Etcd};
 
 const PREFIX: &str = "/registry/flyte.lyft.com/flyteworkflows/bench/";
 
@@ -62,72 +64,6 @@ impl Front {
 // ---------------------------------------------------------------------------------------------
 // etcd and the proxy
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A fresh single-member etcd on free loopback ports, killed on drop.
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Etcd {
-    /// Starts etcd and waits until it answers; an etcd that exits at start (a free port taken
-    /// by someone else in between) is started again on other ports.
-    async fn start() -> Etcd {
-        for _ in 0..3 {
-            let dir = tempfile::tempdir().unwrap();
-            let (c, p) = (free_port(), free_port());
-            let url = format!("http://127.0.0.1:{c}");
-            let peer = format!("http://127.0.0.1:{p}");
-            let child = Command::new(std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
-                .args(["--name", "b", "--data-dir"])
-                .arg(dir.path().join("etcd"))
-                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url, "--listen-peer-urls", &peer])
-                .args(["--initial-advertise-peer-urls", &peer, "--initial-cluster", &format!("b={peer}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("etcd (Debian's etcd-server)");
-            let mut etcd = Etcd { child, url, _dir: dir };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Ok(Some(_)) = etcd.child.try_wait() {
-                    break; // exited: try other ports
-                }
-                if let Ok(mut c) = Client::connect([&etcd.url], None).await {
-                    if c.get("probe", None).await.is_ok() {
-                        return etcd;
-                    }
-                }
-                assert!(Instant::now() < deadline, "etcd did not start");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        panic!("etcd exited at start three times (ports taken?)");
-    }
-
-    async fn client(&self) -> Client {
-        Client::connect([&self.url], None).await.unwrap()
-    }
-
-    /// Maintenance.Status db_size, after a Maintenance.Hash: etcd commits its backend every
-    /// 100 ms and Status reports the size at the last commit; Hash forces a commit first.
-    async fn db_size(&self) -> i64 {
-        let mut c = self.client().await;
-        c.hash().await.unwrap();
-        c.status().await.unwrap().db_size()
-    }
-}
 
 /// The proxy in-process (`server::start`, as integration-tests/harness.rs runs it); stops on drop.
 struct Proxy {
@@ -330,10 +266,6 @@ struct LoadRow {
     stored: u64,
     bases: usize,
     db_size: i64,
-}
-
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
 }
 
 async fn throughput(load: &Load, front: Front, round: usize) -> LoadRow {

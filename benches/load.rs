@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 use hdrhistogram::Histogram;
 
+mod common;
+use common::{free_port, ms, Etcd};
+
 const PREFIX: &str = "/registry/flyte.lyft.com/flyteworkflows/bench/";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -122,32 +125,12 @@ fn versions(size: &str, n: usize) -> Vec<Vec<u8>> {
     (0..n).map(|i| text.replacen("\"generation\":", &format!("\"generation\":{}", 1000 + i), 1).into_bytes()).collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn start_etcd(dir: &Path) -> (Proc, String) {
-    let (c, p) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{c}");
-    let peer = format!("http://127.0.0.1:{p}");
-    let child = Command::new("etcd")
-        .args(["--name", "b", "--data-dir"])
-        .arg(dir.join("etcd"))
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url, "--listen-peer-urls", &peer])
-        .args(["--initial-advertise-peer-urls", &peer, "--initial-cluster", &format!("b={peer}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd (Debian's etcd-server)");
-    (Proc(child), url)
 }
 
 fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String)> {
@@ -228,14 +211,11 @@ struct Row {
     rss: u64,
 }
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
-}
-
 async fn run_one(size: &str, front: Front, args: &Args) -> Row {
     let dir = tempfile::tempdir().unwrap();
-    let (_etcd, etcd_url) = start_etcd(dir.path());
-    let mut direct = connect(&etcd_url).await;
+    let etcd = Etcd::start().await;
+    let etcd_url = etcd.url.clone();
+    let mut direct = etcd.client().await;
     let front_proc = start_front(front, &etcd_url, dir.path());
     let url = front_proc.as_ref().map_or(etcd_url.clone(), |(_, u)| u.clone());
     let client = connect(&url).await;
