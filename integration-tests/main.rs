@@ -20,6 +20,7 @@ mod other;
 mod pki;
 mod soak;
 mod tls;
+mod unknown_fields;
 mod watch;
 
 /// Expands each listed `async fn(Env)` case into one test per prefix configuration.

@@ -18,6 +18,15 @@ ensure_etcd() {
     # Debian's package starts etcd as a service on 2379; the scripts use their own ports and leave it be.
 }
 
+# Installs Debian's protobuf-compiler when protoc is missing: the etcd-client crate (the tests' and
+# benchmarks' client) compiles etcd's protos with it at build time (the proxy itself uses a vendored protoc).
+ensure_protoc() {
+    if command -v protoc >/dev/null 2>&1 || [ -n "${PROTOC:-}" ]; then
+        return 0
+    fi
+    apt_install protobuf-compiler
+}
+
 # Installs Debian's prometheus (with promtool) when missing: the dashboard test evaluates every
 # query of deploy/grafana/etcd-squeeze.json in a real Prometheus and lints a scrape with promtool.
 ensure_prometheus() {

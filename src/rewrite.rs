@@ -260,18 +260,24 @@ pub fn value_compares(codec: &ValueCodec, txn: &TxnRequest) -> Vec<Compare> {
 }
 
 /// Replaces the VALUE compares found by [`value_compares`] (same order) with the given
-/// replacements (compares whose outcome the proxy has fixed).
-pub fn replace_value_compares(codec: &ValueCodec, txn: &mut TxnRequest, replacements: &mut impl Iterator<Item = Compare>) {
+/// replacements (compares whose outcome the proxy has fixed). Returns how many compares were
+/// left without a replacement (0 when `replacements` came from [`value_compares`] of this Txn).
+pub fn replace_value_compares(codec: &ValueCodec, txn: &mut TxnRequest, replacements: &mut impl Iterator<Item = Compare>) -> usize {
+    let mut missing = 0;
     for c in txn.compare.iter_mut() {
         if is_value_compare_on_prefix(codec, c) {
-            *c = replacements.next().expect("one replacement per value compare");
+            match replacements.next() {
+                Some(r) => *c = r,
+                None => missing += 1,
+            }
         }
     }
     for op in txn.success.iter_mut().chain(txn.failure.iter_mut()) {
         if let Some(request_op::Request::RequestTxn(inner)) = &mut op.request {
-            replace_value_compares(codec, inner, replacements);
+            missing += replace_value_compares(codec, inner, replacements);
         }
     }
+    missing
 }
 
 /// etcd's `compareKV` for target VALUE, applied to the logical values of the keys found in

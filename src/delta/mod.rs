@@ -459,6 +459,12 @@ impl Deltas {
         self.load_all(needs).await
     }
 
+    /// Loads the bases of `needs` — `(key, base, revisions the value was read at)` — and returns
+    /// them pinned for decoding (see [`Deltas::prefetch`]): for values read from the wire bytes.
+    pub async fn load_bases(&self, needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, Status> {
+        self.load_all(needs).await
+    }
+
     /// Loads the bases of `needs` (deduplicated), at most [`PARALLEL_BASE_LOADS`] at a time: a cold
     /// proxy answering a LIST of thousands of delta-framed objects reads their bases concurrently.
     async fn load_all(&self, mut needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, Status> {

@@ -7,6 +7,8 @@ pub mod etcd_status;
 pub mod kv;
 pub mod listener;
 pub mod raw;
+pub mod rebuild;
+pub mod values;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -24,8 +26,6 @@ use crate::codec::{DecodeError, DecodeReason, EncodeError, EncodeReason, KeyDisp
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::config::Config;
 use crate::dictionary::Dictionaries;
-use crate::proto::etcdserverpb::kv_server::KvServer;
-use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::upstream::Upstream;
 use raw::{RawSpec, Shape};
 
@@ -196,13 +196,9 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     readiness.probe().await;
     tokio::spawn(readiness.clone().run(stop_rx.clone()));
 
-    let max_decoding = shared.config.limits.max_request_bytes.as_u64() as usize;
-    let kv = KvServer::new(kv::KvService::new(shared.clone(), upstream.clone()))
-        .max_decoding_message_size(max_decoding)
-        .max_encoding_message_size(usize::MAX);
-    let watch = WatchServer::new(watch::WatchService::new(shared.clone(), upstream.clone()))
-        .max_decoding_message_size(max_decoding)
-        .max_encoding_message_size(usize::MAX);
+    // Each service applies limits.max_request_bytes to the requests it decodes.
+    let kv = kv::KvService::new(shared.clone(), upstream.clone());
+    let watch = watch::WatchService::new(shared.clone(), upstream.clone());
     let router = Server::builder()
         .max_concurrent_streams(shared.config.server.max_concurrent_streams)
         .tcp_nodelay(true)

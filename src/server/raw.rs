@@ -21,7 +21,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{requests_until_dropped, with_metadata, Shared};
+use super::{requests_until_dropped, Shared};
 use crate::upstream::Upstream;
 
 /// The shape of a gRPC method.
@@ -141,14 +141,28 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    /// Readies the upstream client and re-addresses `request` to it with the client's metadata.
-    async fn start<M>(self, request: Request<M>) -> Result<(tonic::client::Grpc<Upstream>, PathAndQuery, Request<M>), Status> {
-        let path = self.path.ok_or_else(|| Status::unimplemented(""))?;
-        let mut grpc = tonic::client::Grpc::new(self.upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-        grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let (metadata, _, message) = request.into_parts();
-        Ok((grpc, path, with_metadata(&metadata, message)))
+    fn path(&self) -> Result<PathAndQuery, Status> {
+        self.path.clone().ok_or_else(|| Status::unimplemented(""))
     }
+}
+
+/// A gRPC client toward etcd for raw bytes, readied (an upstream that cannot be reached answers
+/// UNAVAILABLE before anything is sent).
+pub(crate) async fn client(upstream: Upstream) -> Result<tonic::client::Grpc<Upstream>, Status> {
+    let mut grpc = tonic::client::Grpc::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(grpc)
+}
+
+/// Sends the request bytes of a unary call to `path` upstream and returns etcd's response bytes
+/// (or its status) as they are.
+pub(crate) async fn unary(upstream: Upstream, path: PathAndQuery, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+    client(upstream).await?.unary(super::forward(request), path, RawCodec).await
+}
+
+/// [`unary`] for a server-streaming call: etcd's response messages as bytes.
+pub(crate) async fn server_streaming(upstream: Upstream, path: PathAndQuery, request: Request<Bytes>) -> Result<Response<Streaming<Bytes>>, Status> {
+    client(upstream).await?.server_streaming(super::forward(request), path, RawCodec).await
 }
 
 impl tonic::server::UnaryService<Bytes> for Forwarder {
@@ -158,8 +172,8 @@ impl tonic::server::UnaryService<Bytes> for Forwarder {
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let (mut grpc, path, request) = this.start(request).await?;
-            grpc.unary(request, path, RawCodec).await
+            let path = this.path()?;
+            unary(this.upstream, path, request).await
         })
     }
 }
@@ -172,8 +186,8 @@ impl tonic::server::ServerStreamingService<Bytes> for Forwarder {
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let (mut grpc, path, request) = this.start(request).await?;
-            grpc.server_streaming(request, path, RawCodec).await
+            let path = this.path()?;
+            server_streaming(this.upstream, path, request).await
         })
     }
 }
@@ -187,12 +201,12 @@ impl tonic::server::StreamingService<Bytes> for Forwarder {
         let this = self.clone();
         // A client-side stream error (or half-close) ends what is sent upstream, and so does
         // the end of the response stream (see `requests_until_dropped`).
-        let (metadata, extensions, inbound) = request.into_parts();
+        let (metadata, _, inbound) = request.into_parts();
         let (outbound, end_requests) = requests_until_dropped(inbound.map_while(|r| r.ok()));
-        let request = Request::from_parts(metadata, extensions, outbound);
+        let request = Request::from_parts(metadata, Default::default(), outbound);
         Box::pin(async move {
-            let (mut grpc, path, request) = this.start(request).await?;
-            let response = grpc.streaming(request, path, RawCodec).await?;
+            let path = this.path()?;
+            let response = client(this.upstream).await?.streaming(super::forward(request), path, RawCodec).await?;
             Ok(response.map(|responses| {
                 futures::StreamExt::boxed(responses.map(move |r| {
                     let _until_the_responses_end = &end_requests;

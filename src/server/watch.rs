@@ -1,120 +1,248 @@
-//! `etcdserverpb.Watch`: one upstream watch stream per client stream (never coalesced, so
-//! progress requests and watch IDs keep etcd's per-stream meaning).
+//! `etcdserverpb.Watch`, served on bytes: one upstream watch stream per client stream (never
+//! coalesced, so progress requests and watch IDs keep etcd's per-stream meaning).
 //!
-//! Client → etcd: WatchRequests (create, cancel, progress) pass through as they are.
-//! etcd → client: every WatchResponse passes through in order, with `events[].kv` and
-//! `events[].prev_kv` decoded; created/canceled/compaction/progress responses are not merged,
-//! split or dropped. When the upstream stream ends or fails, the client stream ends with the
-//! same status (kube-apiserver then re-watches from its last revision).
+//! Client → etcd: WatchRequests (create, cancel, progress) pass through as the client sent them.
+//! Each create request is classified ([`crate::classify`]) as it passes: etcd answers the creates
+//! of a stream in order (one `created` response each, failed ones included), so the proxy knows
+//! which watch IDs can carry values under a prefix.
+//! etcd → client: every WatchResponse passes through in order, as etcd's bytes; only the events of
+//! watches that can carry framed values are decoded, in the wire bytes. Created, canceled,
+//! compaction and progress responses are not merged, split or dropped. When the upstream stream
+//! ends or fails, the client stream ends with the same status (kube-apiserver then re-watches).
 //!
 //! A response whose values cannot be decoded cancels only its own watch: the client gets
 //! `canceled = true` with a `cancel_reason` naming the key, the proxy cancels that watch
-//! upstream and drops whatever etcd still sends for it. Other watches on the stream (kube-apiserver
-//! multiplexes every watch of a client on one stream) keep going.
+//! upstream and drops whatever etcd still sends for it. Other watches on the stream
+//! (kube-apiserver multiplexes every watch of a client on one stream) keep going.
 
-use std::pin::Pin;
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use futures::Stream;
-use tokio_stream::StreamExt;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use http::uri::PathAndQuery;
+use prost::Message;
+use tonic::body::Body;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{decode_status, requests_until_dropped, with_metadata, Shared};
-use crate::proto::etcdserverpb::watch_client::WatchClient;
-use crate::proto::etcdserverpb::watch_server::Watch;
-use crate::proto::etcdserverpb::{watch_request, WatchCancelRequest, WatchRequest, WatchResponse};
-use crate::rewrite;
+use super::raw::{self, RawCodec};
+use super::values::{self, Failure};
+use super::{decode_status, requests_until_dropped, Shared};
+use crate::classify::{classify, Call, Route, Scope};
+use crate::proto::etcdserverpb::{watch_request, ResponseHeader, WatchCancelRequest, WatchRequest, WatchResponse};
 use crate::upstream::Upstream;
+use crate::wire::{self, Value};
+
+const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
 
 /// The Watch service.
 #[derive(Clone)]
 pub struct WatchService {
     shared: Arc<Shared>,
-    client: WatchClient<Upstream>,
+    upstream: Upstream,
+    scope: Arc<Scope>,
+    max_decoding: usize,
 }
 
 impl WatchService {
     /// A Watch service forwarding to `upstream`.
     pub fn new(shared: Arc<Shared>, upstream: Upstream) -> Self {
-        let client = WatchClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-        WatchService { shared, client }
+        let scope = Arc::new(Scope::new(shared.codec.rules().iter().map(|r| (r.prefix.clone(), r.delta.is_some()))));
+        let max_decoding = shared.config.limits.max_request_bytes.as_u64() as usize;
+        WatchService { shared, upstream, scope, max_decoding }
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+impl NamedService for WatchService {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
 
-#[tonic::async_trait]
-impl Watch for WatchService {
-    type WatchStream = WatchStream;
+impl tower::Service<http::Request<Body>> for WatchService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
 
-    async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            if req.uri().path() != WATCH_PATH {
+                return Ok(Status::unimplemented("").into_http());
+            }
+            let mut grpc = tonic::server::Grpc::new(RawCodec).apply_max_message_size_config(Some(this.max_decoding), Some(usize::MAX));
+            Ok(grpc.streaming(this, req).await)
+        })
+    }
+}
+
+/// What one client stream knows of its watches.
+#[derive(Default)]
+struct StreamState {
+    /// For each create request sent upstream and not yet answered: can its watch carry framed values?
+    pending_creates: VecDeque<bool>,
+    /// Watch IDs whose events are decoded.
+    involved: HashSet<i64>,
+    /// Watches the proxy canceled (a value it could not decode): what etcd still sends is dropped.
+    canceled_here: HashSet<i64>,
+}
+
+/// The top-level fields of a WatchResponse the proxy reads: watch_id = 2, created = 3,
+/// canceled = 4, events = 11.
+#[derive(Default)]
+struct Top {
+    watch_id: i64,
+    created: bool,
+    canceled: bool,
+    events: u64,
+}
+
+fn read_top(msg: &[u8]) -> Result<Top, wire::WireError> {
+    let mut top = Top::default();
+    for f in wire::fields(msg) {
+        let f = f?;
+        match (f.number, f.value) {
+            (2, Value::Varint(v)) => top.watch_id = v as i64,
+            (3, Value::Varint(v)) => top.created = v != 0,
+            (4, Value::Varint(v)) => top.canceled = v != 0,
+            (11, Value::Bytes(_)) => top.events += 1,
+            _ => {}
+        }
+    }
+    Ok(top)
+}
+
+impl tonic::server::StreamingService<Bytes> for WatchService {
+    type Response = Bytes;
+    type ResponseStream = BoxStream<'static, Result<Bytes, Status>>;
+    type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+        let this = self.clone();
+        let state = Arc::new(Mutex::new(StreamState::default()));
         let (metadata, _, inbound) = request.into_parts();
         // A client-side stream error (or half-close) ends what the client sends upstream; etcd
         // keeps the stream open for responses exactly as it does for a client that half-closes.
-        // The proxy's own cancel requests (for watches it had to cancel) are merged in.
-        let (cancel_tx, cancel_rx) = tokio::sync::mpsc::unbounded_channel::<WatchRequest>();
-        let merged = futures::stream::select(
-            inbound.map_while(|r| r.ok()),
-            tokio_stream::wrappers::UnboundedReceiverStream::new(cancel_rx),
-        );
+        // Each create is classified as it is sent; the proxy's own cancel requests are merged in.
+        let (scope, creates) = (this.scope.clone(), state.clone());
+        let classified = tokio_stream::StreamExt::map_while(inbound, |r| r.ok()).map(move |request: Bytes| {
+            if let Some(create) = create_request(&request) {
+                let involved = classify(Call::WatchCreate, &create, &scope) != Route::Forward;
+                lock(&creates).pending_creates.push_back(involved);
+            }
+            request
+        });
+        let (cancel_tx, cancel_rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let merged = futures::stream::select(classified, tokio_stream::wrappers::UnboundedReceiverStream::new(cancel_rx));
         let (outbound, end_requests) = requests_until_dropped(merged);
-        let (md, upstream, ext) = self.client.clone().watch(with_metadata(&metadata, outbound)).await?.into_parts();
-        // First load the dictionaries a response's frames name (async, once per ID); one that
-        // cannot be loaded shows up below as a decode error that cancels only its own watch.
-        let loader = self.shared.clone();
-        let loaded = futures::StreamExt::then(upstream, move |item| {
-            let shared = loader.clone();
-            async move {
-                let mut resp = item?;
-                if let Err(status) = shared.dictionaries.prefetch(&mut resp).await {
-                    tracing::warn!(error = %status, "cannot load a dictionary for a watch response");
-                }
-                // etcd unreachable while loading a base: the stream ends with etcd's status, and the
-                // client re-watches from its last revision (not a DATA_LOSS cancel of the watch).
-                let pinned = shared.deltas.prefetch_watch(&resp).await.inspect_err(|status| {
-                    tracing::warn!(error = %status, "cannot load a base for a watch response: ending the stream");
-                })?;
-                Ok((resp, pinned))
+        Box::pin(async move {
+            let path = PathAndQuery::from_static(WATCH_PATH);
+            let mut upstream = raw::client(this.upstream.clone()).await?;
+            let request = super::forward(Request::from_parts(metadata, Default::default(), outbound));
+            let (md, responses, ext) = upstream.streaming(request, path, RawCodec).await?.into_parts();
+            let open = OpenStream::new();
+            let shared = this.shared.clone();
+            let responses = responses
+                .then(move |item| {
+                    // Both live as long as the response stream, and are dropped with it.
+                    let _guards = (&open, &end_requests);
+                    respond(shared.clone(), state.clone(), cancel_tx.clone(), item)
+                })
+                .filter_map(std::future::ready)
+                .boxed();
+            Ok(Response::from_parts(md, responses, ext))
+        })
+    }
+}
+
+/// The `create_request` (field 1) of a WatchRequest, if it is one. A request that cannot be read
+/// is forwarded as it is: etcd refuses it.
+fn create_request(request: &[u8]) -> Option<&[u8]> {
+    let mut create = None;
+    for f in wire::fields(request) {
+        match f {
+            Ok(wire::Field { number: 1, value: Value::Bytes(r), .. }) => create = Some(r),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    create.map(|r| &request[r])
+}
+
+fn lock(state: &Mutex<StreamState>) -> std::sync::MutexGuard<'_, StreamState> {
+    // A std Mutex: nothing awaits while it is held. A poisoned one still holds consistent sets.
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One response from etcd: passed on as it is, decoded, dropped (a watch canceled here), or
+/// replaced by a cancel of its watch.
+async fn respond(
+    shared: Arc<Shared>,
+    state: Arc<Mutex<StreamState>>,
+    cancel_tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    item: Result<Bytes, Status>,
+) -> Option<Result<Bytes, Status>> {
+    let bytes = match item {
+        Ok(bytes) => bytes,
+        Err(status) => return Some(Err(status)),
+    };
+    let top = match read_top(&bytes) {
+        Ok(top) => top,
+        Err(e) => return Some(Err(Failure::Wire(e).into_status(None))),
+    };
+    let decode = {
+        let mut st = lock(&state);
+        if top.created {
+            // No pending create (not expected): decode, to be safe.
+            let involved = st.pending_creates.pop_front().unwrap_or(true);
+            if involved {
+                st.involved.insert(top.watch_id);
             }
-        });
-        let shared = self.shared.clone();
-        let open = OpenStream::new();
-        let mut canceled_here = std::collections::HashSet::<i64>::new();
-        let responses = loaded.filter_map(move |item: Result<(WatchResponse, Vec<_>), Status>| {
-            // Both live as long as the response stream, and are dropped with it.
-            let _guards = (&open, &end_requests);
-            let (mut resp, pinned) = match item {
-                Ok(loaded) => loaded,
-                Err(status) => return Some(Err(status)),
-            };
-            if canceled_here.contains(&resp.watch_id) {
-                // Already canceled towards the client: drop what etcd still sends, up to and
-                // including its own cancel confirmation (after which the ID may be reused).
-                if resp.canceled {
-                    canceled_here.remove(&resp.watch_id);
-                }
-                return None;
+        }
+        if st.canceled_here.contains(&top.watch_id) {
+            // Already canceled towards the client: drop what etcd still sends, up to and
+            // including its own cancel confirmation (after which the ID may be reused).
+            if top.canceled {
+                st.canceled_here.remove(&top.watch_id);
+                st.involved.remove(&top.watch_id);
             }
-            crate::metrics::get().watch_events.inc_by(resp.events.len() as u64);
-            shared.deltas.learn_from(&mut resp);
-            match rewrite::decode_with(&shared.codec, &mut resp, &pinned) {
-                Ok(()) => Some(Ok(resp)),
-                Err(e) => {
-                    let reason = decode_status(e).message().to_string();
-                    canceled_here.insert(resp.watch_id);
-                    let cancel = watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: resp.watch_id });
-                    let _ = cancel_tx.send(WatchRequest { request_union: Some(cancel) });
-                    Some(Ok(WatchResponse {
-                        header: resp.header,
-                        watch_id: resp.watch_id,
-                        canceled: true,
-                        cancel_reason: reason,
-                        ..Default::default()
-                    }))
-                }
-            }
-        });
-        Ok(Response::from_parts(md, Box::pin(responses) as WatchStream, ext))
+            return None;
+        }
+        let decode = top.events > 0 && st.involved.contains(&top.watch_id);
+        if top.canceled && !top.created {
+            st.involved.remove(&top.watch_id);
+        }
+        decode
+    };
+    crate::metrics::get().watch_events.inc_by(top.events);
+    if !decode {
+        return Some(Ok(bytes));
+    }
+    match values::decode_watch_response(&shared, bytes.clone()).await {
+        Ok(decoded) => Some(Ok(decoded)),
+        Err(Failure::Decode(e)) => {
+            let reason = decode_status(e).message().to_string();
+            lock(&state).canceled_here.insert(top.watch_id);
+            let cancel = watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: top.watch_id });
+            let _ = cancel_tx.send(Bytes::from(WatchRequest { request_union: Some(cancel) }.encode_to_vec()));
+            let header = wire::bytes_field(&bytes, 1).ok().and_then(|h| ResponseHeader::decode(h).ok());
+            let canceled = WatchResponse { header, watch_id: top.watch_id, canceled: true, cancel_reason: reason, ..Default::default() };
+            Some(Ok(Bytes::from(canceled.encode_to_vec())))
+        }
+        // etcd unreachable while loading a base: the stream ends with etcd's status, and the
+        // client re-watches from its last revision (not a DATA_LOSS cancel of the watch).
+        Err(failure) => {
+            let status = failure.into_status(None);
+            tracing::warn!(error = %status, "cannot load a base for a watch response: ending the stream");
+            Some(Err(status))
+        }
     }
 }
 

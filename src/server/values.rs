@@ -1,0 +1,240 @@
+//! The rewrite road in the wire bytes: encode `PutRequest.value`s on the way in, decode
+//! `KeyValue.value`s on the way out, touching nothing else (unknown fields of a newer etcd stay).
+//!
+//! Responses go through one walk in four steps: **needs** (which values are frames, which
+//! dictionaries and bases they name) → **load** (dictionaries and bases from the caches, else
+//! etcd) → **decode** (synchronously, within one `limits.max_response_bytes` budget) → **learn**
+//! (which base each delta-framed key uses now), then the decoded values are spliced into the
+//! bytes etcd sent ([`crate::wire::splice`]). A response without a frame is passed on as the same
+//! bytes.
+
+use bytes::Bytes;
+use tonic::Status;
+
+use super::{decode_status, encode_status, Shared};
+use crate::codec::frame;
+use crate::codec::DecodeError;
+use crate::proto::etcdserverpb::PutRequest;
+use crate::proto::mvccpb::KeyValue;
+use crate::rewrite::{EncodeStats, KeyValues};
+use crate::wire::{self, KeyValueView, Shape, WireError};
+
+/// Why a response could not be passed on.
+#[derive(Debug)]
+pub enum Failure {
+    /// etcd could not be asked for a dictionary or base: its status.
+    Etcd(Status),
+    /// A stored value cannot be decoded (DATA_LOSS naming the key), or the response would
+    /// decompress beyond `limits.max_response_bytes` (RESOURCE_EXHAUSTED).
+    Decode(DecodeError),
+    /// etcd's response bytes are not a message of the expected shape.
+    Wire(WireError),
+}
+
+impl From<WireError> for Failure {
+    fn from(e: WireError) -> Self {
+        Failure::Wire(e)
+    }
+}
+
+impl Failure {
+    /// The status the client gets. `applied_at`: the revision of a write etcd already applied,
+    /// so a client does not take it for failed.
+    pub fn into_status(self, applied_at: Option<i64>) -> Status {
+        let status = match self {
+            Failure::Etcd(status) => return status,
+            Failure::Decode(e) => decode_status(e),
+            Failure::Wire(e) => {
+                tracing::error!(error = %e, "etcd's response cannot be read");
+                Status::internal(format!("etcd-squeeze: etcd's response cannot be read: {e}"))
+            }
+        };
+        match applied_at {
+            Some(revision) => Status::new(status.code(), format!("{} (the write itself was applied at revision {revision})", status.message())),
+            None => status,
+        }
+    }
+}
+
+/// The framed values of one response, as prost `KeyValue`s (key, value, revisions), in the order
+/// of their sites; what the dictionary and base loaders and the codec take.
+struct Framed(Vec<KeyValue>);
+
+impl KeyValues for Framed {
+    fn try_for_each_kv<E>(&mut self, f: &mut impl FnMut(&mut KeyValue) -> Result<(), E>) -> Result<(), E> {
+        self.0.iter_mut().try_for_each(f)
+    }
+}
+
+/// One value that may need decoding: where it sits, and the revisions it was read at (where a
+/// base deleted since is still found).
+struct Site {
+    /// Ordinal of its `KeyValue` among those of the message (wire order), or for a watch
+    /// response, `(event ordinal, field)` folded as `2 * event + (field == prev_kv)`.
+    slot: usize,
+    revisions: Vec<i64>,
+}
+
+/// True when `kv` may hold a frame the codec decodes (a key under a prefix, the frame magic).
+fn is_candidate(shared: &Shared, key: &[u8], value: &[u8]) -> bool {
+    frame::is_framed(value) && shared.codec.rule_for(key).is_some()
+}
+
+/// needs → load → decode → learn, for the collected framed values. Returns the decoded values.
+/// A dictionary that cannot be loaded fails the whole response when `dictionaries_fatal`; else
+/// it is logged, and the values that need it fail to decode (a watch then cancels only its own watch).
+async fn decode_framed(shared: &Shared, framed: &mut Framed, sites: &[Site], dictionaries_fatal: bool) -> Result<(), Failure> {
+    if let Err(status) = shared.dictionaries.prefetch(framed).await {
+        if dictionaries_fatal {
+            return Err(Failure::Etcd(status));
+        }
+        tracing::warn!(error = %status, "cannot load a dictionary for a watch response");
+    }
+    let needs: Vec<_> = framed
+        .0
+        .iter()
+        .zip(sites)
+        .filter_map(|(kv, site)| Some((kv.key.clone(), shared.codec.needed_base(&kv.key, &kv.value)?, site.revisions.clone())))
+        .collect();
+    let bases = shared.deltas.load_bases(needs).await.map_err(Failure::Etcd)?;
+    shared.deltas.learn_from(framed);
+    crate::rewrite::decode_with(&shared.codec, framed, &bases).map_err(Failure::Decode)
+}
+
+fn view_kv(v: KeyValueView) -> KeyValue {
+    KeyValue { key: v.key, create_revision: v.create_revision, mod_revision: v.mod_revision, version: v.version, value: v.value, lease: v.lease }
+}
+
+/// Decodes every `KeyValue.value` of a KV response (`shape`: Range, Put, DeleteRange, Txn or
+/// RangeStream response) in its wire bytes. `read_revisions`: the revisions the values were read
+/// at when older than the current one (a Range's `revision`, the revision before a write for its
+/// prev_kvs). Returns `bytes` itself when no value is a frame.
+pub async fn decode_response(shared: &Shared, shape: Shape, bytes: Bytes, read_revisions: &[i64]) -> Result<Bytes, Failure> {
+    let mut framed = Framed(Vec::new());
+    let mut sites = Vec::new();
+    let mut ordinal = 0;
+    wire::visit(&bytes, shape, &[Shape::KeyValue], &mut |_, leaf, _| {
+        let view = KeyValueView::read(leaf)?;
+        if is_candidate(shared, &view.key, &view.value) {
+            let mut revisions = read_revisions.to_vec();
+            revisions.push(view.mod_revision);
+            sites.push(Site { slot: ordinal, revisions });
+            framed.0.push(view_kv(view));
+        }
+        ordinal += 1;
+        Ok::<_, Failure>(())
+    })?;
+    if framed.0.is_empty() {
+        return Ok(bytes);
+    }
+    decode_framed(shared, &mut framed, &sites, true).await?;
+    let mut ordinal = 0;
+    let mut next = sites.iter().zip(framed.0.iter()).peekable();
+    let out = wire::splice(&bytes, shape, &[Shape::KeyValue], &mut |_, leaf, _| {
+        let this = ordinal;
+        ordinal += 1;
+        match next.peek() {
+            Some((site, kv)) if site.slot == this => {
+                let value = kv.value.clone();
+                next.next();
+                Ok::<_, WireError>(Some(wire::with_bytes_field(leaf, 5, &value)?))
+            }
+            _ => Ok(None),
+        }
+    })?;
+    Ok(out.unwrap_or(bytes))
+}
+
+/// Decodes the events of a `WatchResponse` in its wire bytes: a PUT event's values were read at
+/// the event's revision, a DELETE event's prev_kv just before it. Returns `bytes` itself when no
+/// value is a frame.
+pub async fn decode_watch_response(shared: &Shared, bytes: Bytes) -> Result<Bytes, Failure> {
+    let mut framed = Framed(Vec::new());
+    let mut sites = Vec::new();
+    let mut event = 0;
+    wire::visit(&bytes, Shape::WatchResponse, &[Shape::Event], &mut |_, ev, _| {
+        // Event: type = 1 (DELETE = 1), kv = 2, prev_kv = 3.
+        let deleted = wire::varint_field(ev, 1)? == 1;
+        let kv = KeyValueView::read(&wire::bytes_field(ev, 2)?)?;
+        let prev = KeyValueView::read(&wire::bytes_field(ev, 3)?)?;
+        let at = if deleted { kv.mod_revision - 1 } else { kv.mod_revision };
+        for (i, view) in [kv, prev].into_iter().enumerate() {
+            if is_candidate(shared, &view.key, &view.value) {
+                sites.push(Site { slot: 2 * event + i, revisions: vec![at, view.mod_revision] });
+                framed.0.push(view_kv(view));
+            }
+        }
+        event += 1;
+        Ok::<_, Failure>(())
+    })?;
+    if framed.0.is_empty() {
+        return Ok(bytes);
+    }
+    decode_framed(shared, &mut framed, &sites, false).await?;
+    let decoded: std::collections::HashMap<usize, Bytes> = sites.iter().map(|s| s.slot).zip(framed.0.into_iter().map(|kv| kv.value)).collect();
+    let mut event = 0;
+    let out = wire::splice(&bytes, Shape::WatchResponse, &[Shape::Event], &mut |_, ev, _| {
+        let this = event;
+        event += 1;
+        if !decoded.contains_key(&(2 * this)) && !decoded.contains_key(&(2 * this + 1)) {
+            return Ok::<_, WireError>(None);
+        }
+        wire::splice(ev, Shape::Event, &[Shape::KeyValue], &mut |_, leaf, path| {
+            let slot = 2 * this + usize::from(path.last().is_some_and(|(_, field)| *field == 3));
+            decoded.get(&slot).map(|value| wire::with_bytes_field(leaf, 5, value)).transpose()
+        })
+    })?;
+    Ok(out.unwrap_or(bytes))
+}
+
+/// Encodes one `PutRequest` (its wire bytes) for the rewrite road: samples it for dictionary
+/// training, frames its value when its key is under a prefix, and returns the new bytes (`None`
+/// when the value is stored as it is). Mirrors etcd's `Put`: `ignore_value` Puts carry no value.
+pub fn encode_put(shared: &Shared, put: &Bytes, stats: &mut EncodeStats) -> Result<Option<Bytes>, Status> {
+    let key = wire::bytes_field(put, 1)?;
+    if wire::varint_field(put, 5)? != 0 || shared.codec.rule_for(&key).is_none() {
+        return Ok(None);
+    }
+    let value = wire::bytes_field(put, 2)?;
+    shared.dictionaries.observe(&PutRequest { key: key.clone(), value: value.clone(), ..Default::default() });
+    let (stored, outcome) = shared.codec.encode(&key, &value).map_err(encode_status)?;
+    stats.add(shared.codec.rule_for(&key).map(|r| &r.prefix), value.len(), stored.len(), outcome);
+    if stored.as_ptr() == value.as_ptr() && stored.len() == value.len() {
+        return Ok(None);
+    }
+    Ok(Some(wire::with_bytes_field(put, 2, &stored)?))
+}
+
+/// Encodes every Put of a `TxnRequest` (both branches, nested Txns) in its wire bytes, and
+/// collects the `revision` of every Range in it (where values it reads may need an older base).
+pub fn encode_txn(shared: &Shared, txn: &Bytes, stats: &mut EncodeStats, read_revisions: &mut Vec<i64>) -> Result<Bytes, Status> {
+    let out = wire::splice(txn, Shape::TxnRequest, &[Shape::PutRequest, Shape::RangeRequest], &mut |shape, leaf, _| {
+        if shape == Shape::RangeRequest {
+            let revision = wire::varint_field(leaf, 4)?;
+            if revision > 0 && !read_revisions.contains(&revision) {
+                read_revisions.push(revision);
+            }
+            return Ok(None);
+        }
+        encode_put(shared, leaf, stats)
+    });
+    Ok(out?.unwrap_or_else(|| txn.clone()))
+}
+
+/// A request the proxy cannot read: grpc-go's status for a request it cannot unmarshal.
+impl From<WireError> for Status {
+    fn from(e: WireError) -> Self {
+        Status::internal(format!("grpc: error unmarshalling request: {e}"))
+    }
+}
+
+/// True when a Txn response's executed branch wrote (a Put or DeleteRange response at any depth):
+/// then a value that cannot be decoded is reported with the revision the write was applied at.
+pub fn txn_wrote(resp: &Bytes) -> bool {
+    let mut wrote = false;
+    let _ = wire::visit(resp, Shape::TxnResponse, &[Shape::PutResponse, Shape::DeleteRangeResponse], &mut |_, _, _| {
+        wrote = true;
+        Ok::<_, WireError>(())
+    });
+    wrote
+}
