@@ -223,8 +223,9 @@ pub async fn show(config: &Config, id: u32) -> Result<String, DictionaryError> {
 /// One training round for `prefix` from the values stored in etcd, published if it gains at least
 /// `dictionaries.min_gain` over the prefix's newest dictionary.
 pub async fn train_report(config: &Config, prefix: &str) -> Result<super::TrainReport, DictionaryError> {
-    let codec = ValueCodec::from_config(config);
-    let dictionaries = Dictionaries::new(config, codec, channel(config)?);
+    let cache = std::sync::Arc::new(super::cache::DictionaryCache::new());
+    let codec = ValueCodec::from_config(config).with_dictionaries(cache.clone());
+    let dictionaries = Dictionaries::new(config, codec, cache, channel(config)?);
     let p = dictionaries.prefix(prefix)?.clone();
     dictionaries.sync().await?;
     dictionaries.train_prefix(&p, &[]).await

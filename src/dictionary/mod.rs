@@ -126,6 +126,8 @@ pub enum DictionaryError {
 /// loader, the Put sampler and the background tasks.
 pub struct Dictionaries {
     codec: ValueCodec,
+    /// The cache `codec` reads as its dictionary source; this fills it.
+    cache: Arc<DictionaryCache>,
     store: Store,
     channel: Upstream,
     config: DictionariesConfig,
@@ -137,7 +139,7 @@ pub struct Dictionaries {
 
 impl std::fmt::Debug for Dictionaries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dictionaries").field("cache", self.codec.dictionaries()).field("identity", &self.identity).finish()
+        f.debug_struct("Dictionaries").field("cache", &self.cache).field("identity", &self.identity).finish()
     }
 }
 
@@ -154,8 +156,8 @@ impl Drop for Background {
 }
 
 impl Dictionaries {
-    /// The dictionaries for `config`, reading and filling `codec`'s cache, talking to etcd over `channel`.
-    pub fn new(config: &Config, codec: ValueCodec, channel: Upstream) -> Arc<Self> {
+    /// The dictionaries for `config`, filling `cache` (the one `codec` reads), talking to etcd over `channel`.
+    pub fn new(config: &Config, codec: ValueCodec, cache: Arc<DictionaryCache>, channel: Upstream) -> Arc<Self> {
         let d = &config.dictionaries;
         let prefixes = DictionaryPrefix::from_config(config);
         let max_bytes = d.sample_max_bytes.as_u64() as usize;
@@ -165,6 +167,7 @@ impl Dictionaries {
         Arc::new(Dictionaries {
             store: Store::new(channel.clone(), d.key_prefix.clone()),
             codec,
+            cache,
             channel,
             config: d.clone(),
             prefixes,
@@ -176,7 +179,7 @@ impl Dictionaries {
 
     /// The cache the codec reads.
     pub fn cache(&self) -> &Arc<DictionaryCache> {
-        self.codec.dictionaries()
+        &self.cache
     }
 
     /// The store.

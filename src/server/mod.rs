@@ -6,6 +6,7 @@
 pub mod etcd_status;
 pub mod kv;
 pub mod listener;
+pub mod observe;
 pub mod raw;
 pub mod watch;
 
@@ -23,7 +24,8 @@ use tonic::{Request, Status};
 use crate::codec::{DecodeError, DecodeReason, EncodeError, EncodeReason, KeyDisplay, ValueCodec};
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::config::Config;
-use crate::dictionary::Dictionaries;
+use crate::delta::cache::BaseCache;
+use crate::dictionary::{cache::DictionaryCache, Dictionaries};
 use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::upstream::Upstream;
@@ -45,9 +47,12 @@ pub struct Shared {
 impl Shared {
     /// Builds the shared state from a validated config; dictionaries are read from `upstream`.
     pub fn new(config: Config, upstream: Upstream) -> Arc<Self> {
-        let codec = ValueCodec::from_config(&config);
-        let dictionaries = Dictionaries::new(&config, codec.clone(), upstream.clone());
-        let deltas = crate::delta::Deltas::new(codec.clone(), upstream, dictionaries.clone());
+        let dictionary_cache = Arc::new(DictionaryCache::new());
+        let codec = ValueCodec::from_config(&config).with_dictionaries(dictionary_cache.clone());
+        let base_cache = Arc::new(BaseCache::for_rules(codec.rules()));
+        let codec = codec.with_bases(base_cache.clone());
+        let dictionaries = Dictionaries::new(&config, codec.clone(), dictionary_cache, upstream.clone());
+        let deltas = crate::delta::Deltas::new(codec.clone(), base_cache, upstream, dictionaries.clone());
         Arc::new(Shared { config, codec, dictionaries, deltas })
     }
 }
@@ -208,7 +213,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .tcp_nodelay(true)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
-        .layer(crate::metrics::GrpcLayer::new(stop_rx.clone()))
+        .layer(observe::GrpcLayer::new(stop_rx.clone()))
         .layer(etcd_status::EtcdStatusLayer)
         .add_service(kv)
         .add_service(watch)
