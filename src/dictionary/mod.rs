@@ -3,21 +3,21 @@
 //! - [`store`]: the immutable dictionary records under `dictionaries.key_prefix` in etcd.
 //! - [`cache`]: prepared encoder/decoder dictionaries, read synchronously by the codec.
 //! - [`training`]: the sample reservoir, zstd's trainer with a held-out check, the trainer election.
-//! - [`admin`]: the operator commands (`etcd-squeeze dict list|show|train|gc`).
 //!
 //! [`Dictionaries`] ties them together for the server: before a response is decoded, the IDs its
 //! frames name are loaded (once per ID however many requests wait for it, checksum verified);
 //! a background task follows the store (so a new dictionary is used by every replica within
 //! seconds of its publication), and another campaigns for the trainer role and trains.
 
-pub mod admin;
 pub mod cache;
 pub mod store;
 pub mod training;
 
+pub use store::unix_now;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -519,9 +519,4 @@ fn log_report(r: &TrainReport) {
         Some(m) => tracing::info!(prefix = %r.prefix, dict_id = m.id, gain = r.gain(), size = m.size, "dictionary published"),
         None => tracing::info!(prefix = %r.prefix, gain = r.gain(), "trained dictionary not published: gain below dictionaries.min_gain"),
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

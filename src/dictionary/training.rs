@@ -91,7 +91,7 @@ impl Candidate {
         super::store::DictionaryMeta {
             format: super::store::RECORD_FORMAT,
             prefix: prefix.into(),
-            created_unix: super::unix_now(),
+            created_unix: super::store::unix_now(),
             samples: self.samples,
             sample_bytes: self.sample_bytes,
             level,

@@ -12,6 +12,7 @@
 //! [`ValueCodec`], so whatever the proxy can read, these commands can read.
 
 pub mod analyze;
+pub mod dict;
 pub mod get;
 pub mod migrate;
 
