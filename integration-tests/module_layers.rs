@@ -495,7 +495,9 @@ fn paths_resolve_to_the_longest_module_with_a_file() {
     let server: Vec<String> = vec!["server".into()];
     let kv: BTreeSet<String> = ["kv".to_string()].into();
     let none = BTreeSet::new();
-    let cases: &[(&[String], &BTreeSet<String>, &str, Option<(&[&str], &str)>)] = &[
+    // (the file's module, its declared children, the path, the module and name it resolves to)
+    type Case<'a> = (&'a [String], &'a BTreeSet<String>, &'a str, Option<(&'a [&'a str], &'a str)>);
+    let cases: &[Case] = &[
         (&codec_delta, &none, "super::KeyDisplay", Some((&["codec"], "KeyDisplay"))),
         (&codec_delta, &none, "crate::codec::delta::Base", Some((&["codec", "delta"], "Base"))),
         (&codec_delta, &none, "crate::proto::mvccpb::KeyValue", Some((&[], "proto"))),
