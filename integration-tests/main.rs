@@ -15,6 +15,7 @@ mod history;
 mod hostile;
 mod kv;
 mod migration;
+mod module_layers;
 mod ops;
 mod other;
 mod pki;

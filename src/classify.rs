@@ -159,8 +159,11 @@ fn read(call: Call, msg: &[u8], scope: &Scope, needs: &mut Needs) -> Result<bool
     }
 }
 
+/// A request's key, range_end and two varint fields, as slices of its bytes.
+type KeyRange<'a> = (&'a [u8], &'a [u8], [i64; 2]);
+
 /// The key and range_end fields (last occurrence wins) and two varint fields (0 = none) of `msg`.
-fn key_range(msg: &[u8], key_field: u32, end_field: u32, varint_fields: [u32; 2]) -> Result<(&[u8], &[u8], [i64; 2]), WireError> {
+fn key_range(msg: &[u8], key_field: u32, end_field: u32, varint_fields: [u32; 2]) -> Result<KeyRange<'_>, WireError> {
     let (mut key, mut end, mut v): (&[u8], &[u8], [i64; 2]) = (b"", b"", [0, 0]);
     for f in wire::fields(msg) {
         let f = f?;

@@ -7,8 +7,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytes::Bytes;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
+
+use crate::codec::{DeltaRule, PrefixRule, ValueCodec, RESERVED_PREFIX};
 
 /// The key prefix kube-apiserver stores FlyteWorkflow custom resources under.
 pub const FLYTEWORKFLOW_PREFIX: &str = "/registry/flyte.lyft.com/flyteworkflows/";
@@ -493,6 +496,9 @@ pub const DEFAULT_RETRAIN_INTERVAL: Duration = Duration::from_secs(6 * 3600);
 pub const DEFAULT_MIN_GAIN: f64 = 0.05;
 /// Keys whose values must never share a dictionary with other values.
 pub const DEFAULT_SENSITIVE_PREFIXES: &[&str] = &["/registry/secrets/"];
+/// Fewest samples a dictionary is trained from: zstd's trainer refuses fewer than 5 training
+/// samples, and a fifth is held out to judge the result (`dictionaries.samples` may not be lower).
+pub const MIN_SAMPLES: usize = 16;
 
 /// `[dictionaries]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -570,7 +576,7 @@ impl Config {
     fn validate_dictionaries(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, reason: String| Err(ConfigError::Invalid { key: key.to_string(), reason });
         let d = &self.dictionaries;
-        let reserved = std::str::from_utf8(crate::codec::RESERVED_PREFIX).expect("ASCII");
+        let reserved = std::str::from_utf8(RESERVED_PREFIX).expect("ASCII");
         for (key, value) in [("dictionaries.key_prefix", &d.key_prefix), ("dictionaries.election_key", &d.election_key)] {
             if !value.starts_with(reserved) || value.len() == reserved.len() {
                 return invalid(key, format!("{value:?} must be a key under {reserved:?}, which is never compressed"));
@@ -585,8 +591,8 @@ impl Config {
         if !(1024..=(16 << 20)).contains(&d.size.as_u64()) {
             return invalid("dictionaries.size", format!("{} is outside 1 KiB..=16 MiB", d.size));
         }
-        if d.samples < crate::dictionary::training::MIN_SAMPLES {
-            return invalid("dictionaries.samples", format!("{} is below {}", d.samples, crate::dictionary::training::MIN_SAMPLES));
+        if d.samples < MIN_SAMPLES {
+            return invalid("dictionaries.samples", format!("{} is below {}", d.samples, MIN_SAMPLES));
         }
         if d.sample_max_bytes.as_u64() < 256 {
             return invalid("dictionaries.sample_max_bytes", format!("{} is below 256 B", d.sample_max_bytes));
@@ -716,6 +722,31 @@ impl Config {
 
 fn invalid(key: &str, reason: String) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid { key: key.to_string(), reason })
+}
+
+impl ValueCodec {
+    /// Builds the codec from a validated [`Config`] (no dictionaries or bases yet: the server
+    /// hands it those it loads).
+    pub fn from_config(config: &Config) -> Self {
+        let rules = config.prefixes.iter().map(PrefixRule::from).collect();
+        Self::new(rules, config.limits.max_value_bytes.as_u64() as usize)
+            .with_max_response_bytes(config.limits.max_response_bytes.as_u64())
+    }
+}
+
+impl From<&PrefixConfig> for PrefixRule {
+    fn from(p: &PrefixConfig) -> Self {
+        PrefixRule {
+            prefix: Bytes::copy_from_slice(p.prefix.as_bytes()),
+            compress: p.compress,
+            level: p.level,
+            min_size: p.min_size.as_u64() as usize,
+            delta: p.delta.then(|| DeltaRule {
+                rebase_fraction: p.delta_rebase_fraction,
+                base_cache_bytes: p.delta_base_cache.as_u64(),
+            }),
+        }
+    }
 }
 
 impl ServerConfig {

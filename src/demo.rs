@@ -48,7 +48,7 @@ pub async fn train_dictionary(proxy: &str, etcd: &str, seed: u64) -> Result<(u32
     }
     let mut config = Config::default();
     config.upstream.endpoints = vec![etcd.to_string()];
-    let report = crate::dictionary::admin::train_report(&config, FLYTEWORKFLOW_PREFIX).await?;
+    let report = crate::ops::dict::train_report(&config, FLYTEWORKFLOW_PREFIX).await?;
     let mut line = format!(
         "trained a dictionary from {} stored workflows: held-out values {} -> {} bytes ({:.0}% smaller than plain zstd)",
         report.candidate_samples, report.heldout.0, report.heldout.1, report.gain() * 100.0

@@ -31,7 +31,7 @@ pub fn frame_decoder(data: &[u8]) {
     if let Ok(decoded) = codec.decode(b"/p/k", &value) {
         assert!(decoded.len() <= MAX_VALUE_BYTES.max(data.len()), "decoded {} bytes", decoded.len());
     }
-    if let Ok(Some(decoded)) = crate::codec::decode_frame(data, MAX_VALUE_BYTES, &crate::dictionary::cache::DictionaryCache::default(), None) {
+    if let Ok(Some(decoded)) = crate::codec::decode_frame(data, MAX_VALUE_BYTES, &crate::codec::Empty, None) {
         assert!(decoded.len() <= MAX_VALUE_BYTES);
     }
     // The same bytes as a delta frame's payload against a fixed base, and as a base record.
@@ -41,12 +41,12 @@ pub fn frame_decoder(data: &[u8]) {
     framed.extend_from_slice(&base.id.to_le_bytes());
     framed.extend_from_slice(&base.checksum.to_le_bytes());
     framed.extend_from_slice(data);
-    let dictionaries = crate::dictionary::cache::DictionaryCache::default();
+    let dictionaries = crate::codec::Empty;
     if let Ok(Some(decoded)) = crate::codec::decode_frame(&framed, MAX_VALUE_BYTES, &dictionaries, Some(&base)) {
         assert!(decoded.len() <= MAX_VALUE_BYTES);
     }
     let key = crate::codec::delta::base_key(&base.key, base.id);
-    if let Ok(decoded) = crate::codec::delta::decode_base(&key, data, MAX_VALUE_BYTES, &dictionaries) {
+    if let Ok(decoded) = crate::codec::decode_base(&key, data, MAX_VALUE_BYTES, &dictionaries) {
         assert!(decoded.content.len() <= MAX_VALUE_BYTES && decoded.key == base.key);
     }
     round_trip_value(&codec, b"/p/k", &value);
@@ -305,7 +305,7 @@ mod tests {
     fn mutated_delta_frames_are_errors_or_the_original() {
         let base = fuzz_base();
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let dictionaries = crate::dictionary::cache::DictionaryCache::default();
+        let dictionaries = crate::codec::Empty;
         for _ in 0..CASES {
             let original = value(&mut rng);
             let Ok(delta) = crate::codec::delta::encode_delta(&original, &base) else { continue };

@@ -4,23 +4,28 @@
 //! the real etcd and compresses values under configured key prefixes (FlyteWorkflow objects
 //! by default) on the way in, and decompresses them on the way out.
 //!
-//! Module map, in the order a request flows:
-//! - [`config`]: the TOML configuration and its validation.
+//! Module map, in the order a request flows (each imports only modules below it; the codec
+//! imports nothing of the crate; `integration-tests/module_layers.rs` checks both):
+//! - [`config`]: the TOML configuration, its validation, and the codec built from it.
 //! - [`server`]: the gRPC listener (`listener`: TCP and TLS accept; graceful shutdown), one
 //!   file per etcd service (`kv`, `watch`, `raw`); `values` rewrites values in the wire bytes,
-//!   `rebuild` handles the calls whose request changes shape (delta frames, VALUE compares).
+//!   `rebuild` handles the calls whose request changes shape (delta frames, VALUE compares);
+//!   `observe`, the tower layer counting every call.
 //! - [`classify`]: which road a KV or Watch call takes (forward bytes, or rewrite), from its bytes.
 //! - [`wire`]: etcd's messages in their protobuf wire bytes: read fields, splice sub-messages.
 //! - [`rewrite`]: which fields of which etcd messages carry values, and their rewriting (prost types).
-//! - [`codec`]: the frame format and zstd: a pure function over `(key, value)` bytes.
-//! - [`dictionary`]: trained zstd dictionaries: store in etcd, shared cache, training, `dict` commands.
+//! - [`delta`]: delta frames at run time: which base a write uses, the Txn rewrite, the base cache.
+//! - [`dictionary`]: trained zstd dictionaries: store in etcd, shared cache, training.
+//! - [`codec`]: the frame format and zstd, a pure function over `(key, value)` bytes, handed
+//!   dictionaries and bases.
 //! - [`upstream`]: the HTTP/2 channels to etcd (balance, reconnect, TLS).
 //! - [`tls`]: certificates and keys from PEM files, reloaded when they change.
-//! - [`metrics`]: the Prometheus metrics, and the tower layer counting every gRPC call.
+//! - [`metrics`]: the Prometheus registry and metric types.
 //! - [`health`]: the readiness probe and the `/metrics`, `/healthz`, `/readyz` listener.
-//! - [`ops`]: the operator commands (`analyze`, `migrate`, `get`), talking to etcd directly.
+//! - [`ops`]: the operator commands (`analyze`, `migrate`, `get`, `dict`), talking to etcd directly.
 //! - [`corpus`]: a generator of realistic FlyteWorkflow objects for tests, demo and benchmarks.
 //! - [`demo`]: the driver behind `scripts/demo`.
+//! - [`fuzzing`]: the fuzz targets' entry points (frame decoder, request and response rewriters, wire splice).
 //! - [`proto`]: etcd's v3 API, generated from `proto/`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -41,7 +41,7 @@ enum Command {
     /// Trained dictionaries stored in etcd: list, show, train, gc.
     Dict {
         #[command(subcommand)]
-        command: etcd_squeeze::dictionary::admin::DictCommand,
+        command: etcd_squeeze::ops::dict::DictCommand,
     },
 }
 
@@ -266,6 +266,6 @@ async fn main() -> ExitCode {
         Command::Analyze(args) => ops::analyze::cli(args).await,
         Command::Migrate { command } => ops::migrate::cli(command).await,
         Command::Get(args) => ops::get::cli(args).await,
-        Command::Dict { command } => etcd_squeeze::dictionary::admin::run(command).await,
+        Command::Dict { command } => etcd_squeeze::ops::dict::run(command).await,
     }
 }

@@ -27,15 +27,14 @@ use sha2::{Digest, Sha256};
 use zstd::zstd_safe::{self, CCtx, CParameter, DCtx, DParameter};
 
 use super::frame::{self, Codec};
-use crate::dictionary::cache::DictionaryCache;
+use super::key::KeyDisplay;
+pub use super::frame::{BaseRef, DELTA_REF_LEN};
 
 /// Where bases live: `/etcd-squeeze/bases/<32 hex digits of SHA-256(K)>/<16 hex digits of the base ID>`.
 /// Under the reserved prefix, so never compressed or decoded by the proxy itself.
 pub const BASES_PREFIX: &[u8] = b"/etcd-squeeze/bases/";
 /// The four bytes a base record starts with.
 pub const BASE_MAGIC: [u8; 4] = [0xFF, b'S', b'Q', b'B'];
-/// Bytes a delta frame has after the common frame header: base ID (u64) and base checksum (u64).
-pub const DELTA_REF_LEN: usize = 16;
 /// Largest zstd window a delta frame may use (2^27 = 128 MiB, zstd's default decoder limit).
 pub const MAX_WINDOW_LOG: u32 = 27;
 /// zstd level of delta frames, whatever the prefix's level: level 1 with long-distance matching
@@ -64,21 +63,12 @@ impl std::fmt::Debug for Base {
     // Never the content: no value bytes in logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Base")
-            .field("key", &super::KeyDisplay(&self.key).to_string())
+            .field("key", &KeyDisplay(&self.key).to_string())
             .field("id", &format_args!("{:016x}", self.id))
             .field("content_len", &self.content.len())
             .field("record_len", &self.record_len)
             .finish()
     }
-}
-
-/// The base a delta frame names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BaseRef {
-    /// The base ID.
-    pub id: u64,
-    /// The base content's checksum.
-    pub checksum: u64,
 }
 
 /// Why a base record cannot be used.
@@ -157,49 +147,10 @@ pub fn encode_base(key: &[u8], id: u64, content: &[u8], frame: &[u8]) -> (Bytes,
 }
 
 /// The frame inside a base record (its content, encoded), without checking anything else: the
-/// caller loads the dictionary it may name before [`decode_base`].
+/// caller loads the dictionary it may name before `super::decode_base`.
 pub fn record_frame(record: &[u8]) -> Option<&[u8]> {
     let key = record_key(record)?;
     record.get(26 + key.len()..)
-}
-
-/// Reads the base record stored at `base_key`: checks that it names the same key (by its
-/// directory hash) and ID, decodes the content's frame (at most `max_value_bytes`; a dictionary it
-/// names must be in `dictionaries`) and verifies its checksum. Errors: [`BaseError`]; never a panic.
-pub fn decode_base(base_key_bytes: &[u8], record: &[u8], max_value_bytes: usize, dictionaries: &DictionaryCache) -> Result<Base, BaseError> {
-    let take = |at: usize, n: usize| record.get(at..at + n).ok_or(BaseError::Malformed("truncated"));
-    if take(0, 4)? != BASE_MAGIC {
-        return Err(BaseError::Malformed("no base magic"));
-    }
-    if take(4, 1)?[0] != 1 {
-        return Err(BaseError::Malformed("unknown base format version"));
-    }
-    let key_len = u32::from_le_bytes(take(6, 4)?.try_into().expect("4 bytes")) as usize;
-    let key = take(10, key_len)?;
-    let id = u64::from_le_bytes(take(10 + key_len, 8)?.try_into().expect("8 bytes"));
-    let checksum = u64::from_le_bytes(take(18 + key_len, 8)?.try_into().expect("8 bytes"));
-    if base_key(key, id) != base_key_bytes {
-        return Err(BaseError::WrongKey);
-    }
-    let payload = &record[26 + key_len..];
-    if !frame::is_framed(payload) {
-        return Err(BaseError::Malformed("the content is not a frame"));
-    }
-    if frame::parse(payload).is_ok_and(|f| f.codec == Codec::Delta) {
-        return Err(BaseError::Malformed("a base cannot be a delta frame"));
-    }
-    let content = match super::decode_frame(payload, max_value_bytes, dictionaries, None) {
-        Ok(Some(content)) => content,
-        Ok(None) => Bytes::copy_from_slice(&payload[frame::HEADER_LEN..]),
-        Err(e) => return Err(BaseError::Content(e.to_string())),
-    };
-    if content.len() > max_value_bytes {
-        return Err(BaseError::Content(format!("{} bytes, over limits.max_value_bytes ({max_value_bytes})", content.len())));
-    }
-    if content_checksum(&content) != checksum {
-        return Err(BaseError::Checksum);
-    }
-    Ok(Base { key: Bytes::copy_from_slice(key), id, checksum, content, record_len: record.len() })
 }
 
 /// The key K a base record names, read from its header without decompressing (`None` when
@@ -260,6 +211,7 @@ pub fn decode_delta(payload: &[u8], size: usize, base: &Base) -> Result<Vec<u8>,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::{decode_base, Empty};
 
     fn version(n: usize) -> Bytes {
         let mut s = String::from("{\"status\":{\"nodes\":{");
@@ -289,7 +241,7 @@ mod tests {
         let key = b"/registry/flyte.lyft.com/flyteworkflows/ns/wf";
         let content = version(500);
         let (record, base) = base_of(key, 0x1234, &content);
-        let none = DictionaryCache::default();
+        let none = Empty;
         assert!(record.len() * 5 < content.len());
         let bk = base_key(key, 0x1234);
         assert!(bk.starts_with(&bases_dir(key)));

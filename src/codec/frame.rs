@@ -27,6 +27,8 @@ pub const MAGIC: [u8; 4] = [0xFF, b'S', b'Q', b'Z'];
 pub const VERSION: u8 = 1;
 /// Length of the fixed header in bytes (magic, version, codec, dictionary ID).
 pub const HEADER_LEN: usize = 10;
+/// Bytes a delta frame has after the common frame header: base ID (u64) and base checksum (u64).
+pub const DELTA_REF_LEN: usize = 16;
 
 /// How the payload of a frame is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,15 @@ impl fmt::Display for Codec {
     }
 }
 
+/// The base a delta frame names (the base records themselves are in `super::delta`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseRef {
+    /// The base ID.
+    pub id: u64,
+    /// The base content's checksum.
+    pub checksum: u64,
+}
+
 /// A parsed frame header plus a borrowed payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame<'a> {
@@ -61,7 +72,7 @@ pub struct Frame<'a> {
     /// zstd dictionary ID the payload was compressed with; 0 = none.
     pub dictionary_id: u32,
     /// The base a delta frame (codec 2) names; `None` for the other codecs.
-    pub base: Option<super::delta::BaseRef>,
+    pub base: Option<BaseRef>,
     /// The bytes after the header (after the base reference for a delta frame).
     pub payload: &'a [u8],
 }
@@ -106,11 +117,11 @@ pub fn parse(value: &[u8]) -> Result<Frame<'_>, HeaderError> {
     if codec != Codec::Delta {
         return Ok(Frame { version, codec, dictionary_id, base: None, payload: &value[HEADER_LEN..] });
     }
-    let end = HEADER_LEN + super::delta::DELTA_REF_LEN;
+    let end = HEADER_LEN + DELTA_REF_LEN;
     let reference = value.get(HEADER_LEN..end).ok_or(HeaderError::Truncated(value.len()))?;
     let id = u64::from_le_bytes(reference[..8].try_into().expect("8 bytes"));
     let checksum = u64::from_le_bytes(reference[8..].try_into().expect("8 bytes"));
-    let base = Some(super::delta::BaseRef { id, checksum });
+    let base = Some(BaseRef { id, checksum });
     Ok(Frame { version, codec, dictionary_id, base, payload: &value[end..] })
 }
 

@@ -2,22 +2,25 @@
 //!
 //! [`ValueCodec::encode`] and [`ValueCodec::decode`] are pure functions over `(key, value)`
 //! bytes; they know nothing of gRPC. `src/rewrite.rs` applies them to etcd messages.
-//! Trained dictionaries come from a [`DictionaryCache`] that the server fills (loading from etcd
-//! happens before decoding, never inside it; see `crate::dictionary`).
+//! The codec is a leaf: it is handed prepared dictionaries and bases through the traits of
+//! [`source`], whose caches live with whoever loads them (`src/dictionary/`, `src/delta/`):
+//! loading from etcd happens before decoding, never inside it. It reads no config type and
+//! updates no metric.
 
 pub mod delta;
 pub mod frame;
+mod key;
+pub mod source;
 
 use std::cell::RefCell;
-use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::config::{Config, PrefixConfig};
-use crate::dictionary::cache::DictionaryCache;
-use delta::Base;
+use delta::{Base, BaseError};
 use frame::{Codec, HeaderError};
+pub use key::{prefix_end, KeyDisplay};
+pub use source::{BaseSource, DictionarySource, Empty};
 
 /// Values that begin with this are encrypted by kube-apiserver (encryption at rest): they do
 /// not compress, so they are stored as they are.
@@ -70,16 +73,6 @@ pub enum EncodeOutcome {
     Compressed,
     /// Stored as a delta frame against a base.
     Delta,
-}
-
-/// A key, printed for humans and logs: UTF-8 when it is, otherwise escaped bytes.
-/// Only keys are printed this way, never values.
-pub struct KeyDisplay<'a>(pub &'a [u8]);
-
-impl fmt::Display for KeyDisplay<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{}\"", self.0.escape_ascii())
-    }
 }
 
 /// A stored value under a compressed prefix that cannot be turned back into the original bytes.
@@ -197,15 +190,16 @@ pub enum EncodeReason {
     Zstd(#[from] std::io::Error),
 }
 
-/// The prefix rules, limits and trained dictionaries, shared by every request (cheap to clone).
+/// The prefix rules, limits, and the dictionaries and bases it is handed; shared by every
+/// request (cheap to clone: clones share the sources).
 #[derive(Debug, Clone)]
 pub struct ValueCodec {
     /// Sorted longest prefix first, so the first match is the most specific.
     rules: Vec<PrefixRule>,
     max_value_bytes: usize,
     max_response_bytes: u64,
-    dictionaries: Arc<DictionaryCache>,
-    bases: Arc<crate::delta::cache::BaseCache>,
+    dictionaries: Arc<dyn DictionarySource>,
+    bases: Arc<dyn BaseSource>,
 }
 
 thread_local! {
@@ -218,22 +212,22 @@ thread_local! {
 
 impl ValueCodec {
     /// Builds the codec from prefix rules; `max_value_bytes` bounds every decompressed value.
-    /// No dictionary is used until [`ValueCodec::with_dictionaries`] gives it a cache.
+    /// No dictionary is used until [`ValueCodec::with_dictionaries`] hands it a source, and no
+    /// base but the pinned ones until [`ValueCodec::with_bases`] does.
     pub fn new(mut rules: Vec<PrefixRule>, max_value_bytes: usize) -> Self {
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        let bases = Arc::new(crate::delta::cache::BaseCache::for_rules(&rules));
-        ValueCodec { rules, max_value_bytes, max_response_bytes: u64::MAX, dictionaries: Arc::default(), bases }
+        ValueCodec { rules, max_value_bytes, max_response_bytes: u64::MAX, dictionaries: Arc::new(Empty), bases: Arc::new(Empty) }
     }
 
-    /// Uses the dictionaries of `cache`: each prefix's current encoder for new values, and any
+    /// Uses the dictionaries of `source`: each prefix's current encoder for new values, and any
     /// loaded decoder for frames that name one.
-    pub fn with_dictionaries(mut self, cache: Arc<DictionaryCache>) -> Self {
-        self.dictionaries = cache;
+    pub fn with_dictionaries(mut self, source: Arc<dyn DictionarySource>) -> Self {
+        self.dictionaries = source;
         self
     }
 
-    /// The dictionary cache this codec reads.
-    pub fn dictionaries(&self) -> &Arc<DictionaryCache> {
+    /// The dictionaries this codec reads.
+    pub fn dictionaries(&self) -> &Arc<dyn DictionarySource> {
         &self.dictionaries
     }
 
@@ -246,13 +240,6 @@ impl ValueCodec {
     /// The per-response budget of decompressed bytes (`limits.max_response_bytes`).
     pub fn max_response_bytes(&self) -> u64 {
         self.max_response_bytes
-    }
-
-    /// Builds the codec from a validated [`Config`].
-    pub fn from_config(config: &Config) -> Self {
-        let rules = config.prefixes.iter().map(PrefixRule::from).collect();
-        Self::new(rules, config.limits.max_value_bytes.as_u64() as usize)
-            .with_max_response_bytes(config.limits.max_response_bytes.as_u64())
     }
 
     /// The most specific rule whose prefix `key` starts with, if any. Keys under
@@ -386,7 +373,7 @@ impl ValueCodec {
             }
             _ => None,
         };
-        let decoded = decode_frame(value, self.max_value_bytes, &self.dictionaries, base.as_deref())
+        let decoded = decode_frame(value, self.max_value_bytes, &*self.dictionaries, base.as_deref())
             .map_err(error)?;
         Ok(match decoded {
             Some(bytes) => {
@@ -416,14 +403,9 @@ impl ValueCodec {
         frame::parse(value).ok().and_then(|f| f.base)
     }
 
-    /// The base cache delta frames are decoded with.
-    pub fn bases(&self) -> &Arc<crate::delta::cache::BaseCache> {
-        &self.bases
-    }
-
-    /// Uses `cache` for the bases of delta frames.
-    pub fn with_bases(mut self, cache: Arc<crate::delta::cache::BaseCache>) -> Self {
-        self.bases = cache;
+    /// Uses `source` for the bases of delta frames that are not pinned.
+    pub fn with_bases(mut self, source: Arc<dyn BaseSource>) -> Self {
+        self.bases = source;
         self
     }
 
@@ -469,7 +451,7 @@ fn declared_size(value: &[u8]) -> Option<u64> {
 ///
 /// Errors name what is wrong: header, dictionary not loaded, missing or oversized content size,
 /// trailing bytes, or a zstd error (corrupt data, checksum mismatch, wrong dictionary).
-pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &DictionaryCache, base: Option<&Base>) -> Result<Option<Bytes>, DecodeReason> {
+pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &dyn DictionarySource, base: Option<&Base>) -> Result<Option<Bytes>, DecodeReason> {
     let f = frame::parse(value)?;
     match f.codec {
         Codec::Raw if f.dictionary_id != 0 => Err(DecodeReason::RawWithDictionary(f.dictionary_id)),
@@ -532,6 +514,45 @@ pub fn decode_frame(value: &[u8], max_value_bytes: usize, dictionaries: &Diction
     }
 }
 
+/// Reads the base record stored at `base_key`: checks that it names the same key (by its
+/// directory hash) and ID, decodes the content's frame (at most `max_value_bytes`; a dictionary it
+/// names must be in `dictionaries`) and verifies its checksum. Errors: [`BaseError`]; never a panic.
+pub fn decode_base(base_key_bytes: &[u8], record: &[u8], max_value_bytes: usize, dictionaries: &dyn DictionarySource) -> Result<Base, BaseError> {
+    let take = |at: usize, n: usize| record.get(at..at + n).ok_or(BaseError::Malformed("truncated"));
+    if take(0, 4)? != delta::BASE_MAGIC {
+        return Err(BaseError::Malformed("no base magic"));
+    }
+    if take(4, 1)?[0] != 1 {
+        return Err(BaseError::Malformed("unknown base format version"));
+    }
+    let key_len = u32::from_le_bytes(take(6, 4)?.try_into().expect("4 bytes")) as usize;
+    let key = take(10, key_len)?;
+    let id = u64::from_le_bytes(take(10 + key_len, 8)?.try_into().expect("8 bytes"));
+    let checksum = u64::from_le_bytes(take(18 + key_len, 8)?.try_into().expect("8 bytes"));
+    if delta::base_key(key, id) != base_key_bytes {
+        return Err(BaseError::WrongKey);
+    }
+    let payload = &record[26 + key_len..];
+    if !frame::is_framed(payload) {
+        return Err(BaseError::Malformed("the content is not a frame"));
+    }
+    if frame::parse(payload).is_ok_and(|f| f.codec == Codec::Delta) {
+        return Err(BaseError::Malformed("a base cannot be a delta frame"));
+    }
+    let content = match decode_frame(payload, max_value_bytes, dictionaries, None) {
+        Ok(Some(content)) => content,
+        Ok(None) => Bytes::copy_from_slice(&payload[frame::HEADER_LEN..]),
+        Err(e) => return Err(BaseError::Content(e.to_string())),
+    };
+    if content.len() > max_value_bytes {
+        return Err(BaseError::Content(format!("{} bytes, over limits.max_value_bytes ({max_value_bytes})", content.len())));
+    }
+    if delta::content_checksum(&content) != checksum {
+        return Err(BaseError::Checksum);
+    }
+    Ok(Base { key: Bytes::copy_from_slice(key), id, checksum, content, record_len: record.len() })
+}
+
 /// The content size `payload` (one whole zstd frame) declares, checked against `max_value_bytes`,
 /// with nothing after the frame.
 fn checked_frame_size(payload: &[u8], max_value_bytes: usize) -> Result<u64, DecodeReason> {
@@ -556,34 +577,6 @@ fn raw_frame(value: &[u8]) -> Bytes {
     frame::write_header(&mut out, Codec::Raw, 0);
     out.extend_from_slice(value);
     Bytes::from(out)
-}
-
-/// etcd's `GetPrefixRangeEnd`: the smallest key greater than every key starting with `prefix`;
-/// `None` when there is none (empty prefix or all `0xFF`), i.e. the range is open-ended.
-pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xFF {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
-impl From<&PrefixConfig> for PrefixRule {
-    fn from(p: &PrefixConfig) -> Self {
-        PrefixRule {
-            prefix: Bytes::copy_from_slice(p.prefix.as_bytes()),
-            compress: p.compress,
-            level: p.level,
-            min_size: p.min_size.as_u64() as usize,
-            delta: p.delta.then(|| DeltaRule {
-                rebase_fraction: p.delta_rebase_fraction,
-                base_cache_bytes: p.delta_base_cache.as_u64(),
-            }),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -679,39 +672,6 @@ mod tests {
         assert!(stored.len() < 1024);
         let err = codec().decode(KEY, &stored).unwrap_err();
         assert!(matches!(err.reason, DecodeReason::TooLarge { .. }), "{err}");
-    }
-
-    #[test]
-    fn dictionary_frames_name_their_dictionary() {
-        use crate::dictionary::{cache::DictionaryCache, store::set_zstd_dict_id};
-        let samples: Vec<Bytes> = (0..40).map(|i| json(10 + i)).collect();
-        let mut raw = zstd::dict::from_samples(&samples, 4096).unwrap();
-        set_zstd_dict_id(&mut raw, 5);
-        let cache = Arc::new(DictionaryCache::new());
-        assert!(cache.install_current(b"/registry/wf/", 5, &raw, 3, 0).unwrap());
-        let with = codec().with_dictionaries(cache.clone());
-        let v = json(25);
-        let (stored, outcome) = with.encode(KEY, &v).unwrap();
-        assert_eq!(outcome, EncodeOutcome::Compressed);
-        assert_eq!(frame::parse(&stored).unwrap().dictionary_id, 5);
-        assert_eq!(zstd::zstd_safe::get_dict_id_from_frame(&stored[frame::HEADER_LEN..]).map(|i| i.get()), Some(5));
-        assert_eq!(with.needed_dictionary(KEY, &stored), Some(5));
-        assert_eq!(with.decode(KEY, &stored).unwrap(), v);
-        let (plain, _) = codec().encode(KEY, &v).unwrap();
-        assert!(stored.len() * 2 < plain.len(), "{} vs {}", stored.len(), plain.len());
-        assert_eq!(with.needed_dictionary(KEY, &plain), None);
-        // Without the dictionary: an error naming the key and the ID, never garbage.
-        cache.remove(5);
-        cache.mark_unavailable(5, "its key was deleted".into());
-        let err = with.decode(KEY, &stored).unwrap_err().to_string();
-        assert!(err.contains("/registry/wf/ns/a") && err.contains("dictionary ID 5") && err.contains("deleted"), "{err}");
-        // A frame relabelled with another dictionary's ID is refused by zstd itself.
-        let mut other = raw.clone();
-        set_zstd_dict_id(&mut other, 6);
-        cache.insert_decoder(6, &other).unwrap();
-        let mut relabelled = stored.to_vec();
-        relabelled[6] = 6;
-        assert!(matches!(with.decode(KEY, &Bytes::from(relabelled)).unwrap_err().reason, DecodeReason::Zstd(_)));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! compiler goldens), a slot scheduler that simulates execution under `maxParallelism`, and status
 //! rendering at any point in time following flytepropeller v1alpha1 (`NodeStatus`, collapse rules).
 
-use super::{Scenario, Topology};
+use super::scenario::{Scenario, Topology};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::codec::delta::Base;
-use crate::codec::PrefixRule;
+use crate::codec::{BaseSource, PrefixRule};
 
 /// The bases of one prefix, least recently used evicted first once over the budget.
 #[derive(Debug, Default)]
@@ -52,7 +52,8 @@ impl Shelf {
 
 /// Decompressed bases by (key, base ID), one byte budget per prefix with `delta = true`
 /// (`prefixes[].delta_base_cache`). Prefixes without delta frames get a small budget too, so
-/// delta frames written before `delta` was turned off stay cheap to read.
+/// delta frames written before `delta` was turned off stay cheap to read. The codec reads it as
+/// its [`BaseSource`].
 #[derive(Debug, Default)]
 pub struct BaseCache {
     /// Longest prefix first, as the codec's rules.
@@ -111,6 +112,15 @@ impl BaseCache {
     /// Decompressed bytes cached, summed over the prefixes.
     pub fn bytes(&self) -> u64 {
         self.shelves.iter().map(|(_, s)| s.lock().expect("base cache lock").bytes).sum()
+    }
+}
+
+impl BaseSource for BaseCache {
+    fn get(&self, key: &[u8], id: u64) -> Option<Arc<Base>> {
+        BaseCache::get(self, key, id)
+    }
+    fn unavailable_reason(&self, key: &[u8], id: u64) -> Option<String> {
+        BaseCache::unavailable_reason(self, key, id)
     }
 }
 

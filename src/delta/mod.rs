@@ -66,6 +66,8 @@ const COMPACTION_REFRESH: Duration = Duration::from_secs(60);
 /// Delta-frame state shared by every request of one proxy.
 pub struct Deltas {
     codec: ValueCodec,
+    /// The base cache `codec` reads as its base source; this fills it.
+    bases: Arc<cache::BaseCache>,
     dictionaries: Arc<crate::dictionary::Dictionaries>,
     kv: KvClient<Upstream>,
     watch: WatchClient<Upstream>,
@@ -110,15 +112,16 @@ pub struct Rewritten {
 }
 
 impl Deltas {
-    /// Delta state for `codec`'s prefix rules, reading bases from `upstream`; `dictionaries`
-    /// loads the dictionary a base record's frame names.
-    pub fn new(codec: ValueCodec, upstream: Upstream, dictionaries: Arc<crate::dictionary::Dictionaries>) -> Arc<Self> {
+    /// Delta state for `codec`'s prefix rules, filling `bases` (the cache `codec` reads) from
+    /// `upstream`; `dictionaries` loads the dictionary a base record's frame names.
+    pub fn new(codec: ValueCodec, bases: Arc<cache::BaseCache>, upstream: Upstream, dictionaries: Arc<crate::dictionary::Dictionaries>) -> Arc<Self> {
         let enabled = codec.rules().iter().any(|r| r.delta.is_some());
         let kv = KvClient::new(upstream.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         let watch = WatchClient::new(upstream);
         Arc::new(Deltas {
             dictionaries,
             codec,
+            bases,
             kv,
             watch,
             known: DashMap::new(),
@@ -203,7 +206,7 @@ impl Deltas {
         for effect in &rewritten.effects {
             match effect {
                 Effect::Wrote { path, key, base, rebased, collected } if ran(resp, path) => {
-                    self.codec.bases().insert(base.clone());
+                    self.bases.insert(base.clone());
                     metrics.delta_writes.with_label_values(&[if *rebased { "rebase" } else { "delta" }]).inc();
                     metrics.bases_deleted.inc_by(collected.len() as u64);
                     self.advance(key, revision, BaseRef { id: base.id, checksum: base.checksum }, collected);
@@ -487,7 +490,7 @@ impl Deltas {
     /// an error only when etcd cannot be asked.
     async fn base(&self, key: &Bytes, r: BaseRef, revisions: &[i64]) -> Result<Option<Arc<Base>>, Status> {
         let metrics = crate::metrics::get();
-        if let Some(base) = self.codec.bases().get(key, r.id) {
+        if let Some(base) = self.bases.get(key, r.id) {
             metrics.base_cache_hits.inc();
             return Ok(Some(base));
         }
@@ -513,21 +516,21 @@ impl Deltas {
             if let Some(frame) = delta::record_frame(&kv.value) {
                 self.dictionaries.ensure(key, frame).await?;
             }
-            match delta::decode_base(&base_key, &kv.value, self.codec.max_value_bytes(), self.codec.dictionaries()) {
+            match crate::codec::decode_base(&base_key, &kv.value, self.codec.max_value_bytes(), &**self.codec.dictionaries()) {
                 Ok(base) if base.checksum == r.checksum => {
                     let base = Arc::new(base);
-                    self.codec.bases().insert(base.clone());
+                    self.bases.insert(base.clone());
                     return Ok(Some(base));
                 }
-                Ok(_) => self.codec.bases().mark_unavailable(key, r.id, refused("its content has another checksum than the frame names".into())),
-                Err(e) => self.codec.bases().mark_unavailable(key, r.id, refused(e.to_string())),
+                Ok(_) => self.bases.mark_unavailable(key, r.id, refused("its content has another checksum than the frame names".into())),
+                Err(e) => self.bases.mark_unavailable(key, r.id, refused(e.to_string())),
             }
             tracing::error!(key = %crate::codec::KeyDisplay(key), base = %format_args!("{:016x}", r.id), "refused a stored base");
             return Ok(None);
         }
         let detail = format!("no key {} at the current revision{}", crate::codec::KeyDisplay(&base_key),
             if tried.len() > 1 { format!(" nor at revisions {:?} (deleted, or compacted away)", &tried[1..]) } else { String::new() });
-        self.codec.bases().mark_unavailable(key, r.id, detail);
+        self.bases.mark_unavailable(key, r.id, detail);
         Ok(None)
     }
 

@@ -15,30 +15,15 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use zstd::dict::{DecoderDictionary, EncoderDictionary};
 
-/// A dictionary prepared for decompression, once.
-pub struct PreparedDecoder {
-    /// The dictionary ID.
-    pub id: u32,
-    /// zstd's digested dictionary, shared by every decompression.
-    pub dictionary: DecoderDictionary<'static>,
-}
-
-/// The dictionary new values of one prefix are compressed with, prepared once at the prefix's level.
-pub struct CurrentEncoder {
-    /// The dictionary ID written in frame headers.
-    pub id: u32,
-    /// zstd's digested dictionary at the prefix's level.
-    pub dictionary: EncoderDictionary<'static>,
-    /// When it was trained (Unix seconds): the next training of the prefix is due a retrain
-    /// interval later.
-    pub created_unix: u64,
-}
+pub use crate::codec::source::{CurrentEncoder, PreparedDecoder};
+use crate::codec::DictionarySource;
 
 /// How long a dictionary that could not be loaded is not fetched again (the store's watch
 /// still installs it at once if it appears).
 pub const UNAVAILABLE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Dictionary ID → prepared decoder, and prefix → current encoder.
+/// Dictionary ID → prepared decoder, and prefix → current encoder. The codec reads it as its
+/// [`DictionarySource`].
 #[derive(Default)]
 pub struct DictionaryCache {
     decoders: DashMap<u32, Arc<PreparedDecoder>>,
@@ -148,5 +133,70 @@ impl DictionaryCache {
     /// Why dictionary `id` is not loaded, as recorded by the last failed load.
     pub fn unavailable_reason(&self, id: u32) -> Option<String> {
         self.unavailable.get(&id).map(|e| e.value().0.clone())
+    }
+}
+
+impl DictionarySource for DictionaryCache {
+    fn decoder(&self, id: u32) -> Option<Arc<PreparedDecoder>> {
+        DictionaryCache::decoder(self, id)
+    }
+    fn encoder(&self, prefix: &[u8]) -> Option<Arc<CurrentEncoder>> {
+        DictionaryCache::encoder(self, prefix)
+    }
+    fn unavailable_reason(&self, id: u32) -> Option<String> {
+        DictionaryCache::unavailable_reason(self, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::frame;
+    use crate::codec::{DecodeReason, EncodeOutcome, PrefixRule, ValueCodec};
+    use crate::dictionary::store::set_zstd_dict_id;
+
+    const KEY: &[u8] = b"/registry/wf/ns/a";
+
+    fn codec() -> ValueCodec {
+        ValueCodec::new(
+            vec![PrefixRule { prefix: Bytes::from_static(b"/registry/wf/"), compress: true, level: 3, min_size: 64, delta: None }],
+            1 << 20,
+        )
+    }
+
+    fn json(n: usize) -> Bytes {
+        Bytes::from(format!("{{\"items\":[{}{{}}]}}\n", (0..n).map(|i| format!("{{\"name\":\"item-{i}\",\"phase\":5}},")).collect::<String>()))
+    }
+
+    #[test]
+    fn dictionary_frames_name_their_dictionary() {
+        let samples: Vec<Bytes> = (0..40).map(|i| json(10 + i)).collect();
+        let mut raw = zstd::dict::from_samples(&samples, 4096).unwrap();
+        set_zstd_dict_id(&mut raw, 5);
+        let cache = Arc::new(DictionaryCache::new());
+        assert!(cache.install_current(b"/registry/wf/", 5, &raw, 3, 0).unwrap());
+        let with = codec().with_dictionaries(cache.clone());
+        let v = json(25);
+        let (stored, outcome) = with.encode(KEY, &v).unwrap();
+        assert_eq!(outcome, EncodeOutcome::Compressed);
+        assert_eq!(frame::parse(&stored).unwrap().dictionary_id, 5);
+        assert_eq!(zstd::zstd_safe::get_dict_id_from_frame(&stored[frame::HEADER_LEN..]).map(|i| i.get()), Some(5));
+        assert_eq!(with.needed_dictionary(KEY, &stored), Some(5));
+        assert_eq!(with.decode(KEY, &stored).unwrap(), v);
+        let (plain, _) = codec().encode(KEY, &v).unwrap();
+        assert!(stored.len() * 2 < plain.len(), "{} vs {}", stored.len(), plain.len());
+        assert_eq!(with.needed_dictionary(KEY, &plain), None);
+        // Without the dictionary: an error naming the key and the ID, never garbage.
+        cache.remove(5);
+        cache.mark_unavailable(5, "its key was deleted".into());
+        let err = with.decode(KEY, &stored).unwrap_err().to_string();
+        assert!(err.contains("/registry/wf/ns/a") && err.contains("dictionary ID 5") && err.contains("deleted"), "{err}");
+        // A frame relabelled with another dictionary's ID is refused by zstd itself.
+        let mut other = raw.clone();
+        set_zstd_dict_id(&mut other, 6);
+        cache.insert_decoder(6, &other).unwrap();
+        let mut relabelled = stored.to_vec();
+        relabelled[6] = 6;
+        assert!(matches!(with.decode(KEY, &Bytes::from(relabelled)).unwrap_err().reason, DecodeReason::Zstd(_)));
     }
 }

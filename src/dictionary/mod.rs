@@ -3,21 +3,21 @@
 //! - [`store`]: the immutable dictionary records under `dictionaries.key_prefix` in etcd.
 //! - [`cache`]: prepared encoder/decoder dictionaries, read synchronously by the codec.
 //! - [`training`]: the sample reservoir, zstd's trainer with a held-out check, the trainer election.
-//! - [`admin`]: the operator commands (`etcd-squeeze dict list|show|train|gc`).
 //!
 //! [`Dictionaries`] ties them together for the server: before a response is decoded, the IDs its
 //! frames name are loaded (once per ID however many requests wait for it, checksum verified);
 //! a background task follows the store (so a new dictionary is used by every replica within
 //! seconds of its publication), and another campaigns for the trainer role and trains.
 
-pub mod admin;
 pub mod cache;
 pub mod store;
 pub mod training;
 
+pub use store::unix_now;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -126,6 +126,8 @@ pub enum DictionaryError {
 /// loader, the Put sampler and the background tasks.
 pub struct Dictionaries {
     codec: ValueCodec,
+    /// The cache `codec` reads as its dictionary source; this fills it.
+    cache: Arc<DictionaryCache>,
     store: Store,
     channel: Upstream,
     config: DictionariesConfig,
@@ -137,7 +139,7 @@ pub struct Dictionaries {
 
 impl std::fmt::Debug for Dictionaries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dictionaries").field("cache", self.codec.dictionaries()).field("identity", &self.identity).finish()
+        f.debug_struct("Dictionaries").field("cache", &self.cache).field("identity", &self.identity).finish()
     }
 }
 
@@ -154,8 +156,8 @@ impl Drop for Background {
 }
 
 impl Dictionaries {
-    /// The dictionaries for `config`, reading and filling `codec`'s cache, talking to etcd over `channel`.
-    pub fn new(config: &Config, codec: ValueCodec, channel: Upstream) -> Arc<Self> {
+    /// The dictionaries for `config`, filling `cache` (the one `codec` reads), talking to etcd over `channel`.
+    pub fn new(config: &Config, codec: ValueCodec, cache: Arc<DictionaryCache>, channel: Upstream) -> Arc<Self> {
         let d = &config.dictionaries;
         let prefixes = DictionaryPrefix::from_config(config);
         let max_bytes = d.sample_max_bytes.as_u64() as usize;
@@ -165,6 +167,7 @@ impl Dictionaries {
         Arc::new(Dictionaries {
             store: Store::new(channel.clone(), d.key_prefix.clone()),
             codec,
+            cache,
             channel,
             config: d.clone(),
             prefixes,
@@ -176,7 +179,7 @@ impl Dictionaries {
 
     /// The cache the codec reads.
     pub fn cache(&self) -> &Arc<DictionaryCache> {
-        self.codec.dictionaries()
+        &self.cache
     }
 
     /// The store.
@@ -516,9 +519,4 @@ fn log_report(r: &TrainReport) {
         Some(m) => tracing::info!(prefix = %r.prefix, dict_id = m.id, gain = r.gain(), size = m.size, "dictionary published"),
         None => tracing::info!(prefix = %r.prefix, gain = r.gain(), "trained dictionary not published: gain below dictionaries.min_gain"),
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

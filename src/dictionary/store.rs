@@ -378,6 +378,11 @@ impl Store {
     }
 }
 
+/// Seconds since the Unix epoch (a record's `created_unix`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

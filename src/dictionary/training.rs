@@ -11,6 +11,7 @@ use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
+use crate::config::MIN_SAMPLES;
 use crate::upstream::Upstream;
 
 use crate::proto::etcdserverpb::kv_client::KvClient;
@@ -20,9 +21,6 @@ use crate::proto::etcdserverpb::{
     RangeRequest, RequestOp, TxnRequest,
 };
 
-/// Fewest samples a dictionary is trained from: zstd's trainer refuses fewer than 5 training
-/// samples, and a fifth is held out to judge the result.
-pub const MIN_SAMPLES: usize = 16;
 /// Every `HOLDOUT_EVERY`-th sample is held out of training and used to compare dictionaries.
 const HOLDOUT_EVERY: usize = 5;
 
@@ -93,7 +91,7 @@ impl Candidate {
         super::store::DictionaryMeta {
             format: super::store::RECORD_FORMAT,
             prefix: prefix.into(),
-            created_unix: super::unix_now(),
+            created_unix: super::store::unix_now(),
             samples: self.samples,
             sample_bytes: self.sample_bytes,
             level,

@@ -12,6 +12,7 @@
 //! [`ValueCodec`], so whatever the proxy can read, these commands can read.
 
 pub mod analyze;
+pub mod dict;
 pub mod get;
 pub mod migrate;
 
@@ -22,6 +23,8 @@ use bytes::Bytes;
 
 use crate::codec::{DecodeError, PrefixRule, ValueCodec};
 use crate::config::{Config, ConfigError, PrefixConfig};
+use crate::delta::cache::BaseCache;
+use crate::dictionary::cache::DictionaryCache;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
 use crate::proto::mvccpb::KeyValue;
@@ -190,12 +193,15 @@ impl Etcd {
         let upstream = Upstream::new(&config.upstream)?;
         // The codec is built exactly as the proxy builds its own, so whatever the proxy can
         // encode and decode (trained dictionaries included, once they exist) these commands can too.
-        let codec = ValueCodec::from_config(&config);
+        let dictionary_cache = std::sync::Arc::new(DictionaryCache::new());
+        let codec = ValueCodec::from_config(&config).with_dictionaries(dictionary_cache.clone());
         let mut catch_all = codec.rules().to_vec();
         catch_all.push(PrefixRule::from(&PrefixConfig::new("")));
-        let decoder = ValueCodec::new(catch_all, config.limits.max_value_bytes.as_u64() as usize).with_dictionaries(codec.dictionaries().clone());
-        let dictionaries = crate::dictionary::Dictionaries::new(&config, decoder.clone(), upstream.clone());
-        let deltas = crate::delta::Deltas::new(decoder.clone(), upstream.clone(), dictionaries.clone());
+        let decoder = ValueCodec::new(catch_all, config.limits.max_value_bytes.as_u64() as usize).with_dictionaries(dictionary_cache.clone());
+        let base_cache = std::sync::Arc::new(BaseCache::for_rules(decoder.rules()));
+        let decoder = decoder.with_bases(base_cache.clone());
+        let dictionaries = crate::dictionary::Dictionaries::new(&config, decoder.clone(), dictionary_cache, upstream.clone());
+        let deltas = crate::delta::Deltas::new(decoder.clone(), base_cache, upstream.clone(), dictionaries.clone());
         let kv = KvClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         Ok(Etcd { config, codec, decoder, dictionaries, deltas, pinned: Default::default(), kv })
     }

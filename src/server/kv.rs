@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 use super::raw::{self, RawCodec};
 use super::rebuild::Rebuild;
 use super::values::{self, Failure};
-use super::Shared;
+use super::shared::Shared;
 use crate::classify::{classify, Call, Route, Scope};
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest, RangeRequest, TxnRequest};

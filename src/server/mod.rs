@@ -6,51 +6,31 @@
 pub mod etcd_status;
 pub mod kv;
 pub mod listener;
+pub mod metadata;
+pub mod methods;
+pub mod observe;
 pub mod raw;
 pub mod rebuild;
+pub mod shared;
+pub mod status;
 pub mod values;
 pub mod watch;
 
-use std::collections::HashMap;
+pub use metadata::{forward, requests_until_dropped, upstream_metadata, with_metadata, EndRequests};
+pub use methods::{method_info, MethodInfo};
+pub use shared::Shared;
+pub use status::{applied_decode_status, decode_status, encode_status, ETCD_REQUEST_TOO_LARGE};
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tonic::metadata::MetadataMap;
 use tonic::transport::Server;
-use tonic::{Request, Status};
 
-use crate::codec::{DecodeError, DecodeReason, EncodeError, EncodeReason, KeyDisplay, ValueCodec};
-use crate::proto::etcdserverpb::ResponseHeader;
 use crate::config::Config;
-use crate::dictionary::Dictionaries;
 use crate::upstream::Upstream;
-use raw::{RawSpec, Shape};
-
-/// State shared by every request: the validated config, the value codec and its dictionaries.
-#[derive(Debug)]
-pub struct Shared {
-    /// The configuration the proxy started with.
-    pub config: Config,
-    /// Prefix rules, limits and the dictionary cache.
-    pub codec: ValueCodec,
-    /// Loads the dictionaries responses need, samples Puts, follows the store, trains.
-    pub dictionaries: Arc<Dictionaries>,
-    /// Delta frames: which base each write uses, loading bases for reads.
-    pub deltas: Arc<crate::delta::Deltas>,
-}
-
-impl Shared {
-    /// Builds the shared state from a validated config; dictionaries are read from `upstream`.
-    pub fn new(config: Config, upstream: Upstream) -> Arc<Self> {
-        let codec = ValueCodec::from_config(&config);
-        let dictionaries = Dictionaries::new(&config, codec.clone(), upstream.clone());
-        let deltas = crate::delta::Deltas::new(codec.clone(), upstream, dictionaries.clone());
-        Arc::new(Shared { config, codec, dictionaries, deltas })
-    }
-}
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
@@ -77,57 +57,6 @@ pub enum ServeError {
     /// The metrics listener failed.
     #[error("metrics.listen: {0}")]
     Metrics(std::io::Error),
-}
-
-/// One gRPC method the proxy serves.
-#[derive(Debug)]
-pub struct MethodInfo {
-    /// The gRPC path, `/etcdserverpb.KV/Range`: the `method` label of the request metrics.
-    pub path: String,
-    /// Unary or streaming.
-    pub shape: Shape,
-    /// A stream that lives as long as the client wants (Watch, LeaseKeepAlive,
-    /// Election.Observe, health Watch): ended with UNAVAILABLE at shutdown rather than awaited.
-    pub long_lived: bool,
-}
-
-/// The KV methods (decoded by `kv`).
-const KV_METHODS: &[(&str, Shape)] = &[
-    ("Range", Shape::Unary), ("Put", Shape::Unary), ("DeleteRange", Shape::Unary), ("Txn", Shape::Unary),
-    ("Compact", Shape::Unary), ("RangeStream", Shape::ServerStreaming),
-];
-/// Streaming methods that end when their answer is complete; every other stream is long-lived.
-const FINITE_STREAMS: &[&str] = &["RangeStream", "Snapshot"];
-
-static METHODS: LazyLock<HashMap<String, MethodInfo>> = LazyLock::new(|| {
-    fn spec<S: RawSpec>() -> (&'static str, &'static [(&'static str, Shape)]) {
-        (S::NAME, S::METHODS)
-    }
-    let services: [(&str, &[(&str, Shape)]); 9] = [
-        ("etcdserverpb.KV", KV_METHODS),
-        ("etcdserverpb.Watch", &[("Watch", Shape::Bidi)]),
-        spec::<raw::LeaseSpec>(),
-        spec::<raw::ClusterSpec>(),
-        spec::<raw::MaintenanceSpec>(),
-        spec::<raw::AuthSpec>(),
-        spec::<raw::LockSpec>(),
-        spec::<raw::ElectionSpec>(),
-        ("grpc.health.v1.Health", &[("Check", Shape::Unary), ("Watch", Shape::ServerStreaming)]),
-    ];
-    let mut methods = HashMap::new();
-    for (service, list) in services {
-        for &(name, shape) in list {
-            let path = format!("/{service}/{name}");
-            let long_lived = shape != Shape::Unary && !FINITE_STREAMS.contains(&name);
-            methods.insert(path.clone(), MethodInfo { path, shape, long_lived });
-        }
-    }
-    methods
-});
-
-/// The method served at a gRPC path, if the proxy serves it (any other answers UNIMPLEMENTED).
-pub fn method_info(path: &str) -> Option<&'static MethodInfo> {
-    METHODS.get(path)
 }
 
 /// A started proxy: its bound addresses and the future that serves until shutdown.
@@ -204,7 +133,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .tcp_nodelay(true)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
-        .layer(crate::metrics::GrpcLayer::new(stop_rx.clone()))
+        .layer(observe::GrpcLayer::new(stop_rx.clone()))
         .layer(etcd_status::EtcdStatusLayer)
         .add_service(kv)
         .add_service(watch)
@@ -265,94 +194,3 @@ pub fn check(config: &Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// A client's request stream, forwarded upstream, that also ends when the returned
-/// [`EndRequests`] is dropped.
-///
-/// An upstream bidi call (Watch, LeaseKeepAlive) keeps polling the client's requests for as
-/// long as the client sends; when the response to the client ends first (shutdown, DATA_LOSS,
-/// etcd ending it), dropping the guard kept with the response ends the requests too. Both
-/// directions of the client's HTTP/2 stream then close, and a graceful shutdown can finish.
-pub fn requests_until_dropped<S>(requests: S) -> (impl futures::Stream<Item = S::Item> + Send, EndRequests)
-where
-    S: futures::Stream + Send,
-{
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    (futures::StreamExt::take_until(requests, rx), EndRequests(tx))
-}
-
-/// Ends the request stream of [`requests_until_dropped`] when dropped.
-pub struct EndRequests(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
-
-/// Headers that belong to this hop, not to the call: tonic sets its own, and a forwarded
-/// `grpc-accept-encoding` could make etcd compress responses the proxy did not ask for.
-const HOP_HEADERS: &[&str] = &["te", "content-type", "user-agent", "grpc-encoding", "grpc-accept-encoding", "host", "connection"];
-
-/// The client's metadata as sent upstream: everything (`token`, `hasleader`,
-/// `client-api-version`, `traceparent`, `grpc-timeout`, …) except [`HOP_HEADERS`].
-pub fn upstream_metadata(incoming: &MetadataMap) -> MetadataMap {
-    without_hop_headers(incoming.clone())
-}
-
-fn without_hop_headers(metadata: MetadataMap) -> MetadataMap {
-    let mut headers = metadata.into_headers();
-    for h in HOP_HEADERS {
-        headers.remove(*h);
-    }
-    MetadataMap::from_headers(headers)
-}
-
-/// A client request re-addressed to etcd with the client's metadata (moved, not copied: this
-/// runs on every forwarded call).
-pub fn forward<T>(request: Request<T>) -> Request<T> {
-    let (metadata, _, message) = request.into_parts();
-    let mut r = Request::new(message);
-    *r.metadata_mut() = without_hop_headers(metadata);
-    r
-}
-
-/// A new upstream request carrying a copy of `metadata` (filtered by [`upstream_metadata`]), for
-/// callers that send several upstream requests for one client call.
-pub fn with_metadata<T>(metadata: &MetadataMap, message: T) -> Request<T> {
-    let mut r = Request::new(message);
-    *r.metadata_mut() = upstream_metadata(metadata);
-    r
-}
-
-/// A stored frame that cannot be decoded: `DATA_LOSS` naming the key and the reason; a
-/// response that would decompress beyond `limits.max_response_bytes`: `RESOURCE_EXHAUSTED`.
-pub fn decode_status(e: DecodeError) -> Status {
-    crate::metrics::get().decode_errors.with_label_values(&[e.reason.kind()]).inc();
-    if let DecodeReason::ResponseTooLarge { .. } = e.reason {
-        tracing::warn!(key = %KeyDisplay(&e.key), reason = %e.reason, "response too large");
-        return Status::resource_exhausted(e.to_string());
-    }
-    tracing::error!(key = %KeyDisplay(&e.key), reason = %e.reason, "cannot decode stored value");
-    Status::data_loss(e.to_string())
-}
-
-/// [`decode_status`] for a response whose write etcd has already applied (a `prev_kv` that
-/// cannot be decoded): the status says so, so a client does not take the write for failed.
-pub fn applied_decode_status(e: DecodeError, header: Option<&ResponseHeader>) -> Status {
-    let status = decode_status(e);
-    let revision = header.map_or(0, |h| h.revision);
-    Status::new(status.code(), format!("{} (the write itself was applied at revision {revision})", status.message()))
-}
-
-/// A value that cannot be stored. Over `limits.max_value_bytes`: etcd's own
-/// `InvalidArgument "etcdserver: request is too large"`, byte-exact, so kube-apiserver (and
-/// Flyte) react as they do to etcd. A zstd failure (not expected): `INTERNAL` naming the key.
-pub fn encode_status(e: EncodeError) -> Status {
-    match e.reason {
-        EncodeReason::TooLarge { .. } => {
-            tracing::info!(key = %KeyDisplay(&e.key), reason = %e.reason, "refused: value too large");
-            Status::invalid_argument(ETCD_REQUEST_TOO_LARGE)
-        }
-        EncodeReason::Zstd(_) => {
-            tracing::error!(key = %KeyDisplay(&e.key), reason = %e.reason, "cannot compress value");
-            Status::internal(e.to_string())
-        }
-    }
-}
-
-/// etcd's `rpctypes.ErrGRPCRequestTooLarge` message (code INVALID_ARGUMENT).
-pub const ETCD_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";

@@ -21,7 +21,8 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{requests_until_dropped, Shared};
+use super::metadata::{forward, requests_until_dropped};
+use super::shared::Shared;
 use crate::upstream::Upstream;
 
 /// The shape of a gRPC method.
@@ -157,12 +158,12 @@ pub(crate) async fn client(upstream: Upstream) -> Result<tonic::client::Grpc<Ups
 /// Sends the request bytes of a unary call to `path` upstream and returns etcd's response bytes
 /// (or its status) as they are.
 pub(crate) async fn unary(upstream: Upstream, path: PathAndQuery, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
-    client(upstream).await?.unary(super::forward(request), path, RawCodec).await
+    client(upstream).await?.unary(forward(request), path, RawCodec).await
 }
 
 /// [`unary`] for a server-streaming call: etcd's response messages as bytes.
 pub(crate) async fn server_streaming(upstream: Upstream, path: PathAndQuery, request: Request<Bytes>) -> Result<Response<Streaming<Bytes>>, Status> {
-    client(upstream).await?.server_streaming(super::forward(request), path, RawCodec).await
+    client(upstream).await?.server_streaming(forward(request), path, RawCodec).await
 }
 
 impl tonic::server::UnaryService<Bytes> for Forwarder {
@@ -206,7 +207,7 @@ impl tonic::server::StreamingService<Bytes> for Forwarder {
         let request = Request::from_parts(metadata, Default::default(), outbound);
         Box::pin(async move {
             let path = this.path()?;
-            let response = client(this.upstream).await?.streaming(super::forward(request), path, RawCodec).await?;
+            let response = client(this.upstream).await?.streaming(forward(request), path, RawCodec).await?;
             Ok(response.map(|responses| {
                 futures::StreamExt::boxed(responses.map(move |r| {
                     let _until_the_responses_end = &end_requests;

@@ -12,7 +12,9 @@ use futures::Stream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{applied_decode_status, decode_status, encode_status, forward, with_metadata, Shared};
+use super::metadata::{forward, with_metadata};
+use super::shared::Shared;
+use super::status::{applied_decode_status, decode_status, encode_status};
 use crate::codec::delta::Base;
 use crate::delta::RewriteError;
 use crate::rewrite::KeyValues;

@@ -11,7 +11,8 @@
 use bytes::Bytes;
 use tonic::Status;
 
-use super::{decode_status, encode_status, Shared};
+use super::shared::Shared;
+use super::status::{decode_status, encode_status};
 use crate::codec::frame;
 use crate::codec::DecodeError;
 use crate::proto::etcdserverpb::PutRequest;

@@ -32,7 +32,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::raw::{self, RawCodec};
 use super::values::{self, Failure};
-use super::{decode_status, requests_until_dropped, Shared};
+use super::metadata::{forward, requests_until_dropped};
+use super::shared::Shared;
+use super::status::decode_status;
 use crate::classify::{classify, Call, Route, Scope};
 use crate::proto::etcdserverpb::{watch_request, ResponseHeader, WatchCancelRequest, WatchRequest, WatchResponse};
 use crate::upstream::Upstream;
@@ -134,7 +136,7 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
         let (scope, creates) = (this.scope.clone(), state.clone());
         let classified = tokio_stream::StreamExt::map_while(inbound, |r| r.ok()).map(move |request: Bytes| {
             if let Some(create) = create_request(&request) {
-                let involved = classify(Call::WatchCreate, &create, &scope) != Route::Forward;
+                let involved = classify(Call::WatchCreate, create, &scope) != Route::Forward;
                 lock(&creates).pending_creates.push_back(involved);
             }
             request
@@ -145,7 +147,7 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
         Box::pin(async move {
             let path = PathAndQuery::from_static(WATCH_PATH);
             let mut upstream = raw::client(this.upstream.clone()).await?;
-            let request = super::forward(Request::from_parts(metadata, Default::default(), outbound));
+            let request = forward(Request::from_parts(metadata, Default::default(), outbound));
             let (md, responses, ext) = upstream.streaming(request, path, RawCodec).await?.into_parts();
             let open = OpenStream::new();
             let shared = this.shared.clone();

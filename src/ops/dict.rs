@@ -14,11 +14,12 @@ use bytes::Bytes;
 use crate::upstream::Upstream;
 use tonic::Status;
 
-use super::store::{Record, Store};
-use super::{unix_now, Dictionaries, DictionaryError};
+use super::EtcdArgs;
+use crate::dictionary::cache::DictionaryCache;
+use crate::dictionary::store::{Record, Store};
+use crate::dictionary::{unix_now, Dictionaries, DictionaryError, TrainReport};
 use crate::codec::{frame, ValueCodec, RESERVED_PREFIX};
 use crate::config::Config;
-use crate::ops::EtcdArgs;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::{watch_request, RangeRequest, WatchCreateRequest, WatchRequest};
@@ -222,9 +223,10 @@ pub async fn show(config: &Config, id: u32) -> Result<String, DictionaryError> {
 
 /// One training round for `prefix` from the values stored in etcd, published if it gains at least
 /// `dictionaries.min_gain` over the prefix's newest dictionary.
-pub async fn train_report(config: &Config, prefix: &str) -> Result<super::TrainReport, DictionaryError> {
-    let codec = ValueCodec::from_config(config);
-    let dictionaries = Dictionaries::new(config, codec, channel(config)?);
+pub async fn train_report(config: &Config, prefix: &str) -> Result<TrainReport, DictionaryError> {
+    let cache = std::sync::Arc::new(DictionaryCache::new());
+    let codec = ValueCodec::from_config(config).with_dictionaries(cache.clone());
+    let dictionaries = Dictionaries::new(config, codec, cache, channel(config)?);
     let p = dictionaries.prefix(prefix)?.clone();
     dictionaries.sync().await?;
     dictionaries.train_prefix(&p, &[]).await

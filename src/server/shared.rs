@@ -1,0 +1,36 @@
+//! The state every request of one proxy shares: the validated config, the value codec, the
+//! dictionaries and the delta-frame state.
+
+use std::sync::Arc;
+
+use crate::codec::ValueCodec;
+use crate::config::Config;
+use crate::delta::cache::BaseCache;
+use crate::dictionary::{cache::DictionaryCache, Dictionaries};
+use crate::upstream::Upstream;
+
+/// State shared by every request: the validated config, the value codec and its dictionaries.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration the proxy started with.
+    pub config: Config,
+    /// Prefix rules, limits and the dictionary cache.
+    pub codec: ValueCodec,
+    /// Loads the dictionaries responses need, samples Puts, follows the store, trains.
+    pub dictionaries: Arc<Dictionaries>,
+    /// Delta frames: which base each write uses, loading bases for reads.
+    pub deltas: Arc<crate::delta::Deltas>,
+}
+
+impl Shared {
+    /// Builds the shared state from a validated config; dictionaries are read from `upstream`.
+    pub fn new(config: Config, upstream: Upstream) -> Arc<Self> {
+        let dictionary_cache = Arc::new(DictionaryCache::new());
+        let codec = ValueCodec::from_config(&config).with_dictionaries(dictionary_cache.clone());
+        let base_cache = Arc::new(BaseCache::for_rules(codec.rules()));
+        let codec = codec.with_bases(base_cache.clone());
+        let dictionaries = Dictionaries::new(&config, codec.clone(), dictionary_cache, upstream.clone());
+        let deltas = crate::delta::Deltas::new(codec.clone(), base_cache, upstream, dictionaries.clone());
+        Arc::new(Shared { config, codec, dictionaries, deltas })
+    }
+}
