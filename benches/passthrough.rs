@@ -23,7 +23,7 @@
 //! ```text
 //! cargo bench --bench passthrough -- [--clients 8] [--seconds 5] [--warmup 1]
 //!     [--fronts direct,grpc-proxy,haproxy,squeeze] [--connections shared|per-client]
-//!     [--instructions] [--gets 200,400] [--updates 40,80] [--callgrind-dir DIR] [--markdown FILE]
+//!     [--instructions] [--gets 500,1000] [--updates 50,100] [--callgrind-dir DIR] [--markdown FILE]
 //! ```
 //!
 //! `--connections shared` (the default): all clients are tasks sharing one `etcd_client::Client`,
@@ -111,8 +111,8 @@ fn parse_args() -> Args {
         fronts: vec![Front::Direct, Front::GrpcProxy, Front::Haproxy, Front::Squeeze],
         per_client_connections: false,
         instructions: false,
-        gets: (200, 400),
-        updates: (40, 80),
+        gets: (500, 1000),
+        updates: (50, 100),
         callgrind_dir: None,
         markdown: None,
     };
