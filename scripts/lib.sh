@@ -1,4 +1,4 @@
-# Shared by scripts/demo and scripts/test. Sourced, not run.
+# Shared by scripts/demo, scripts/test and scripts/bench. Sourced, not run.
 
 # Installs Debian packages with apt-get (as root, or through sudo).
 apt_install() {
@@ -25,6 +25,25 @@ ensure_protoc() {
         return 0
     fi
     apt_install protobuf-compiler
+}
+
+# Installs Debian's haproxy when missing: the pass-through bench (benches/passthrough.rs) runs it
+# in `mode tcp` on a free loopback port as the floor of any hop. Only the binary is used.
+ensure_haproxy() {
+    if command -v haproxy >/dev/null 2>&1; then
+        return 0
+    fi
+    apt_install haproxy
+    # The package may start a service with its default config (no listener); the bench runs its own.
+}
+
+# Installs Debian's valgrind (callgrind, callgrind_annotate) when missing: instructions per call of
+# the proxy (`cargo bench --bench passthrough -- --instructions`).
+ensure_valgrind() {
+    if command -v valgrind >/dev/null 2>&1 && command -v callgrind_annotate >/dev/null 2>&1; then
+        return 0
+    fi
+    apt_install valgrind
 }
 
 # Installs Debian's prometheus (with promtool) when missing: the dashboard test evaluates every

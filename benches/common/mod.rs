@@ -1,4 +1,4 @@
-//! Helpers shared by the end-to-end benches (`load`, `delta`): a real etcd on free loopback
+//! Helpers shared by the end-to-end benches (`load`, `delta`, `passthrough`): a real etcd on free loopback
 //! ports, and latency quantiles. Not a bench target itself (a directory, not `benches/*.rs`).
 #![allow(dead_code)] // each bench uses part of it
 
@@ -61,6 +61,11 @@ impl Etcd {
             }
         }
         panic!("etcd exited at start three times (ports taken?)");
+    }
+
+    /// Its process ID (for CPU accounting from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// A client on it.
