@@ -276,18 +276,37 @@ pub fn splice<E: From<WireError>>(
     leaves: &[Shape],
     f: &mut impl FnMut(Shape, &Bytes, Path<'_>) -> Result<Option<Bytes>, E>,
 ) -> Result<Option<Bytes>, E> {
-    let mut path = Vec::new();
-    Ok(walk(msg, shape, leaves, &mut path, f)?.map(Rope::concat))
+    Ok(splice_chunks(msg, shape, leaves, &mut |s, leaf, p| f(s, leaf, p).map(|r| r.map(Spliced::from)))?.map(Spliced::concat))
 }
 
-/// Pieces of a rebuilt message: slices of the original and replacements, joined once at the end.
-#[derive(Default)]
-struct Rope {
+/// [`splice`], returning the rebuilt message as pieces (slices of `msg` and the replacements,
+/// never copied): the gRPC encoder writes them out in one copy.
+pub fn splice_chunks<E: From<WireError>>(
+    msg: &Bytes,
+    shape: Shape,
+    leaves: &[Shape],
+    f: &mut impl FnMut(Shape, &Bytes, Path<'_>) -> Result<Option<Spliced>, E>,
+) -> Result<Option<Spliced>, E> {
+    let mut path = Vec::new();
+    walk(msg, shape, leaves, &mut path, f)
+}
+
+/// A message in pieces: slices of the original bytes and replacements, in order.
+#[derive(Debug, Default, Clone)]
+pub struct Spliced {
     chunks: Vec<Bytes>,
     len: usize,
 }
 
-impl Rope {
+impl From<Bytes> for Spliced {
+    fn from(b: Bytes) -> Self {
+        let mut s = Spliced::default();
+        s.push(b);
+        s
+    }
+}
+
+impl Spliced {
     fn push(&mut self, b: Bytes) {
         if !b.is_empty() {
             self.len += b.len();
@@ -295,8 +314,29 @@ impl Rope {
         }
     }
 
-    fn concat(self) -> Bytes {
-        if self.chunks.len() == 1 {
+    fn append(&mut self, other: Spliced) {
+        self.len += other.len;
+        self.chunks.extend(other.chunks);
+    }
+
+    /// Bytes in all pieces.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when there is no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces, in order.
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
+    /// The message in one buffer (a copy unless it is one piece).
+    pub fn concat(self) -> Bytes {
+        if self.chunks.len() <= 1 {
             return self.chunks.into_iter().next().unwrap_or_default();
         }
         let mut out = BytesMut::with_capacity(self.len);
@@ -312,12 +352,12 @@ fn walk<E: From<WireError>>(
     shape: Shape,
     leaves: &[Shape],
     path: &mut Vec<(Shape, u32)>,
-    f: &mut impl FnMut(Shape, &Bytes, Path<'_>) -> Result<Option<Bytes>, E>,
-) -> Result<Option<Rope>, E> {
+    f: &mut impl FnMut(Shape, &Bytes, Path<'_>) -> Result<Option<Spliced>, E>,
+) -> Result<Option<Spliced>, E> {
     if path.len() >= MAX_DEPTH {
         return Err(WireError::TooDeep.into());
     }
-    let mut rope: Option<Rope> = None;
+    let mut rope: Option<Spliced> = None;
     let mut copied = 0;
     for field in fields(msg) {
         let field = field?;
@@ -326,24 +366,19 @@ fn walk<E: From<WireError>>(
         let inner = msg.slice(payload.clone());
         path.push((shape, field.number));
         let replaced = if leaves.contains(&child) {
-            f(child, &inner, path)?.map(|b| {
-                let mut r = Rope::default();
-                r.push(b);
-                r
-            })
+            f(child, &inner, path)?
         } else {
             walk(&inner, child, leaves, path, f)?
         };
         path.pop();
         if let Some(new) = replaced {
-            let out = rope.get_or_insert_with(Rope::default);
+            let out = rope.get_or_insert_with(Spliced::default);
             out.push(msg.slice(copied..field.span.start));
             let mut key = BytesMut::with_capacity(15);
             encode_varint(u64::from(field.number << 3 | WireType::LengthDelimited as u32), &mut key);
             encode_varint(new.len as u64, &mut key);
             out.push(key.freeze());
-            out.len += new.len;
-            out.chunks.extend(new.chunks);
+            out.append(new);
             copied = field.span.end;
         }
     }
@@ -380,6 +415,38 @@ pub fn with_bytes_field(msg: &Bytes, number: u32, value: &Bytes) -> Result<Bytes
         put_value(&mut out);
     }
     Ok(out.freeze())
+}
+
+/// `msg` with its length-delimited field `number` set to `value`, as [`with_bytes_field`], in
+/// pieces: the value is not copied (a decoded value of megabytes is written out once, by the encoder).
+pub fn with_bytes_field_chunks(msg: &Bytes, number: u32, value: &Bytes) -> Result<Spliced, WireError> {
+    let all: Vec<Field> = fields(msg).collect::<Result<_, _>>()?;
+    let last = all.iter().rposition(|f| f.number == number && matches!(f.value, Value::Bytes(_)));
+    let mut out = Spliced::default();
+    let mut copied = 0;
+    let header = |out: &mut Spliced| {
+        if !value.is_empty() {
+            let mut key = BytesMut::with_capacity(15);
+            encode_varint(u64::from(number << 3 | WireType::LengthDelimited as u32), &mut key);
+            encode_varint(value.len() as u64, &mut key);
+            out.push(key.freeze());
+            out.push(value.clone());
+        }
+    };
+    for (i, f) in all.iter().enumerate() {
+        if f.number == number && matches!(f.value, Value::Bytes(_)) {
+            out.push(msg.slice(copied..f.span.start));
+            copied = f.span.end;
+            if Some(i) == last {
+                header(&mut out);
+            }
+        }
+    }
+    out.push(msg.slice(copied..));
+    if last.is_none() {
+        header(&mut out);
+    }
+    Ok(out)
 }
 
 /// Bytes a field with key `number` and a length-delimited payload of `len` bytes takes.
@@ -551,6 +618,17 @@ mod tests {
         assert_eq!(out.windows(3).filter(|w| w == b"new").count(), 3, "all three unknown fields kept");
         let decoded = WatchResponse::decode(&out[..]).unwrap();
         assert_eq!(decoded.events[0].kv.as_ref().unwrap().value, "ALPHA");
+    }
+
+    #[test]
+    fn chunks_and_one_buffer_agree() {
+        let kv_bytes = Bytes::from(kv("/a", "alpha").encode_to_vec());
+        for value in [Bytes::from_static(b"ALPHA!"), Bytes::new()] {
+            assert_eq!(with_bytes_field_chunks(&kv_bytes, 5, &value).unwrap().concat(), with_bytes_field(&kv_bytes, 5, &value).unwrap());
+        }
+        let no_value = Bytes::from(kv("/a", "").encode_to_vec());
+        let v = Bytes::from_static(b"x");
+        assert_eq!(with_bytes_field_chunks(&no_value, 5, &v).unwrap().concat(), with_bytes_field(&no_value, 5, &v).unwrap());
     }
 
     #[test]

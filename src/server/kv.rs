@@ -26,7 +26,7 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
-use super::raw::{self, RawCodec};
+use super::raw::{self, SplicedCodec};
 use super::rebuild::Rebuild;
 use super::values::{self, Failure};
 use super::shared::Shared;
@@ -35,7 +35,7 @@ use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest, RangeRequest, TxnRequest};
 use crate::rewrite::EncodeStats;
 use crate::upstream::Upstream;
-use crate::wire::{self, Shape};
+use crate::wire::{self, Shape, Spliced};
 
 /// The KV service: classifies each call, forwards or rewrites it.
 #[derive(Clone)]
@@ -126,7 +126,7 @@ impl tower::Service<http::Request<Body>> for KvService {
         let call = KvCall { inner: self.inner.clone(), method: method.unwrap_or(Method::Range) };
         let max_decoding = self.inner.max_decoding;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(RawCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
+            let mut grpc = tonic::server::Grpc::new(SplicedCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
             Ok(match method {
                 Some(Method::RangeStream) => grpc.server_streaming(call, req).await,
                 Some(_) => grpc.unary(call, req).await,
@@ -144,8 +144,8 @@ struct KvCall {
 }
 
 impl tonic::server::UnaryService<Bytes> for KvCall {
-    type Response = Bytes;
-    type Future = BoxFuture<'static, Result<Response<Bytes>, Status>>;
+    type Response = Spliced;
+    type Future = BoxFuture<'static, Result<Response<Spliced>, Status>>;
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let (inner, method) = (self.inner.clone(), self.method);
@@ -155,7 +155,7 @@ impl tonic::server::UnaryService<Bytes> for KvCall {
             }
             let call = method.call().unwrap_or(Call::Range);
             match classify(call, request.get_ref(), &inner.scope) {
-                Route::Forward => raw::unary(inner.upstream.clone(), method.path(), request).await,
+                Route::Forward => Ok(raw::unary(inner.upstream.clone(), method.path(), request).await?.map(Spliced::from)),
                 Route::Rewrite(needs) if needs.rebuild() => inner.rebuild(method, request).await,
                 Route::Rewrite(_) => inner.in_place(method, request).await,
             }
@@ -164,8 +164,8 @@ impl tonic::server::UnaryService<Bytes> for KvCall {
 }
 
 impl tonic::server::ServerStreamingService<Bytes> for KvCall {
-    type Response = Bytes;
-    type ResponseStream = BoxStream<'static, Result<Bytes, Status>>;
+    type Response = Spliced;
+    type ResponseStream = BoxStream<'static, Result<Spliced, Status>>;
     type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
 
     /// etcd ≥ 3.7's streamed Range: each chunk's values are decoded; an older etcd answers
@@ -185,7 +185,7 @@ impl tonic::server::ServerStreamingService<Bytes> for KvCall {
             let read_revision = wire::varint_field(request.get_ref(), 4).unwrap_or(0);
             let response = raw::server_streaming(inner.upstream.clone(), Method::RangeStream.path(), request).await?;
             if route == Route::Forward {
-                return Ok(response.map(|s| s.boxed()));
+                return Ok(response.map(|s| s.map(|r| r.map(Spliced::from)).boxed()));
             }
             let (md, chunks, ext) = response.into_parts();
             Ok(Response::from_parts(md, decode_chunks(inner, chunks, read_revision), ext))
@@ -195,7 +195,7 @@ impl tonic::server::ServerStreamingService<Bytes> for KvCall {
 
 /// Decodes each chunk of a RangeStream; the first one that cannot be decoded ends the stream
 /// with its status (no chunk is ever passed on half-decoded).
-fn decode_chunks(inner: Arc<Inner>, chunks: tonic::Streaming<Bytes>, read_revision: i64) -> BoxStream<'static, Result<Bytes, Status>> {
+fn decode_chunks(inner: Arc<Inner>, chunks: tonic::Streaming<Bytes>, read_revision: i64) -> BoxStream<'static, Result<Spliced, Status>> {
     let decoded = chunks.then(move |item| {
         let inner = inner.clone();
         async move {
@@ -221,15 +221,15 @@ fn decode_chunks(inner: Arc<Inner>, chunks: tonic::Streaming<Bytes>, read_revisi
 
 impl Inner {
     /// Compact: forwarded as bytes; a compaction etcd accepted is noted for delta frames' bases.
-    async fn compact(&self, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+    async fn compact(&self, request: Request<Bytes>) -> Result<Response<Spliced>, Status> {
         let revision = wire::varint_field(request.get_ref(), 1).unwrap_or(0);
         let response = raw::unary(self.upstream.clone(), Method::Compact.path(), request).await?;
         self.shared.deltas.observe_compaction(revision);
-        Ok(response)
+        Ok(response.map(Spliced::from))
     }
 
     /// The in-place road: values encoded and decoded in the wire bytes.
-    async fn in_place(&self, method: Method, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+    async fn in_place(&self, method: Method, request: Request<Bytes>) -> Result<Response<Spliced>, Status> {
         let shared = &self.shared;
         let mut stats = EncodeStats::default();
         let mut read_revisions = Vec::new();
@@ -277,14 +277,14 @@ impl Inner {
     }
 
     /// The rebuild road: the request is decoded with prost and handled by [`Rebuild`].
-    async fn rebuild(&self, method: Method, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+    async fn rebuild(&self, method: Method, request: Request<Bytes>) -> Result<Response<Spliced>, Status> {
         fn decoded<M: Message + Default>(request: Request<Bytes>) -> Result<Request<M>, Status> {
             let (metadata, extensions, body) = request.into_parts();
             let message = M::decode(body).map_err(|e| Status::internal(format!("grpc: error unmarshalling request: {e}")))?;
             Ok(Request::from_parts(metadata, extensions, message))
         }
-        fn encoded<M: Message>(response: Response<M>) -> Response<Bytes> {
-            response.map(|m| Bytes::from(m.encode_to_vec()))
+        fn encoded<M: Message>(response: Response<M>) -> Response<Spliced> {
+            response.map(|m| Spliced::from(Bytes::from(m.encode_to_vec())))
         }
         let r = &self.rebuild;
         Ok(match method {

@@ -218,6 +218,39 @@ impl tonic::server::StreamingService<Bytes> for Forwarder {
     }
 }
 
+/// A gRPC codec for the KV and Watch services: requests are the protobuf bytes, responses a
+/// message in pieces ([`crate::wire::Spliced`]: etcd's bytes with decoded values spliced in),
+/// written out in one copy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SplicedCodec;
+
+impl Codec for SplicedCodec {
+    type Encode = crate::wire::Spliced;
+    type Decode = Bytes;
+    type Encoder = SplicedCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        SplicedCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for SplicedCodec {
+    type Item = crate::wire::Spliced;
+    type Error = Status;
+
+    fn encode(&mut self, item: crate::wire::Spliced, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.len());
+        for chunk in item.chunks() {
+            dst.put_slice(chunk);
+        }
+        Ok(())
+    }
+}
+
 /// A gRPC codec whose messages are the protobuf bytes themselves.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawCodec;

@@ -18,7 +18,7 @@ use crate::codec::DecodeError;
 use crate::proto::etcdserverpb::PutRequest;
 use crate::proto::mvccpb::KeyValue;
 use crate::rewrite::{EncodeStats, KeyValues};
-use crate::wire::{self, KeyValueView, Shape, WireError};
+use crate::wire::{self, KeyValueView, Shape, Spliced, WireError};
 
 /// Why a response could not be passed on.
 #[derive(Debug)]
@@ -109,8 +109,9 @@ fn view_kv(v: KeyValueView) -> KeyValue {
 /// Decodes every `KeyValue.value` of a KV response (`shape`: Range, Put, DeleteRange, Txn or
 /// RangeStream response) in its wire bytes. `read_revisions`: the revisions the values were read
 /// at when older than the current one (a Range's `revision`, the revision before a write for its
-/// prev_kvs). Returns `bytes` itself when no value is a frame.
-pub async fn decode_response(shared: &Shared, shape: Shape, bytes: Bytes, read_revisions: &[i64]) -> Result<Bytes, Failure> {
+/// prev_kvs). Returns `bytes` itself when no value is a frame; else the message in pieces (the
+/// decoded values are not copied until the encoder writes them out).
+pub async fn decode_response(shared: &Shared, shape: Shape, bytes: Bytes, read_revisions: &[i64]) -> Result<Spliced, Failure> {
     let mut framed = Framed(Vec::new());
     let mut sites = Vec::new();
     let mut ordinal = 0;
@@ -126,30 +127,30 @@ pub async fn decode_response(shared: &Shared, shape: Shape, bytes: Bytes, read_r
         Ok::<_, Failure>(())
     })?;
     if framed.0.is_empty() {
-        return Ok(bytes);
+        return Ok(Spliced::from(bytes));
     }
     decode_framed(shared, &mut framed, &sites, true).await?;
     let mut ordinal = 0;
     let mut next = sites.iter().zip(framed.0.iter()).peekable();
-    let out = wire::splice(&bytes, shape, &[Shape::KeyValue], &mut |_, leaf, _| {
+    let out = wire::splice_chunks(&bytes, shape, &[Shape::KeyValue], &mut |_, leaf, _| {
         let this = ordinal;
         ordinal += 1;
         match next.peek() {
             Some((site, kv)) if site.slot == this => {
                 let value = kv.value.clone();
                 next.next();
-                Ok::<_, WireError>(Some(wire::with_bytes_field(leaf, 5, &value)?))
+                Ok::<_, WireError>(Some(wire::with_bytes_field_chunks(leaf, 5, &value)?))
             }
             _ => Ok(None),
         }
     })?;
-    Ok(out.unwrap_or(bytes))
+    Ok(out.unwrap_or_else(|| Spliced::from(bytes)))
 }
 
 /// Decodes the events of a `WatchResponse` in its wire bytes: a PUT event's values were read at
 /// the event's revision, a DELETE event's prev_kv just before it. Returns `bytes` itself when no
-/// value is a frame.
-pub async fn decode_watch_response(shared: &Shared, bytes: Bytes) -> Result<Bytes, Failure> {
+/// value is a frame (else the message in pieces, as [`decode_response`]).
+pub async fn decode_watch_response(shared: &Shared, bytes: Bytes) -> Result<Spliced, Failure> {
     let mut framed = Framed(Vec::new());
     let mut sites = Vec::new();
     let mut event = 0;
@@ -169,23 +170,23 @@ pub async fn decode_watch_response(shared: &Shared, bytes: Bytes) -> Result<Byte
         Ok::<_, Failure>(())
     })?;
     if framed.0.is_empty() {
-        return Ok(bytes);
+        return Ok(Spliced::from(bytes));
     }
     decode_framed(shared, &mut framed, &sites, false).await?;
     let decoded: std::collections::HashMap<usize, Bytes> = sites.iter().map(|s| s.slot).zip(framed.0.into_iter().map(|kv| kv.value)).collect();
     let mut event = 0;
-    let out = wire::splice(&bytes, Shape::WatchResponse, &[Shape::Event], &mut |_, ev, _| {
+    let out = wire::splice_chunks(&bytes, Shape::WatchResponse, &[Shape::Event], &mut |_, ev, _| {
         let this = event;
         event += 1;
         if !decoded.contains_key(&(2 * this)) && !decoded.contains_key(&(2 * this + 1)) {
             return Ok::<_, WireError>(None);
         }
-        wire::splice(ev, Shape::Event, &[Shape::KeyValue], &mut |_, leaf, path| {
+        wire::splice_chunks(ev, Shape::Event, &[Shape::KeyValue], &mut |_, leaf, path| {
             let slot = 2 * this + usize::from(path.last().is_some_and(|(_, field)| *field == 3));
-            decoded.get(&slot).map(|value| wire::with_bytes_field(leaf, 5, value)).transpose()
+            decoded.get(&slot).map(|value| wire::with_bytes_field_chunks(leaf, 5, value)).transpose()
         })
     })?;
-    Ok(out.unwrap_or(bytes))
+    Ok(out.unwrap_or_else(|| Spliced::from(bytes)))
 }
 
 /// Encodes one `PutRequest` (its wire bytes) for the rewrite road: samples it for dictionary

@@ -30,7 +30,7 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::raw::{self, RawCodec};
+use super::raw::{self, RawCodec, SplicedCodec};
 use super::values::{self, Failure};
 use super::metadata::{forward, requests_until_dropped};
 use super::shared::Shared;
@@ -38,7 +38,7 @@ use super::status::decode_status;
 use crate::classify::{classify, Call, Route, Scope};
 use crate::proto::etcdserverpb::{watch_request, ResponseHeader, WatchCancelRequest, WatchRequest, WatchResponse};
 use crate::upstream::Upstream;
-use crate::wire::{self, Value};
+use crate::wire::{self, Spliced, Value};
 
 const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
 
@@ -79,7 +79,7 @@ impl tower::Service<http::Request<Body>> for WatchService {
             if req.uri().path() != WATCH_PATH {
                 return Ok(Status::unimplemented("").into_http());
             }
-            let mut grpc = tonic::server::Grpc::new(RawCodec).apply_max_message_size_config(Some(this.max_decoding), Some(usize::MAX));
+            let mut grpc = tonic::server::Grpc::new(SplicedCodec).apply_max_message_size_config(Some(this.max_decoding), Some(usize::MAX));
             Ok(grpc.streaming(this, req).await)
         })
     }
@@ -122,8 +122,8 @@ fn read_top(msg: &[u8]) -> Result<Top, wire::WireError> {
 }
 
 impl tonic::server::StreamingService<Bytes> for WatchService {
-    type Response = Bytes;
-    type ResponseStream = BoxStream<'static, Result<Bytes, Status>>;
+    type Response = Spliced;
+    type ResponseStream = BoxStream<'static, Result<Spliced, Status>>;
     type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
@@ -190,7 +190,7 @@ async fn respond(
     state: Arc<Mutex<StreamState>>,
     cancel_tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
     item: Result<Bytes, Status>,
-) -> Option<Result<Bytes, Status>> {
+) -> Option<Result<Spliced, Status>> {
     let bytes = match item {
         Ok(bytes) => bytes,
         Err(status) => return Some(Err(status)),
@@ -225,7 +225,7 @@ async fn respond(
     };
     crate::metrics::get().watch_events.inc_by(top.events);
     if !decode {
-        return Some(Ok(bytes));
+        return Some(Ok(Spliced::from(bytes)));
     }
     match values::decode_watch_response(&shared, bytes.clone()).await {
         Ok(decoded) => Some(Ok(decoded)),
@@ -236,7 +236,7 @@ async fn respond(
             let _ = cancel_tx.send(Bytes::from(WatchRequest { request_union: Some(cancel) }.encode_to_vec()));
             let header = wire::bytes_field(&bytes, 1).ok().and_then(|h| ResponseHeader::decode(h).ok());
             let canceled = WatchResponse { header, watch_id: top.watch_id, canceled: true, cancel_reason: reason, ..Default::default() };
-            Some(Ok(Bytes::from(canceled.encode_to_vec())))
+            Some(Ok(Spliced::from(Bytes::from(canceled.encode_to_vec()))))
         }
         // etcd unreachable while loading a base: the stream ends with etcd's status, and the
         // client re-watches from its last revision (not a DATA_LOSS cancel of the watch).
