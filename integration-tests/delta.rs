@@ -8,7 +8,7 @@ use etcd_squeeze::codec::delta::BASES_PREFIX;
 use etcd_squeeze::codec::frame::{self, Codec};
 use etcd_squeeze::corpus::{consecutive_writes, update_series, Scenario, Topology};
 
-use crate::harness::{delta_config, Env, Etcd, Proxy, FLYTE};
+use crate::harness::{Env, Etcd, Proxy, FLYTE};
 
 /// 20 consecutive propeller writes of a dynamic fan-out with 1,000 children (~60 KB: a watch
 /// replaying all 20 with prev_kv stays under etcd-client's 4 MiB message limit).
@@ -71,7 +71,7 @@ async fn series_reads_back_at_every_revision_and_replays_in_a_watch() {
     assert!(raw > 30 * stored_total, "history {raw} bytes stored in {stored_total}");
 
     // A fresh proxy (cold base cache) reads the same and replays the history in a watch.
-    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let cold = Proxy::start_delta(&env.etcd.url).await;
     let mut c = cold.client().await;
     let mut stream = c.watch(key.as_str(), Some(WatchOptions::new().with_start_revision(revs[0]).with_prev_key())).await.unwrap();
     let mut seen = Vec::new();
@@ -172,7 +172,7 @@ async fn delete_carries_prev_kv_and_takes_the_bases() {
     assert_eq!(deletes, vec![versions[4].clone(), versions[2].clone()]);
     assert!(bases(&mut env.direct).await.is_empty(), "no base remains once its key is deleted");
     // A cold proxy decodes the DELETE event's prev_kv from the base's history.
-    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let cold = Proxy::start_delta(&env.etcd.url).await;
     let mut c = cold.client().await;
     let mut stream = c.watch(a.as_str(), Some(WatchOptions::new().with_prev_key().with_start_revision(r.header().unwrap().revision()))).await.unwrap();
     let resp = loop {
@@ -188,7 +188,7 @@ async fn delete_carries_prev_kv_and_takes_the_bases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_update_one_key_concurrently() {
     let etcd = Etcd::start().await;
-    let (p1, p2) = (Proxy::start_config(delta_config(&etcd.url, FLYTE)).await, Proxy::start_config(delta_config(&etcd.url, FLYTE)).await);
+    let (p1, p2) = (Proxy::start_delta(&etcd.url).await, Proxy::start_delta(&etcd.url).await);
     let key = format!("{FLYTE}ns/raced");
     let versions = drifting_series();
     let mut c1 = p1.client().await;
@@ -246,7 +246,7 @@ async fn snapshot_restore_keeps_every_object_readable() {
     let snapshot = dir.path().join("snap.db");
     crate::harness::etcdctl(&env.etcd.url, &["snapshot", "save", snapshot.to_str().unwrap()], None);
     let restored = Etcd::restore(&snapshot).await;
-    let proxy = Proxy::start_config(delta_config(&restored.url, FLYTE)).await;
+    let proxy = Proxy::start_delta(&restored.url).await;
     let mut c = proxy.client().await;
     for (i, k) in keys.iter().enumerate() {
         let got = c.get(k.as_str(), None).await.unwrap();
@@ -340,7 +340,7 @@ async fn tools_read_delta_frames_and_a_missing_base_is_data_loss() {
     // (Deleted and compacted away: while it is in etcd's history the proxy still finds it there.)
     let deleted = env.direct.delete(base_key.to_vec(), None).await.unwrap();
     env.direct.compact(deleted.header().unwrap().revision(), None).await.unwrap();
-    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let cold = Proxy::start_delta(&env.etcd.url).await;
     let mut c = cold.client().await;
     let err = error_of(c.get(key.as_str(), None).await);
     assert!(err.contains("data loss"), "{err}");
@@ -358,11 +358,11 @@ async fn tools_read_delta_frames_and_a_missing_base_is_data_loss() {
     let n = corrupt.len();
     corrupt[n - 8] ^= 0x40;
     env.direct.put(other_base.to_vec(), corrupt, None).await.unwrap();
-    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let cold = Proxy::start_delta(&env.etcd.url).await;
     let err = error_of(cold.client().await.get(other.as_str(), None).await);
     assert!(err.contains("tools-other") && err.contains("base"), "{err}");
     env.direct.put(base_key.to_vec(), record, None).await.unwrap();
-    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let cold = Proxy::start_delta(&env.etcd.url).await;
     let err = error_of(cold.client().await.get(key.as_str(), None).await);
     assert!(err.contains("another key"), "{err}");
 }
@@ -405,7 +405,7 @@ async fn a_restarted_proxy_collects_bases_it_did_not_write() {
     let before = bases(&mut env.direct).await.len();
     assert!(before >= 3, "the drifting series rebased: {before} bases");
     // A new proxy (no knowledge of this key): its first write rebases.
-    let fresh = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let fresh = Proxy::start_delta(&env.etcd.url).await;
     let mut c = fresh.client().await;
     let mut rev = *revs.last().unwrap();
     let put = |v: &Vec<u8>, rev: i64| Txn::new().when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)]).and_then([TxnOp::put(key.as_str(), v.clone(), None)]);
@@ -424,7 +424,7 @@ async fn a_restarted_proxy_collects_bases_it_did_not_write() {
     let after = bases(&mut env.direct).await.len();
     assert!(after <= 2, "older bases collected: {before} before, {after} after");
     // Everything readable still reads, through a cold proxy too.
-    let cold = Proxy::start_config(delta_config(&env.etcd.url, FLYTE)).await;
+    let cold = Proxy::start_delta(&env.etcd.url).await;
     assert_eq!(cold.client().await.get(key.as_str(), None).await.unwrap().kvs()[0].value(), &versions[13][..]);
     let at = c.get(key.as_str(), Some(GetOptions::new().with_revision(rev - 1))).await.unwrap();
     assert_eq!(at.kvs()[0].value(), &versions[12][..]);

@@ -11,22 +11,22 @@ use etcd_squeeze::corpus;
 use etcd_squeeze::dictionary::store::{DictionaryMeta, Store};
 use etcd_squeeze::dictionary::training;
 
-use crate::harness::{free_port, Etcd, Proxy, FLYTE};
+use crate::harness::{free_port, Etcd, Proxy, ProxyConfig, FLYTE};
 
 const DICTS: &str = "/etcd-squeeze/dictionaries/";
 
 /// A proxy config for tests: FlyteWorkflow prefix, small dictionaries, fast election and retraining.
 fn config(etcd: &Etcd, train: bool) -> Config {
-    let mut c = Config::default();
-    c.server.listen = "127.0.0.1:0".parse().unwrap();
-    c.upstream.endpoints = vec![etcd.url.clone()];
-    let d = &mut c.dictionaries;
-    d.train = train;
-    d.election_ttl = Duration::from_secs(1);
-    d.retrain_interval = Duration::from_millis(300);
-    d.samples = 64;
-    d.size = bytesize::ByteSize::kib(16);
-    c
+    ProxyConfig::new(&etcd.url)
+        .with(|c| {
+            let d = &mut c.dictionaries;
+            d.train = train;
+            d.election_ttl = Duration::from_secs(1);
+            d.retrain_interval = Duration::from_millis(300);
+            d.samples = 64;
+            d.size = bytesize::ByteSize::kib(16);
+        })
+        .build()
 }
 
 /// Small FlyteWorkflow objects of varied shapes: what a dictionary helps most.

@@ -18,7 +18,7 @@ use etcd_squeeze::config::{Config, PrefixConfig};
 use etcd_squeeze::proto::etcdserverpb::kv_client::KvClient;
 use etcd_squeeze::proto::etcdserverpb::RangeRequest;
 
-use crate::harness::{eventually, free_port, rss_kib, Etcd, Proxy, FLYTE};
+use crate::harness::{eventually, free_port, rss_kib, Etcd, Proxy, ProxyConfig, FLYTE};
 use crate::history::{self, Ack};
 use crate::ops::{Binary, BinaryConfig};
 
@@ -246,14 +246,12 @@ async fn writes_succeed(via: &mut etcd_client::Client, what: &str, n: usize, wit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_member_cluster_loses_a_follower_then_the_leader() {
     let mut members = cluster().await;
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.upstream.endpoints = members.iter().map(|m| m.url.clone()).collect();
-    config.upstream.connect_timeout = Duration::from_secs(1);
-    config.health.probe_interval = Duration::from_millis(500);
-    config.health.probe_timeout = Duration::from_millis(500);
-    config.prefixes = vec![PrefixConfig::new(FLYTE)];
-    let proxy = Proxy::start_config(config).await;
+    let proxy = ProxyConfig::endpoints(members.iter().map(|m| &m.url))
+        .connect_timeout(Duration::from_secs(1))
+        .probe(Duration::from_millis(500), Duration::from_millis(500))
+        .prefix(FLYTE)
+        .start()
+        .await;
     let mut via = proxy.client().await;
     writes_succeed(&mut via, "healthy", 10, Duration::from_secs(5)).await;
 

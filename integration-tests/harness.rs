@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_squeeze::codec::delta::{base_key, bases_dir, BASES_PREFIX};
+use etcd_squeeze::codec::frame::{self, Codec};
 use etcd_squeeze::config::{Config, PrefixConfig};
+use etcd_squeeze::corpus::{consecutive_writes, update_series, Scenario, Topology};
 use tokio::sync::oneshot;
 
 /// The FlyteWorkflow key prefix.
@@ -178,11 +182,13 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy in front of `upstream` compressing `prefixes`.
     pub async fn start(upstream: &str, prefixes: &[&str]) -> Proxy {
-        let mut config = Config::default();
-        config.server.listen = "127.0.0.1:0".parse().unwrap();
-        config.upstream.endpoints = vec![upstream.to_string()];
-        config.prefixes = prefixes.iter().map(|p| PrefixConfig::new(*p)).collect();
-        Self::start_config(config).await
+        Self::start_config(ProxyConfig::new(upstream).prefixes(prefixes).build()).await
+    }
+
+    /// Starts a proxy with delta frames on for [`FLYTE`] in front of `upstream` ([`delta_config`]);
+    /// a new one has no base cache and knows nothing of what others wrote (a "cold" proxy).
+    pub async fn start_delta(upstream: &str) -> Proxy {
+        Self::start_config(delta_config(upstream, FLYTE)).await
     }
 
     /// Starts a proxy with a full config (`server.listen` should be port 0). A default
@@ -205,14 +211,99 @@ impl Proxy {
 /// A proxy config for `upstream` with delta frames on for `prefix` (dictionaries off, so the
 /// stored bytes depend on the deltas alone).
 pub fn delta_config(upstream: &str, prefix: &str) -> Config {
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.upstream.endpoints = vec![upstream.to_string()];
-    let mut rule = PrefixConfig::new(prefix);
-    rule.delta = true;
-    config.prefixes = vec![rule];
-    config.dictionaries.enabled = false;
-    config
+    ProxyConfig::new(upstream).prefix(prefix).delta(true).dictionaries(false).build()
+}
+
+/// A proxy configuration for a test, built from [`Config::default`]: listening on a free loopback
+/// port, forwarding to the given etcd, compressing the default prefixes (FlyteWorkflow) unless
+/// [`ProxyConfig::prefix`] or [`ProxyConfig::prefixes`] says otherwise.
+///
+/// `ProxyConfig::new(&etcd.url).prefix(FLYTE).delta(true).dictionaries(false).max_value_bytes(ByteSize::mib(2)).build()`;
+/// settings without a method of their own go through [`ProxyConfig::with`].
+#[must_use]
+pub struct ProxyConfig {
+    config: Config,
+}
+
+impl ProxyConfig {
+    /// The defaults, in front of `upstream` (an `http://` or `https://` URL), on `127.0.0.1:0`.
+    pub fn new(upstream: &str) -> Self {
+        Self::endpoints([upstream])
+    }
+
+    /// The defaults, in front of several etcd endpoints, on `127.0.0.1:0`.
+    pub fn endpoints<S: ToString>(upstreams: impl IntoIterator<Item = S>) -> Self {
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.upstream.endpoints = upstreams.into_iter().map(|u| u.to_string()).collect();
+        ProxyConfig { config }
+    }
+
+    /// Compresses `prefix` alone (with every default of a prefix rule).
+    pub fn prefix(self, prefix: &str) -> Self {
+        self.prefixes(&[prefix])
+    }
+
+    /// Compresses these prefixes (each with every default of a prefix rule).
+    pub fn prefixes(mut self, prefixes: &[&str]) -> Self {
+        self.config.prefixes = prefixes.iter().map(|p| PrefixConfig::new(*p)).collect();
+        self
+    }
+
+    /// Delta frames on or off for every prefix set so far.
+    pub fn delta(mut self, on: bool) -> Self {
+        for rule in &mut self.config.prefixes {
+            rule.delta = on;
+        }
+        self
+    }
+
+    /// Trained dictionaries on or off (`dictionaries.enabled`).
+    pub fn dictionaries(mut self, enabled: bool) -> Self {
+        self.config.dictionaries.enabled = enabled;
+        self
+    }
+
+    /// `limits.max_value_bytes`.
+    pub fn max_value_bytes(mut self, limit: bytesize::ByteSize) -> Self {
+        self.config.limits.max_value_bytes = limit;
+        self
+    }
+
+    /// `limits.max_response_bytes`.
+    pub fn max_response_bytes(mut self, limit: bytesize::ByteSize) -> Self {
+        self.config.limits.max_response_bytes = limit;
+        self
+    }
+
+    /// `upstream.connect_timeout`.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.upstream.connect_timeout = timeout;
+        self
+    }
+
+    /// `health.probe_interval` and `health.probe_timeout`.
+    pub fn probe(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.config.health.probe_interval = interval;
+        self.config.health.probe_timeout = timeout;
+        self
+    }
+
+    /// Any other setting.
+    pub fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(&mut self.config);
+        self
+    }
+
+    /// The configuration.
+    pub fn build(self) -> Config {
+        self.config
+    }
+
+    /// Starts a proxy with this configuration ([`Proxy::start_config`]).
+    pub async fn start(self) -> Proxy {
+        Proxy::start_config(self.config).await
+    }
 }
 
 impl Drop for Proxy {
@@ -360,6 +451,20 @@ where
     }
 }
 
+/// True under CI: the `CI` environment variable is set (CI services set `CI=true`), and neither
+/// empty, `false` nor `0`.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "false" | "0"))
+}
+
+/// A test that cannot run here because `missing` is absent (a tool, a data set): under CI
+/// ([`under_ci`]) the test fails, so that a CI machine lacking it is noticed; elsewhere it prints
+/// a loud SKIPPED line and returns, and the caller returns too (the test passes).
+pub fn skip_unless_ci(test: &str, missing: &str) {
+    assert!(!under_ci(), "{test}: {missing}; CI is set, so this fails instead of being skipped");
+    eprintln!("\n\n!!!!!!!!!! SKIPPED {test}: {missing} !!!!!!!!!!\n\n");
+}
+
 /// The shared FlyteWorkflow corpus (`../shared/corpus`, or `ETCD_SQUEEZE_CORPUS`), if present.
 pub fn shared_corpus() -> Option<PathBuf> {
     let dir = std::env::var_os("ETCD_SQUEEZE_CORPUS")
@@ -368,3 +473,98 @@ pub fn shared_corpus() -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Values, Txns and bases: shared by the tests that compare the proxy with etcd
+// ---------------------------------------------------------------------------------------------
+
+/// A compressible JSON-ish value of about `n` bytes, different for each `tag`.
+pub fn val(tag: usize, n: usize) -> Vec<u8> {
+    let mut s = format!("{{\"tag\":{tag},\"items\":[");
+    let mut i = 0;
+    while s.len() < n.saturating_sub(3) {
+        s.push_str(&format!("{{\"n\":\"item-{i}\",\"p\":{}}},", (i * 7 + tag) % 5));
+        i += 1;
+    }
+    s.truncate(n.saturating_sub(3));
+    s.push_str("]}\n");
+    s.into_bytes()
+}
+
+/// 16 versions from creation to completion: the object grows and shrinks, forcing rebases.
+pub fn drifting_series() -> Vec<Vec<u8>> {
+    update_series(&Scenario::new(Topology::Dynamic { children: 1000 }, 100, 0), 16, 12).into_iter().map(|g| g.json).collect()
+}
+
+/// `n` consecutive propeller writes of one object: small changes, deltas against one base.
+pub fn steady_series(n: usize) -> Vec<Vec<u8>> {
+    consecutive_writes(&Scenario::new(Topology::Dynamic { children: 300 }, 100, 40), n, 5).into_iter().map(|g| g.json).collect()
+}
+
+/// (gRPC code, message) of a client error.
+pub fn status(e: etcd_client::Error) -> (i32, String) {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => (s.code() as i32, s.message().to_string()),
+        other => (-1, other.to_string()),
+    }
+}
+
+/// Shape of a Txn response: succeeded and, recursively, the kind of each op response.
+pub fn shape(r: &etcd_client::TxnResponse) -> String {
+    let mut out = format!("{}[", r.succeeded());
+    for op in r.op_responses() {
+        match op {
+            TxnOpResponse::Put(p) => out.push_str(&format!("put(prev={}),", p.prev_key().is_some())),
+            TxnOpResponse::Get(g) => out.push_str(&format!("get({}),", g.kvs().len())),
+            TxnOpResponse::Delete(d) => out.push_str(&format!("del({},{}),", d.deleted(), d.prev_kvs().len())),
+            TxnOpResponse::Txn(t) => out.push_str(&format!("txn({}),", shape(&t))),
+        }
+    }
+    out.push(']');
+    out
+}
+
+/// Every base key in etcd under `key`'s directory.
+pub async fn bases_of(direct: &mut etcd_client::Client, key: &str) -> Vec<String> {
+    let dir = bases_dir(key.as_bytes());
+    let r = direct.get(dir, Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
+    r.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect()
+}
+
+/// How many base records etcd holds, of every key.
+pub async fn all_bases(direct: &mut etcd_client::Client) -> usize {
+    direct.get(BASES_PREFIX, Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap().count() as usize
+}
+
+/// The stored value of `key` (as etcd holds it) is either not a delta frame, or a delta frame
+/// whose base exists in etcd now. Returns the codec.
+pub async fn current_base_exists(direct: &mut etcd_client::Client, key: &str) -> Option<Codec> {
+    let r = direct.get(key, None).await.unwrap();
+    let kv = r.kvs().first()?;
+    let f = frame::parse(kv.value()).ok()?;
+    if let Some(b) = f.base {
+        let bk = base_key(key.as_bytes(), b.id);
+        let got = direct.get(bk.to_vec(), Some(GetOptions::new().with_count_only())).await.unwrap();
+        assert_eq!(got.count(), 1, "the current value of {key} (rev {}) names base {:016x}, which is not in etcd", kv.mod_revision(), b.id);
+    }
+    Some(f.codec)
+}
+
+/// kube-apiserver's GuaranteedUpdate: `MOD(K) == rev → Put`, else `Get`.
+pub async fn update(c: &mut etcd_client::Client, key: &str, rev: i64, v: &[u8]) -> etcd_client::TxnResponse {
+    let txn = Txn::new().when([Compare::mod_revision(key, CompareOp::Equal, rev)]).and_then([TxnOp::put(key, v.to_vec(), None)]).or_else([TxnOp::get(key, None)]);
+    c.txn(txn).await.unwrap()
+}
+
+/// A GuaranteedUpdate from a fresh read: reads `key`'s mod_revision (0 when absent), then
+/// `MOD(K) == that → Put` (no failure branch).
+pub async fn read_then_update(c: &mut etcd_client::Client, key: &str, v: &[u8]) -> etcd_client::TxnResponse {
+    let m = c.get(key, None).await.unwrap().kvs().first().map_or(0, |kv| kv.mod_revision());
+    c.txn(Txn::new().when([Compare::mod_revision(key, CompareOp::Equal, m)]).and_then([TxnOp::put(key, v.to_vec(), None)])).await.unwrap()
+}
+
+/// The value of `key` at revision `rev` (the current one when `rev` is 0), or the error.
+pub async fn get_value(c: &mut etcd_client::Client, key: &str, rev: i64) -> Result<Option<Vec<u8>>, (i32, String)> {
+    let opts = if rev > 0 { Some(GetOptions::new().with_revision(rev)) } else { None };
+    c.get(key, opts).await.map(|r| r.kvs().first().map(|kv| kv.value().to_vec())).map_err(status)
+}

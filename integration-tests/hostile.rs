@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{GetOptions, WatchOptions};
 use etcd_squeeze::codec::frame::MAGIC;
-use etcd_squeeze::config::{Config, LimitsConfig, PrefixConfig};
+use etcd_squeeze::config::LimitsConfig;
 use etcd_squeeze::proto::etcdserverpb::watch_client::WatchClient;
 use etcd_squeeze::proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 
-use crate::harness::{rss_kib, Etcd, Proxy, FLYTE};
+use crate::harness::{rss_kib, Etcd, Proxy, ProxyConfig, FLYTE};
 use crate::ops::{Binary, BinaryConfig};
 
 /// A frame header: magic, version, codec, dictionary ID.
@@ -38,12 +38,7 @@ fn zstd_frame(value: &[u8]) -> Vec<u8> {
 
 /// An in-process proxy in front of `etcd` compressing [`FLYTE`], its limits adjusted by `limits`.
 async fn proxy_with_limits(etcd: &Etcd, limits: impl FnOnce(&mut LimitsConfig)) -> Proxy {
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.upstream.endpoints = vec![etcd.url.clone()];
-    config.prefixes = vec![PrefixConfig::new(FLYTE)];
-    limits(&mut config.limits);
-    Proxy::start_config(config).await
+    ProxyConfig::new(&etcd.url).prefix(FLYTE).with(|c| limits(&mut c.limits)).start().await
 }
 
 /// Every kind of bad stored bytes, read through Range, Range over the prefix, and a Watch:

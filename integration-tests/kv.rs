@@ -360,7 +360,7 @@ async fn real_corpus_round_trips(mut env: Env) {
         if std::env::var_os("ETCD_SQUEEZE_REQUIRE_CORPUS").is_some() {
             panic!("ETCD_SQUEEZE_REQUIRE_CORPUS is set but ../shared/corpus (or ETCD_SQUEEZE_CORPUS) is missing");
         }
-        eprintln!("\n*** SKIPPED: ../shared/corpus not found (set ETCD_SQUEEZE_CORPUS=DIR); real samples not round-tripped ***\n");
+        crate::harness::skip_unless_ci("real_corpus_round_trips", "../shared/corpus not found (set ETCD_SQUEEZE_CORPUS=DIR); real samples not round-tripped");
         return;
     };
     let files = etcd_squeeze::demo::json_files(&dir).unwrap();

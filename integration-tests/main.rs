@@ -3,24 +3,32 @@
 //! Every case of [`suite!`] runs three times: with the default FlyteWorkflow prefix, with a proxy
 //! that compresses every key (prefix ""), and with delta frames on for the FlyteWorkflow prefix.
 
+mod auth;
+mod compaction_and_gc;
+mod config_file;
 mod dashboard;
 mod delta;
-mod delta_attack;
-mod delta_review2;
 mod deploy;
 mod dictionary;
+mod etcdctl;
 mod faults;
 mod harness;
 mod history;
 mod hostile;
 mod kv;
+mod leases;
+mod limits;
+mod maintenance;
 mod migration;
 mod module_layers;
+mod odd_values;
 mod ops;
-mod other;
 mod pki;
+mod put_options;
+mod several_proxies;
 mod soak;
 mod tls;
+mod txn_shapes;
 mod unknown_fields;
 mod watch;
 

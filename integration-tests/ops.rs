@@ -1,5 +1,5 @@
 //! Running it in production: metrics, /healthz and /readyz, the gRPC health service following
-//! etcd, an unreachable endpoint skipped, JSON logs without values, and SIGTERM handling on the
+//! etcd, an unreachable endpoint skipped (and calls failing over to the endpoint that is up), JSON logs without values, and SIGTERM handling on the
 //! real binary.
 
 use std::process::{Command, Stdio};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{GetOptions, WatchOptions};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::harness::{eventually, free_port, http_get, sample, signal, Env, Etcd, Proxy, FLYTE};
+use crate::harness::{eventually, free_port, http_get, sample, signal, Env, Etcd, Proxy, ProxyConfig, FLYTE};
 
 /// A value that cannot be decoded: the frame magic, version 1, codec zstd, no dictionary, and
 /// a payload that is not a zstd frame.
@@ -89,12 +89,7 @@ async fn metrics_count_what_happens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_etcd() {
     let etcd = Etcd::start().await;
-    let mut config = etcd_squeeze::config::Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.upstream.endpoints = vec![etcd.url.clone()];
-    config.health.probe_interval = Duration::from_millis(200);
-    config.health.probe_timeout = Duration::from_millis(300);
-    let proxy = Proxy::start_config(config).await;
+    let proxy = ProxyConfig::new(&etcd.url).probe(Duration::from_millis(200), Duration::from_millis(300)).start().await;
     assert_eq!(grpc_health(&proxy).await, ServingStatus::Serving as i32);
 
     etcd.freeze(true);
@@ -117,10 +112,7 @@ async fn readiness_follows_etcd() {
 async fn an_unreachable_endpoint_is_skipped() {
     let etcd = Etcd::start().await;
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let mut config = etcd_squeeze::config::Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.upstream.endpoints = vec![dead.clone(), etcd.url.clone()];
-    let proxy = Proxy::start_config(config).await;
+    let proxy = ProxyConfig::endpoints([dead.clone(), etcd.url.clone()]).start().await;
     let mut via = proxy.client().await;
     for i in 0..20 {
         via.put(format!("{FLYTE}ns/{i}"), "{}", None).await.unwrap();
@@ -130,6 +122,20 @@ async fn an_unreachable_endpoint_is_skipped() {
     assert_eq!(sample(&text, &format!("etcd_squeeze_upstream_up{{endpoint=\"{dead}\"}}")), Some(0.0));
     assert_eq!(sample(&text, &format!("etcd_squeeze_upstream_up{{endpoint=\"{}\"}}", etcd.url)), Some(1.0));
     assert_eq!(http_get(&proxy.metrics_url, "/readyz").await.unwrap().0, 200);
+}
+
+/// Several upstream endpoints: calls go to the ones that are up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failover_skips_a_dead_endpoint() {
+    let etcd = Etcd::start().await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let proxy = ProxyConfig::endpoints([dead, etcd.url.clone()]).connect_timeout(Duration::from_millis(500)).start().await;
+    let mut via = proxy.client().await;
+    let key = format!("{FLYTE}ns/failover");
+    for i in 0..20 {
+        via.put(key.as_str(), format!("{{\"n\":{i}}}"), None).await.unwrap();
+        assert_eq!(via.get(key.as_str(), None).await.unwrap().kvs()[0].value(), format!("{{\"n\":{i}}}").as_bytes());
+    }
 }
 
 /// A config file for the real binary: `[server]` on `listen_ip` with `server` keys added, etcd at

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_squeeze::config::{Config, PrefixConfig, UpstreamConfig};
+use etcd_squeeze::config::{Config, UpstreamConfig};
 use etcd_squeeze::proto::etcdserverpb::watch_client::WatchClient;
 use etcd_squeeze::proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 use etcd_squeeze::upstream::Upstream;
@@ -14,19 +14,19 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::harness::{etcdctl_output, eventually, http_get, sample, Etcd, Proxy, FLYTE};
+use crate::harness::{etcdctl_output, eventually, http_get, sample, Etcd, Proxy, ProxyConfig, FLYTE};
 use crate::pki::{Ca, Files};
 
 /// A proxy config serving TLS with `server` files (client certificates required), forwarding to `upstream`.
 fn tls_proxy_config(server: &Files, upstream: &str) -> Config {
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
-    config.server.tls_cert_file = Some(server.cert.clone());
-    config.server.tls_key_file = Some(server.key.clone());
-    config.server.tls_client_ca_file = Some(server.ca.clone());
-    config.upstream.endpoints = vec![upstream.to_string()];
-    config.prefixes = vec![PrefixConfig::new(FLYTE)];
-    config
+    ProxyConfig::new(upstream)
+        .prefix(FLYTE)
+        .with(|c| {
+            c.server.tls_cert_file = Some(server.cert.clone());
+            c.server.tls_key_file = Some(server.key.clone());
+            c.server.tls_client_ca_file = Some(server.ca.clone());
+        })
+        .build()
 }
 
 /// One TLS handshake with the proxy, as a raw rustls client: the certificate it presents and
