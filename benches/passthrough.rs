@@ -230,12 +230,12 @@ async fn connect(url: &str, timeout: Duration) -> Client {
     }
 }
 
-/// CPU time (user + system) of a process and all its threads, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
+/// CPU time of a process and all its threads (user, system), in clock ticks.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    ticks(11) + ticks(12) // utime, stime (fields 14 and 15 of proc(5))
+    (ticks(11), ticks(12)) // utime, stime (fields 14 and 15 of proc(5))
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -328,8 +328,9 @@ struct Row {
     ops: f64,
     p50: f64,
     p99: f64,
-    front_cpu_us: Option<f64>,
-    etcd_cpu_us: f64,
+    /// (user, system) CPU µs per call.
+    front_cpu_us: Option<(f64, f64)>,
+    etcd_cpu_us: (f64, f64),
 }
 
 async fn run_front(front: Front, args: &Args, tck: f64) -> Vec<Row> {
@@ -361,7 +362,10 @@ async fn run_front(front: Front, args: &Args, tck: f64) -> Vec<Row> {
         let secs = started.elapsed().as_secs_f64();
         let front_after = front_pid.map(cpu_ticks);
         let etcd_after = cpu_ticks(etcd.pid());
-        let per_call = |before: u64, after: u64| (after - before) as f64 / tck * 1e6 / calls.max(1) as f64;
+        let per_call = |before: (u64, u64), after: (u64, u64)| {
+            let us = |b: u64, a: u64| (a - b) as f64 / tck * 1e6 / calls.max(1) as f64;
+            (us(before.0, after.0), us(before.1, after.1))
+        };
         rows.push(Row {
             front,
             op,
@@ -377,9 +381,14 @@ async fn run_front(front: Front, args: &Args, tck: f64) -> Vec<Row> {
     rows
 }
 
+/// "96 (60 + 36)": total, user + system µs per call.
+fn cpu((user, sys): (f64, f64)) -> String {
+    format!("{:.0} ({:.0} + {:.0})", user + sys, user, sys)
+}
+
 fn table(rows: &[Row], args: &Args) -> String {
     let mut out = format!(
-        "{} clients ({}), {} s per call type after {} s of warm-up, fresh etcd per front.\n\n| front | call | calls | errors | ops/s | % of direct | p50 ms | p99 ms | front CPU µs/call | etcd CPU µs/call |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "{} clients ({}), {} s per call type after {} s of warm-up, fresh etcd per front.\n\n| front | call | calls | errors | ops/s | % of direct | p50 ms | p99 ms | front CPU µs/call (user + sys) | etcd CPU µs/call (user + sys) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         args.clients,
         if args.per_client_connections { "one connection each" } else { "one shared HTTP/2 connection" },
         args.seconds,
@@ -388,7 +397,7 @@ fn table(rows: &[Row], args: &Args) -> String {
     for r in rows {
         let direct = rows.iter().find(|d| d.front == Front::Direct && d.op == r.op).map(|d| d.ops);
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {} | {} |\n",
             r.front.name(),
             r.op.name(),
             r.calls,
@@ -397,8 +406,8 @@ fn table(rows: &[Row], args: &Args) -> String {
             direct.map_or("-".into(), |d| format!("{:.0} %", 100.0 * r.ops / d)),
             r.p50,
             r.p99,
-            r.front_cpu_us.map_or("-".into(), |c| format!("{c:.0}")),
-            r.etcd_cpu_us,
+            r.front_cpu_us.map_or("-".into(), cpu),
+            cpu(r.etcd_cpu_us),
         ));
     }
     out
