@@ -37,9 +37,8 @@ use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::{
     compare, request_op, response_op, watch_request, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest, WatchResponse,
+    TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
 };
-use crate::proto::mvccpb::event;
 use crate::rewrite::{EncodeStats, KeyValues};
 use crate::upstream::Upstream;
 
@@ -443,22 +442,6 @@ impl Deltas {
             }
             Ok::<(), ()>(())
         });
-        self.load_all(needs).await
-    }
-
-    /// [`Deltas::prefetch`] for a watch response: a PUT event's values are read at the event's
-    /// revision; a DELETE event's prev_kv just before it (the delete removed the key's bases).
-    pub async fn prefetch_watch(&self, resp: &WatchResponse) -> Result<Vec<Arc<Base>>, Status> {
-        let mut needs = Vec::new();
-        for ev in &resp.events {
-            let revision = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-            let at = if ev.r#type == event::EventType::Delete as i32 { revision - 1 } else { revision };
-            for kv in ev.kv.iter().chain(ev.prev_kv.iter()) {
-                if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
-                    needs.push((kv.key.clone(), r, vec![at, kv.mod_revision]));
-                }
-            }
-        }
         self.load_all(needs).await
     }
 

@@ -30,7 +30,7 @@ use super::raw::{self, SplicedCodec};
 use super::rebuild::Rebuild;
 use super::values::{self, Failure};
 use super::shared::Shared;
-use crate::classify::{classify, Call, Route, Scope};
+use crate::classify::{classify, Call, Route};
 use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest, RangeRequest, TxnRequest};
 use crate::rewrite::EncodeStats;
@@ -46,9 +46,7 @@ pub struct KvService {
 struct Inner {
     shared: Arc<Shared>,
     upstream: Upstream,
-    scope: Scope,
     rebuild: Rebuild,
-    max_decoding: usize,
 }
 
 /// The KV methods, with their gRPC path.
@@ -101,10 +99,8 @@ impl Method {
 impl KvService {
     /// A KV service forwarding to `upstream`.
     pub fn new(shared: Arc<Shared>, upstream: Upstream) -> Self {
-        let scope = Scope::new(shared.codec.rules().iter().map(|r| (r.prefix.clone(), r.delta.is_some())));
-        let max_decoding = shared.config.limits.max_request_bytes.as_u64() as usize;
         let rebuild = Rebuild::new(shared.clone(), upstream.clone());
-        KvService { inner: Arc::new(Inner { shared, upstream, scope, rebuild, max_decoding }) }
+        KvService { inner: Arc::new(Inner { shared, upstream, rebuild }) }
     }
 }
 
@@ -124,9 +120,8 @@ impl tower::Service<http::Request<Body>> for KvService {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let method = Method::from_path(req.uri().path());
         let call = KvCall { inner: self.inner.clone(), method: method.unwrap_or(Method::Range) };
-        let max_decoding = self.inner.max_decoding;
+        let mut grpc = self.inner.shared.grpc(SplicedCodec);
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(SplicedCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
             Ok(match method {
                 Some(Method::RangeStream) => grpc.server_streaming(call, req).await,
                 Some(_) => grpc.unary(call, req).await,
@@ -154,7 +149,7 @@ impl tonic::server::UnaryService<Bytes> for KvCall {
                 return inner.compact(request).await;
             }
             let call = method.call().unwrap_or(Call::Range);
-            match classify(call, request.get_ref(), &inner.scope) {
+            match classify(call, request.get_ref(), &inner.shared.scope) {
                 Route::Forward => Ok(raw::unary(inner.upstream.clone(), method.path(), request).await?.map(Spliced::from)),
                 Route::Rewrite(needs) if needs.rebuild() => inner.rebuild(method, request).await,
                 Route::Rewrite(_) => inner.in_place(method, request).await,
@@ -173,7 +168,7 @@ impl tonic::server::ServerStreamingService<Bytes> for KvCall {
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let route = classify(Call::RangeStream, request.get_ref(), &inner.scope);
+            let route = classify(Call::RangeStream, request.get_ref(), &inner.shared.scope);
             if let Route::Rewrite(needs) = route {
                 if needs.sort_by_value {
                     // etcd would sort chunks by the stored frames: refuse rather than return a wrong order.

@@ -120,10 +120,9 @@ impl<S: RawSpec> tower::Service<http::Request<Body>> for RawService<S> {
             .and_then(|p| p.strip_prefix('/'))
             .and_then(|m| S::METHODS.iter().find(|(name, _)| *name == m))
             .map(|(_, shape)| *shape);
-        let max_decoding = self.shared.config.limits.max_request_bytes.as_u64() as usize;
         let forwarder = Forwarder { upstream: self.upstream.clone(), path: PathAndQuery::from_maybe_shared(path).ok() };
+        let mut grpc = self.shared.grpc(RawCodec);
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(RawCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
             Ok(match shape {
                 Some(Shape::Unary) => grpc.unary(forwarder, req).await,
                 Some(Shape::ServerStreaming) => grpc.server_streaming(forwarder, req).await,

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::classify::Scope;
 use crate::codec::ValueCodec;
 use crate::config::Config;
 use crate::delta::cache::BaseCache;
@@ -20,6 +21,8 @@ pub struct Shared {
     pub dictionaries: Arc<Dictionaries>,
     /// Delta frames: which base each write uses, loading bases for reads.
     pub deltas: Arc<crate::delta::Deltas>,
+    /// The prefixes that send a KV or Watch call down the rewrite road (`crate::classify`).
+    pub scope: Scope,
 }
 
 impl Shared {
@@ -31,6 +34,14 @@ impl Shared {
         let codec = codec.with_bases(base_cache.clone());
         let dictionaries = Dictionaries::new(&config, codec.clone(), dictionary_cache, upstream.clone());
         let deltas = crate::delta::Deltas::new(codec.clone(), base_cache, upstream, dictionaries.clone());
-        Arc::new(Shared { config, codec, dictionaries, deltas })
+        let scope = Scope::new(codec.rules().iter().map(|r| (r.prefix.clone(), r.delta.is_some())));
+        Arc::new(Shared { config, codec, dictionaries, deltas, scope })
+    }
+
+    /// A gRPC server codec bounded by `limits.max_request_bytes` for what it decodes, unbounded
+    /// for what it encodes (etcd already bounded it).
+    pub fn grpc<C: tonic::codec::Codec>(&self, codec: C) -> tonic::server::Grpc<C> {
+        let max_decoding = self.config.limits.max_request_bytes.as_u64() as usize;
+        tonic::server::Grpc::new(codec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX))
     }
 }

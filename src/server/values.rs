@@ -193,14 +193,20 @@ pub async fn decode_watch_response(shared: &Shared, bytes: Bytes) -> Result<Spli
 /// training, frames its value when its key is under a prefix, and returns the new bytes (`None`
 /// when the value is stored as it is). Mirrors etcd's `Put`: `ignore_value` Puts carry no value.
 pub fn encode_put(shared: &Shared, put: &Bytes, stats: &mut EncodeStats) -> Result<Option<Bytes>, Status> {
-    let key = wire::bytes_field(put, 1)?;
-    if wire::varint_field(put, 5)? != 0 || shared.codec.rule_for(&key).is_none() {
-        return Ok(None);
+    // One pass over the fields: key = 1, value = 2, ignore_value = 5 (last occurrence wins).
+    let (mut key, mut value, mut ignore_value) = (Bytes::new(), Bytes::new(), false);
+    for f in wire::fields(put) {
+        match f? {
+            wire::Field { number: 1, value: wire::Value::Bytes(r), .. } => key = put.slice(r),
+            wire::Field { number: 2, value: wire::Value::Bytes(r), .. } => value = put.slice(r),
+            wire::Field { number: 5, value: wire::Value::Varint(v), .. } => ignore_value = v != 0,
+            _ => {}
+        }
     }
-    let value = wire::bytes_field(put, 2)?;
+    let Some(rule) = shared.codec.rule_for(&key).filter(|_| !ignore_value) else { return Ok(None) };
     shared.dictionaries.observe(&PutRequest { key: key.clone(), value: value.clone(), ..Default::default() });
     let (stored, outcome) = shared.codec.encode(&key, &value).map_err(encode_status)?;
-    stats.add(shared.codec.rule_for(&key).map(|r| &r.prefix), value.len(), stored.len(), outcome);
+    stats.add(Some(&rule.prefix), value.len(), stored.len(), outcome);
     if stored.as_ptr() == value.as_ptr() && stored.len() == value.len() {
         return Ok(None);
     }

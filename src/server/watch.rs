@@ -35,7 +35,7 @@ use super::values::{self, Failure};
 use super::metadata::{forward, requests_until_dropped};
 use super::shared::Shared;
 use super::status::decode_status;
-use crate::classify::{classify, Call, Route, Scope};
+use crate::classify::{classify, Call, Route};
 use crate::proto::etcdserverpb::{watch_request, ResponseHeader, WatchCancelRequest, WatchRequest, WatchResponse};
 use crate::upstream::Upstream;
 use crate::wire::{self, Spliced, Value};
@@ -47,16 +47,12 @@ const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
 pub struct WatchService {
     shared: Arc<Shared>,
     upstream: Upstream,
-    scope: Arc<Scope>,
-    max_decoding: usize,
 }
 
 impl WatchService {
     /// A Watch service forwarding to `upstream`.
     pub fn new(shared: Arc<Shared>, upstream: Upstream) -> Self {
-        let scope = Arc::new(Scope::new(shared.codec.rules().iter().map(|r| (r.prefix.clone(), r.delta.is_some()))));
-        let max_decoding = shared.config.limits.max_request_bytes.as_u64() as usize;
-        WatchService { shared, upstream, scope, max_decoding }
+        WatchService { shared, upstream }
     }
 }
 
@@ -79,7 +75,7 @@ impl tower::Service<http::Request<Body>> for WatchService {
             if req.uri().path() != WATCH_PATH {
                 return Ok(Status::unimplemented("").into_http());
             }
-            let mut grpc = tonic::server::Grpc::new(SplicedCodec).apply_max_message_size_config(Some(this.max_decoding), Some(usize::MAX));
+            let mut grpc = this.shared.grpc(SplicedCodec);
             Ok(grpc.streaming(this, req).await)
         })
     }
@@ -133,10 +129,10 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
         // A client-side stream error (or half-close) ends what the client sends upstream; etcd
         // keeps the stream open for responses exactly as it does for a client that half-closes.
         // Each create is classified as it is sent; the proxy's own cancel requests are merged in.
-        let (scope, creates) = (this.scope.clone(), state.clone());
+        let (shared, creates) = (this.shared.clone(), state.clone());
         let classified = tokio_stream::StreamExt::map_while(inbound, |r| r.ok()).map(move |request: Bytes| {
             if let Some(create) = create_request(&request) {
-                let involved = classify(Call::WatchCreate, create, &scope) != Route::Forward;
+                let involved = classify(Call::WatchCreate, create, &shared.scope) != Route::Forward;
                 lock(&creates).pending_creates.push_back(involved);
             }
             request
