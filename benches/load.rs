@@ -15,7 +15,7 @@
 //! objects without compression) are counted, not retried.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptio
 use hdrhistogram::Histogram;
 
 mod common;
-use common::{free_port, ms, Etcd};
+use common::{connect, free_port, ms, Etcd};
 
 const PREFIX: &str = "/registry/flyte.lyft.com/flyteworkflows/bench/";
 
@@ -138,48 +138,24 @@ fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String)> {
     let url = format!("http://127.0.0.1:{port}");
     let child = match front {
         Front::Direct => return None,
-        Front::GrpcProxy => Command::new("etcd")
-            .args(["grpc-proxy", "start", "--endpoints", etcd.trim_start_matches("http://"), "--listen-addr", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        Front::GrpcProxy => common::grpc_proxy(etcd, port),
         Front::SqueezeOff | Front::SqueezeZstd | Front::SqueezeDict | Front::SqueezeDelta => {
             let config = dir.join("squeeze.toml");
             let compress = front != Front::SqueezeOff;
             // squeeze-delta: delta frames, dictionaries off (the history cost of plain updates).
             let delta = if front == Front::SqueezeDelta { "delta = true\ndictionary = false\n" } else { "" };
             std::fs::write(&config, format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{etcd}\"]\n[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ncompress = {compress}\n{delta}[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n")).unwrap();
-            Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
-                .args(["serve", "--config"])
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
+            common::squeeze(Path::new(env!("CARGO_BIN_EXE_etcd-squeeze")), &config)
         }
     };
     Some((Proc(child), url))
 }
 
-async fn connect(url: &str) -> Client {
-    for _ in 0..200 {
-        if let Ok(mut c) = Client::connect([url], None).await {
-            if c.get("probe", None).await.is_ok() {
-                return c;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} did not come up");
-}
 
 /// CPU seconds (user + system) and peak RSS in bytes of a process, from /proc.
 fn cpu_and_rss(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let (user, system) = common::cpu_ticks(pid);
+    let cpu = (user + system) as f64 / 100.0;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss = status
         .lines()
@@ -218,7 +194,7 @@ async fn run_one(size: &str, front: Front, args: &Args) -> Row {
     let mut direct = etcd.client().await;
     let front_proc = start_front(front, &etcd_url, dir.path());
     let url = front_proc.as_ref().map_or(etcd_url.clone(), |(_, u)| u.clone());
-    let client = connect(&url).await;
+    let client = connect(&url, Duration::from_secs(10)).await;
     if front == Front::SqueezeDict {
         // A dictionary trained on 96 other workflows (what the trainer would learn from live
         // traffic), then the training objects removed and etcd compacted and defragmented so

@@ -24,7 +24,12 @@
 //! cargo bench --bench passthrough -- [--clients 8] [--seconds 5] [--warmup 1]
 //!     [--fronts direct,grpc-proxy,haproxy,squeeze] [--connections shared|per-client]
 //!     [--instructions] [--gets 500,1000] [--updates 50,100] [--callgrind-dir DIR] [--markdown FILE]
+//!     [--baseline-bin PATH]
 //! ```
+//!
+//! `--baseline-bin PATH`: an etcd-squeeze binary built from another commit (e.g. `git worktree add
+//! /tmp/base REV && cargo build --release --bin etcd-squeeze` there) is measured as one more front,
+//! and under callgrind, in the same run: a before/after pair from one run on one machine.
 //!
 //! `--connections shared` (the default): all clients are tasks sharing one `etcd_client::Client`,
 //! i.e. one HTTP/2 connection, as kube-apiserver multiplexes its calls on one connection;
@@ -35,11 +40,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, KvClient, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, KvClient, Txn, TxnOp};
 use hdrhistogram::Histogram;
 
 mod common;
-use common::{free_port, ms, Etcd};
+use common::{connect, cpu_ticks, free_port, ms, Etcd};
 
 /// Pass-through keys: outside every compressed prefix.
 const PASS_PREFIX: &str = "/registry/pods/default/p-";
@@ -53,6 +58,8 @@ enum Front {
     GrpcProxy,
     Haproxy,
     Squeeze,
+    /// etcd-squeeze built from another commit (`--baseline-bin PATH`), measured in the same run.
+    Baseline,
 }
 
 impl Front {
@@ -62,6 +69,7 @@ impl Front {
             Front::GrpcProxy => "grpc-proxy",
             Front::Haproxy => "haproxy",
             Front::Squeeze => "etcd-squeeze",
+            Front::Baseline => "etcd-squeeze (baseline)",
         }
     }
     fn parse(s: &str) -> Front {
@@ -70,7 +78,8 @@ impl Front {
             "grpc-proxy" => Front::GrpcProxy,
             "haproxy" => Front::Haproxy,
             "squeeze" | "etcd-squeeze" => Front::Squeeze,
-            other => panic!("unknown front {other:?} (direct, grpc-proxy, haproxy, squeeze)"),
+            "baseline" => Front::Baseline,
+            other => panic!("unknown front {other:?} (direct, grpc-proxy, haproxy, squeeze, baseline)"),
         }
     }
 }
@@ -101,6 +110,8 @@ struct Args {
     updates: (u64, u64),
     callgrind_dir: Option<PathBuf>,
     markdown: Option<PathBuf>,
+    /// An etcd-squeeze binary of another commit, measured beside this build (front and instructions).
+    baseline: Option<PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -115,6 +126,7 @@ fn parse_args() -> Args {
         updates: (50, 100),
         callgrind_dir: None,
         markdown: None,
+        baseline: None,
     };
     let pair = |s: String| -> (u64, u64) {
         let (x, y) = s.split_once(',').unwrap_or_else(|| panic!("{s:?}: expected N1,N2"));
@@ -142,11 +154,22 @@ fn parse_args() -> Args {
             "--updates" => a.updates = pair(val()),
             "--callgrind-dir" => a.callgrind_dir = Some(PathBuf::from(val())),
             "--markdown" => a.markdown = Some(PathBuf::from(val())),
+            "--baseline-bin" => a.baseline = Some(PathBuf::from(val())),
             "--bench" => {}
             other => panic!("unknown argument {other:?}"),
         }
     }
+    if a.baseline.is_some() && !a.fronts.contains(&Front::Baseline) {
+        a.fronts.push(Front::Baseline);
+    }
     a
+}
+
+/// The etcd-squeeze binaries measured: this build's, and the baseline's when given.
+fn squeeze_bins(args: &Args) -> Vec<(Front, PathBuf)> {
+    let mut bins = vec![(Front::Squeeze, PathBuf::from(env!("CARGO_BIN_EXE_etcd-squeeze")))];
+    bins.extend(args.baseline.clone().map(|b| (Front::Baseline, b)));
+    bins
 }
 
 struct Proc(Child);
@@ -172,18 +195,13 @@ fn squeeze_config(port: u16, etcd: &str, valgrind: bool) -> String {
     s
 }
 
-fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String)> {
+fn start_front(front: Front, etcd: &str, dir: &Path, args: &Args) -> Option<(Proc, String)> {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let etcd_addr = etcd.trim_start_matches("http://");
     let child = match front {
         Front::Direct => return None,
-        Front::GrpcProxy => Command::new("etcd")
-            .args(["grpc-proxy", "start", "--endpoints", etcd_addr, "--listen-addr", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (Debian's etcd-server)"),
+        Front::GrpcProxy => common::grpc_proxy(etcd, port),
         Front::Haproxy => {
             let config = dir.join("haproxy.cfg");
             std::fs::write(
@@ -194,48 +212,16 @@ fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String)> {
             )
             .unwrap();
             // -db: foreground, one process (no master/worker): its /proc/PID/stat is all of it.
-            Command::new("haproxy")
-                .args(["-db", "-f"])
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("haproxy (scripts/lib.sh ensure_haproxy)")
+            common::spawn_quiet(Command::new("haproxy").args(["-db", "-f"]).arg(&config), "haproxy (scripts/lib.sh ensure_haproxy)")
         }
-        Front::Squeeze => {
+        Front::Squeeze | Front::Baseline => {
             let config = dir.join("squeeze.toml");
             std::fs::write(&config, squeeze_config(port, etcd, false)).unwrap();
-            Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
-                .args(["serve", "--config"])
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
+            let bin = squeeze_bins(args).into_iter().find(|(f, _)| *f == front).map(|(_, b)| b).expect("--baseline-bin PATH");
+            common::squeeze(&bin, &config)
         }
     };
     Some((Proc(child), url))
-}
-
-async fn connect(url: &str, timeout: Duration) -> Client {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(mut c) = Client::connect([url], None).await {
-            if c.get("probe", None).await.is_ok() {
-                return c;
-            }
-        }
-        assert!(Instant::now() < deadline, "{url} did not come up within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// CPU time of a process and all its threads (user, system), in clock ticks.
-fn cpu_ticks(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11), ticks(12)) // utime, stime (fields 14 and 15 of proc(5))
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -336,7 +322,7 @@ struct Row {
 async fn run_front(front: Front, args: &Args, tck: f64) -> Vec<Row> {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start().await;
-    let front_proc = start_front(front, &etcd.url, dir.path());
+    let front_proc = start_front(front, &etcd.url, dir.path(), args);
     let url = front_proc.as_ref().map_or(etcd.url.clone(), |(_, u)| u.clone());
     let kvs: Vec<KvClient> = if args.per_client_connections {
         let mut v = Vec::new();
@@ -456,17 +442,18 @@ async fn guaranteed_update(kv: &mut KvClient, key: &str, value: &[u8]) {
 }
 
 /// One valgrind run of the proxy: start, warm up, `n` calls, SIGTERM; total Ir of the process.
-async fn callgrind_run(kind: Kind, n: u64, dir: &Path, versions: &[Vec<u8>]) -> u64 {
+async fn callgrind_run(kind: Kind, n: u64, dir: &Path, versions: &[Vec<u8>], (front, bin): &(Front, PathBuf)) -> u64 {
     let etcd = Etcd::start().await;
     let port = free_port();
-    let config = dir.join(format!("squeeze-{}-{n}.toml", kind.name()));
+    let tag = if *front == Front::Baseline { "baseline." } else { "" };
+    let config = dir.join(format!("{tag}squeeze-{}-{n}.toml", kind.name()));
     std::fs::write(&config, squeeze_config(port, &etcd.url, true)).unwrap();
-    let out = dir.join(format!("callgrind.{}.{n}.out", kind.name()));
-    let log = dir.join(format!("valgrind.{}.{n}.log", kind.name()));
+    let out = dir.join(format!("{tag}callgrind.{}.{n}.out", kind.name()));
+    let log = dir.join(format!("{tag}valgrind.{}.{n}.log", kind.name()));
     let child = Command::new("valgrind")
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(env!("CARGO_BIN_EXE_etcd-squeeze"))
+        .arg(bin)
         .args(["serve", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
@@ -525,19 +512,22 @@ async fn instructions(args: &Args) -> String {
     std::fs::create_dir_all(&dir).unwrap();
     let versions = versions_100k((1 + WARMUP_UPDATES + args.updates.1) as usize);
     let mut out = format!(
-        "Instructions (Ir) of the etcd-squeeze process under `valgrind --tool=callgrind` (release build), one client making one call at a time; per call = (Ir(N2) - Ir(N1)) / (N2 - N1) over two runs that differ only in the number of measured calls (each run: start, {WARMUP_GETS} gets or {WARMUP_UPDATES} GuaranteedUpdates of warm-up, N calls, SIGTERM). The ~100 KB object is `corpus::standard_set(1)`'s nearest to 100 KB ({} bytes of JSON), zstd level 3, no dictionary.\n\n| call | N1 | Ir(N1) | N2 | Ir(N2) | instructions per call |\n|---|---:|---:|---:|---:|---:|\n",
+        "Instructions (Ir) of the etcd-squeeze process under `valgrind --tool=callgrind` (release build), one client making one call at a time; per call = (Ir(N2) - Ir(N1)) / (N2 - N1) over two runs that differ only in the number of measured calls (each run: start, {WARMUP_GETS} gets or {WARMUP_UPDATES} GuaranteedUpdates of warm-up, N calls, SIGTERM). The ~100 KB object is `corpus::standard_set(1)`'s nearest to 100 KB ({} bytes of JSON), zstd level 3, no dictionary.\n\n| build | call | N1 | Ir(N1) | N2 | Ir(N2) | instructions per call |\n|---|---|---:|---:|---:|---:|---:|\n",
         versions[0].len()
     );
     for (kind, label, (n1, n2)) in [
         (Kind::PassGet, "pass-through 1 KB get (Range)", args.gets),
         (Kind::CompressedUpdate, "compressed ~100 KB GuaranteedUpdate (Range + Txn)", args.updates),
     ] {
-        eprintln!("callgrind: {label}, {n1} calls...");
-        let ir1 = callgrind_run(kind, n1, &dir, &versions).await;
-        eprintln!("callgrind: {label}, {n2} calls...");
-        let ir2 = callgrind_run(kind, n2, &dir, &versions).await;
-        let per_call = (ir2 as f64 - ir1 as f64) / (n2 - n1) as f64;
-        out.push_str(&format!("| {label} | {n1} | {ir1} | {n2} | {ir2} | {per_call:.0} |\n"));
+        for build in squeeze_bins(args) {
+            let name = build.0.name();
+            eprintln!("callgrind: {name}: {label}, {n1} calls...");
+            let ir1 = callgrind_run(kind, n1, &dir, &versions, &build).await;
+            eprintln!("callgrind: {name}: {label}, {n2} calls...");
+            let ir2 = callgrind_run(kind, n2, &dir, &versions, &build).await;
+            let per_call = (ir2 as f64 - ir1 as f64) / (n2 - n1) as f64;
+            out.push_str(&format!("| {name} | {label} | {n1} | {ir1} | {n2} | {ir2} | {per_call:.0} |\n"));
+        }
     }
     if let Some(d) = &args.callgrind_dir {
         out.push_str(&format!("\nCallgrind out files kept in `{}` (`callgrind_annotate --inclusive=yes FILE`).\n", d.display()));

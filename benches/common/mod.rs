@@ -86,3 +86,44 @@ impl Etcd {
 pub fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
+
+/// Starts `cmd` with its output discarded; `what` names the package that provides it.
+pub fn spawn_quiet(cmd: &mut Command, what: &str) -> Child {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// etcd's own `etcd grpc-proxy start` on 127.0.0.1:`port`, in front of `etcd` (`http://host:port`).
+pub fn grpc_proxy(etcd: &str, port: u16) -> Child {
+    let endpoints = etcd.trim_start_matches("http://");
+    spawn_quiet(
+        Command::new("etcd").args(["grpc-proxy", "start", "--endpoints", endpoints, "--listen-addr", &format!("127.0.0.1:{port}")]),
+        "etcd (Debian's etcd-server)",
+    )
+}
+
+/// etcd-squeeze `serve --config CONFIG`, from the binary `bin` (this build's, or a baseline's).
+pub fn squeeze(bin: &std::path::Path, config: &std::path::Path) -> Child {
+    spawn_quiet(Command::new(bin).args(["serve", "--config"]).arg(config), "etcd-squeeze")
+}
+
+/// A client of `url`, once a Get answers (polls until `timeout`).
+pub async fn connect(url: &str, timeout: Duration) -> Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut c) = Client::connect([url], None).await {
+            if c.get("probe", None).await.is_ok() {
+                return c;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} did not come up within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// CPU time of a process and all its threads (user, system), in clock ticks, from /proc/PID/stat.
+pub fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11), ticks(12)) // utime, stime (fields 14 and 15 of proc(5))
+}
