@@ -232,13 +232,13 @@ impl Inner {
         let (shape, body) = match method {
             Method::Range => {
                 read_revisions.push(wire::varint_field(&body, 4)?);
-                (Shape::RangeResponse, body)
+                (Shape::RangeResponse, Spliced::from(body))
             }
             Method::Put => {
-                let body = values::encode_put(shared, &body, &mut stats)?.unwrap_or(body);
-                (Shape::PutResponse, body)
+                let encoded = values::encode_put(shared, &body, &mut stats)?;
+                (Shape::PutResponse, encoded.unwrap_or_else(|| Spliced::from(body)))
             }
-            Method::DeleteRange => (Shape::DeleteRangeResponse, body),
+            Method::DeleteRange => (Shape::DeleteRangeResponse, Spliced::from(body)),
             Method::Txn => {
                 let body = values::encode_txn(shared, &body, &mut stats, &mut read_revisions)?;
                 (Shape::TxnResponse, body)
@@ -246,7 +246,7 @@ impl Inner {
             Method::RangeStream | Method::Compact => return Err(Status::internal("etcd-squeeze: not a unary KV call")),
         };
         let request = Request::from_parts(metadata, extensions, body);
-        let (md, resp, ext) = raw::unary(self.upstream.clone(), method.path(), request).await?.into_parts();
+        let (md, resp, ext) = raw::unary_spliced(self.upstream.clone(), method.path(), request).await?.into_parts();
         if stats.values > 0 {
             crate::metrics::get().record_encode(&stats);
         }

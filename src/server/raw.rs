@@ -160,6 +160,11 @@ pub(crate) async fn unary(upstream: Upstream, path: PathAndQuery, request: Reque
     client(upstream).await?.unary(forward(request), path, RawCodec).await
 }
 
+/// [`unary`] for a request in pieces (values encoded by the proxy), written out in one copy.
+pub(crate) async fn unary_spliced(upstream: Upstream, path: PathAndQuery, request: Request<crate::wire::Spliced>) -> Result<Response<Bytes>, Status> {
+    client(upstream).await?.unary(forward(request), path, SplicedCodec).await
+}
+
 /// [`unary`] for a server-streaming call: etcd's response messages as bytes.
 pub(crate) async fn server_streaming(upstream: Upstream, path: PathAndQuery, request: Request<Bytes>) -> Result<Response<Streaming<Bytes>>, Status> {
     client(upstream).await?.server_streaming(forward(request), path, RawCodec).await
@@ -217,9 +222,10 @@ impl tonic::server::StreamingService<Bytes> for Forwarder {
     }
 }
 
-/// A gRPC codec for the KV and Watch services: requests are the protobuf bytes, responses a
-/// message in pieces ([`crate::wire::Spliced`]: etcd's bytes with decoded values spliced in),
-/// written out in one copy.
+/// A gRPC codec whose outgoing messages are in pieces ([`crate::wire::Spliced`]: bytes with
+/// encoded or decoded values spliced in), written out in one copy, and whose incoming messages
+/// are the protobuf bytes: the KV and Watch services' server side, and the KV requests the proxy
+/// sends etcd on the in-place road.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SplicedCodec;
 

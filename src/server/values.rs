@@ -191,8 +191,9 @@ pub async fn decode_watch_response(shared: &Shared, bytes: Bytes) -> Result<Spli
 
 /// Encodes one `PutRequest` (its wire bytes) for the rewrite road: samples it for dictionary
 /// training, frames its value when its key is under a prefix, and returns the new bytes (`None`
-/// when the value is stored as it is). Mirrors etcd's `Put`: `ignore_value` Puts carry no value.
-pub fn encode_put(shared: &Shared, put: &Bytes, stats: &mut EncodeStats) -> Result<Option<Bytes>, Status> {
+/// when the value is stored as it is), in pieces: the stored value is not copied until the gRPC
+/// encoder writes the request out. Mirrors etcd's `Put`: `ignore_value` Puts carry no value.
+pub fn encode_put(shared: &Shared, put: &Bytes, stats: &mut EncodeStats) -> Result<Option<Spliced>, Status> {
     // One pass over the fields: key = 1, value = 2, ignore_value = 5 (last occurrence wins).
     let (mut key, mut value, mut ignore_value) = (Bytes::new(), Bytes::new(), false);
     for f in wire::fields(put) {
@@ -210,13 +211,13 @@ pub fn encode_put(shared: &Shared, put: &Bytes, stats: &mut EncodeStats) -> Resu
     if stored.as_ptr() == value.as_ptr() && stored.len() == value.len() {
         return Ok(None);
     }
-    Ok(Some(wire::with_bytes_field(put, 2, &stored)?))
+    Ok(Some(wire::with_bytes_field_chunks(put, 2, &stored)?))
 }
 
 /// Encodes every Put of a `TxnRequest` (both branches, nested Txns) in its wire bytes, and
 /// collects the `revision` of every Range in it (where values it reads may need an older base).
-pub fn encode_txn(shared: &Shared, txn: &Bytes, stats: &mut EncodeStats, read_revisions: &mut Vec<i64>) -> Result<Bytes, Status> {
-    let out = wire::splice(txn, Shape::TxnRequest, &[Shape::PutRequest, Shape::RangeRequest], &mut |shape, leaf, _| {
+pub fn encode_txn(shared: &Shared, txn: &Bytes, stats: &mut EncodeStats, read_revisions: &mut Vec<i64>) -> Result<Spliced, Status> {
+    let out = wire::splice_chunks(txn, Shape::TxnRequest, &[Shape::PutRequest, Shape::RangeRequest], &mut |shape, leaf, _| {
         if shape == Shape::RangeRequest {
             let revision = wire::varint_field(leaf, 4)?;
             if revision > 0 && !read_revisions.contains(&revision) {
@@ -226,7 +227,7 @@ pub fn encode_txn(shared: &Shared, txn: &Bytes, stats: &mut EncodeStats, read_re
         }
         encode_put(shared, leaf, stats)
     });
-    Ok(out?.unwrap_or_else(|| txn.clone()))
+    Ok(out?.unwrap_or_else(|| Spliced::from(txn.clone())))
 }
 
 /// A request the proxy cannot read: grpc-go's status for a request it cannot unmarshal.
