@@ -226,7 +226,9 @@ async fn leader(members: &[Member]) -> usize {
     panic!("no leader");
 }
 
-/// `n` puts in a row through `via`, each retried for at most `within`; panics if one never succeeds.
+/// `n` puts in a row through `via`, each retried for at most `within`; panics if one never
+/// succeeds, or fails with another code than etcd's clients see when they lose a member
+/// (UNAVAILABLE, DEADLINE_EXCEEDED) — never UNKNOWN.
 async fn writes_succeed(via: &mut etcd_client::Client, what: &str, n: usize, within: Duration) {
     for i in 0..n {
         let deadline = Instant::now() + within;
@@ -234,6 +236,12 @@ async fn writes_succeed(via: &mut etcd_client::Client, what: &str, n: usize, wit
             let put = tokio::time::timeout(Duration::from_secs(2), via.put(format!("{FLYTE}cluster/{what}-{i}"), "{\"spec\":{}}".repeat(30), None)).await;
             if matches!(put, Ok(Ok(_))) {
                 break;
+            }
+            if let Ok(Err(etcd_client::Error::GRpcStatus(status))) = &put {
+                assert!(
+                    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded),
+                    "{what}: write {i} failed with {status:?}"
+                );
             }
             assert!(Instant::now() < deadline, "{what}: write {i} still failing after {within:?}: {put:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;

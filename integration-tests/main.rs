@@ -4,6 +4,7 @@
 //! that compresses every key (prefix ""), and with delta frames on for the FlyteWorkflow prefix.
 
 mod auth;
+mod client_port_http;
 mod compaction_and_gc;
 mod config_file;
 mod dashboard;
@@ -30,6 +31,7 @@ mod soak;
 mod tls;
 mod txn_shapes;
 mod unknown_fields;
+mod upstream_failures;
 mod watch;
 
 /// Expands each listed `async fn(Env)` case into one test per prefix configuration.

@@ -27,6 +27,15 @@ ensure_protoc() {
     apt_install protobuf-compiler
 }
 
+# Installs curl when missing: the client-port tests read etcd's /version, /health and /metrics
+# through the proxy with curl, as operators and kubeadm's preflight do (HTTP/1.1, and over TLS).
+ensure_curl() {
+    if command -v curl >/dev/null 2>&1; then
+        return 0
+    fi
+    apt_install curl
+}
+
 # Installs Debian's haproxy when missing: the pass-through bench (benches/passthrough.rs) runs it
 # in `mode tcp` on a free loopback port as the floor of any hop. Only the binary is used.
 ensure_haproxy() {

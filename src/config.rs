@@ -89,7 +89,7 @@ pub struct ServerConfig {
     /// as etcd: kube-apiserver multiplexes many watches on one connection.
     pub max_concurrent_streams: u32,
     /// `server.tls_cert_file`: PEM certificate chain served to clients. With `tls_key_file`,
-    /// turns TLS on (ALPN `h2`). Reloaded when the file changes.
+    /// turns TLS on (ALPN `h2` for gRPC, `http/1.1` for etcd's `/version`, `/health`, `/metrics`). Reloaded when the file changes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
     /// `server.tls_key_file`: PEM private key of `tls_cert_file`.

@@ -136,7 +136,8 @@ impl Readiness {
         }
     }
 
-    fn reason(&self) -> String {
+    /// Why the proxy is not ready (empty when it is).
+    pub fn reason(&self) -> String {
         self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

@@ -25,6 +25,8 @@ use crate::config::ServerConfig;
 
 /// ALPN protocol of HTTP/2: grpc-go ≥ 1.67 refuses a TLS peer that does not negotiate it.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN protocol of HTTP/1.1: etcd's `/version`, `/health`, `/metrics` on the client port.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// A TLS file that cannot be used: names the config key, the file and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +184,7 @@ pub fn server_config(config: &ServerConfig) -> Result<Option<Reloading<rustls::S
         let mut tls = builder
             .with_single_cert(load_certs("server.tls_cert_file", &cert)?, load_key("server.tls_key_file", &key)?)
             .map_err(|e| TlsError::new("server.tls_key_file", &key, format!("does not match server.tls_cert_file: {e}")))?;
-        tls.alpn_protocols = vec![ALPN_H2.to_vec()];
+        tls.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
         Ok(tls)
     };
     Reloading::new("server", files, build).map(Some)

@@ -7,12 +7,16 @@
 //! connection attempt fails is skipped until a connection or the readiness probe
 //! (`crate::health`) succeeds again. Each channel reconnects on its own after a failure.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -70,16 +74,19 @@ impl EndpointState {
 /// (`KvClient<Upstream>`), cheap to clone.
 pub struct Upstream {
     endpoints: Arc<[Arc<EndpointState>]>,
+    connectors: Arc<[Connector]>,
     channels: Arc<[Channel]>,
     next: Arc<AtomicUsize>,
     /// The channel chosen (and polled ready) by `poll_ready`, used by the following `call`.
     picked: Option<Channel>,
+    /// Why the channel chosen by `poll_ready` cannot take calls: the following `call` answers UNAVAILABLE.
+    not_ready: Option<String>,
 }
 
 impl Clone for Upstream {
     fn clone(&self) -> Self {
         // A clone has not been polled ready: it picks its own endpoint.
-        Upstream { endpoints: self.endpoints.clone(), channels: self.channels.clone(), next: self.next.clone(), picked: None }
+        Upstream { endpoints: self.endpoints.clone(), connectors: self.connectors.clone(), channels: self.channels.clone(), next: self.next.clone(), picked: None, not_ready: None }
     }
 }
 
@@ -98,6 +105,7 @@ impl Upstream {
         let tls = client_tls(config)?.map(Arc::new);
         let mut endpoints = Vec::new();
         let mut channels = Vec::new();
+        let mut connectors = Vec::new();
         for url in &config.endpoints {
             let bad = |reason: String| UpstreamError::Endpoint { endpoint: url.clone(), reason };
             let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
@@ -127,10 +135,11 @@ impl Upstream {
                 .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
             crate::metrics::get().upstream_up.with_label_values(&[url]).set(1);
             crate::metrics::get().upstream_connections_open.with_label_values(&[url]).add(0);
-            channels.push(endpoint.connect_with_connector_lazy(connector));
+            channels.push(endpoint.connect_with_connector_lazy(connector.clone()));
+            connectors.push(connector);
             endpoints.push(state);
         }
-        Ok(Upstream { endpoints: endpoints.into(), channels: channels.into(), next: Arc::new(AtomicUsize::new(0)), picked: None })
+        Ok(Upstream { endpoints: endpoints.into(), connectors: connectors.into(), channels: channels.into(), next: Arc::new(AtomicUsize::new(0)), picked: None, not_ready: None })
     }
 
     /// Every endpoint with its own channel (for probing each one).
@@ -147,24 +156,156 @@ impl Upstream {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n).map(|k| (start + k) % n).find(|&i| self.endpoints[i].is_up()).unwrap_or(start % n)
     }
+
+    /// Sends one HTTP/1.1 request to etcd's client URL — etcd's own `/version`, `/health`,
+    /// `/metrics` — on a connection of its own (TLS with ALPN `http/1.1` for `https://`),
+    /// to an endpoint that is up. The request's path and query are kept; `Host` is the endpoint's.
+    ///
+    /// Errors: the connection or the exchange failed (the text says why).
+    pub async fn http1<B>(&self, request: http::Request<B>) -> Result<http::Response<hyper::body::Incoming>, String>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let connector = &self.connectors[self.pick()];
+        let conn = tokio::time::timeout(connector.timeout, connector.connect(Alpn::Http1))
+            .await
+            .map_err(|_| format!("no connection to {} after {:?}", connector.state.url, connector.timeout))?
+            .map_err(|e| format!("cannot connect to {}: {e}", connector.state.url))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await.map_err(|e| describe(&e))?;
+        tokio::spawn(connection);
+        let (mut parts, body) = request.into_parts();
+        parts.uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
+        parts.version = http::Version::HTTP_11;
+        let host = format!("{}:{}", connector.host, connector.port);
+        parts.headers.insert(http::header::HOST, http::HeaderValue::from_str(&host).map_err(|e| e.to_string())?);
+        sender.send_request(http::Request::from_parts(parts, body)).await.map_err(|e| describe(&e))
+    }
+}
+
+/// The application protocol a connection to etcd is made for (ALPN under TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alpn {
+    /// gRPC.
+    H2,
+    /// etcd's HTTP/1.1 endpoints.
+    Http1,
 }
 
 impl tower::Service<http::Request<Body>> for Upstream {
     type Response = http::Response<Body>;
-    type Error = tonic::transport::Error;
-    type Future = <Channel as tower::Service<http::Request<Body>>>::Future;
+    /// Never fails: a failure to reach or hear from etcd is answered as etcd's clients see it,
+    /// `UNAVAILABLE` (see [`unavailable`]), by every client built on this service.
+    type Error = Infallible;
+    type Future = UpstreamFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         if self.picked.is_none() {
             self.picked = Some(self.channels[self.pick()].clone());
         }
-        self.picked.as_mut().expect("set above").poll_ready(cx)
+        match self.picked.as_mut().map(|c| c.poll_ready(cx)) {
+            Some(Poll::Pending) => Poll::Pending,
+            Some(Poll::Ready(Err(e))) => {
+                // The channel's worker is gone: this call answers UNAVAILABLE without sending.
+                self.not_ready = Some(describe(&e));
+                self.picked = None;
+                Poll::Ready(Ok(()))
+            }
+            _ => Poll::Ready(Ok(())),
+        }
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if let Some(reason) = self.not_ready.take() {
+            return UpstreamFuture { inner: None, not_ready: Some(reason) };
+        }
         // `call` follows a ready `poll_ready` (tower's contract), whose channel it must use.
         let mut channel = self.picked.take().unwrap_or_else(|| self.channels[self.pick()].clone());
-        channel.call(request)
+        UpstreamFuture { inner: Some(channel.call(request)), not_ready: None }
+    }
+}
+
+/// The future of one call to etcd: its response, with a body that ends in `UNAVAILABLE`
+/// trailers instead of an error when the stream breaks; or `UNAVAILABLE` at once when the call
+/// could not be sent or answered.
+pub struct UpstreamFuture {
+    inner: Option<<Channel as tower::Service<http::Request<Body>>>::Future>,
+    not_ready: Option<String>,
+}
+
+impl Future for UpstreamFuture {
+    type Output = Result<http::Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(inner) = self.inner.as_mut() else {
+            let reason = self.not_ready.take().unwrap_or_default();
+            return Poll::Ready(Ok(unavailable(&format!("connection error: {reason}"))));
+        };
+        Poll::Ready(Ok(match ready!(Pin::new(inner).poll(cx)) {
+            Ok(response) => response.map(|body| Body::new(UnavailableOnError { inner: body, done: false })),
+            Err(e) => unavailable(&format!("connection error: {}", describe(&e))),
+        }))
+    }
+}
+
+/// A trailers-only gRPC response `UNAVAILABLE` with `message`: what a call through the proxy
+/// gets when etcd cannot be reached or stops answering (connection refused, reset, GOAWAY, a
+/// broken body, HTTP/2 errors). grpc-go's clients (clientv3, kube-apiserver) see the same code
+/// when they lose etcd themselves, and retry safe calls or treat it as transient.
+pub fn unavailable(message: &str) -> http::Response<Body> {
+    tonic::Status::unavailable(message).into_http()
+}
+
+/// An error and its sources, `: `-separated (hyper's and h2's errors say little at the top).
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// etcd's response body, whose failure (reset, GOAWAY, lost connection) becomes `UNAVAILABLE`
+/// trailers ("error reading from server: …", grpc-go's words) instead of an HTTP/2 error that
+/// tonic would report as `UNKNOWN`.
+struct UnavailableOnError {
+    inner: Body,
+    done: bool,
+}
+
+impl http_body::Body for UnavailableOnError {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Err(e)) => {
+                self.done = true;
+                let status = tonic::Status::unavailable(format!("error reading from server: {}", describe(&e)));
+                let mut trailers = http::HeaderMap::new();
+                let _ = status.add_header(&mut trailers);
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+            frame => Poll::Ready(frame),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -212,7 +353,7 @@ struct Connector {
 type UpstreamConn = Conn<tokio_rustls::client::TlsStream<TcpStream>, OpenConnection>;
 
 impl Connector {
-    async fn connect(&self) -> io::Result<UpstreamConn> {
+    async fn connect(&self, alpn: Alpn) -> io::Result<UpstreamConn> {
         let mut last_error = io::Error::new(io::ErrorKind::NotFound, format!("{} resolves to no address", self.host));
         let mut tcp = None;
         for addr in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
@@ -229,7 +370,15 @@ impl Connector {
         Ok(match &self.tls {
             None => Conn::plain(tcp, OpenConnection::new(self.state.clone())),
             Some((config, name)) => {
-                let connector = tokio_rustls::TlsConnector::from(config.current());
+                let config = match alpn {
+                    Alpn::H2 => config.current(),
+                    Alpn::Http1 => {
+                        let mut http1 = (*config.current()).clone();
+                        http1.alpn_protocols = vec![tls::ALPN_HTTP1.to_vec()];
+                        Arc::new(http1)
+                    }
+                };
+                let connector = tokio_rustls::TlsConnector::from(config);
                 let tls = connector.connect(name.clone(), tcp).await?;
                 Conn::tls(tls, OpenConnection::new(self.state.clone()))
             }
@@ -251,7 +400,7 @@ impl tower::Service<http::Uri> for Connector {
         Box::pin(async move {
             let metrics = crate::metrics::get();
             let url = this.state.url.as_str();
-            let result = match tokio::time::timeout(this.timeout, this.connect()).await {
+            let result = match tokio::time::timeout(this.timeout, this.connect(Alpn::H2)).await {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no connection after {:?}", this.timeout))),
             };

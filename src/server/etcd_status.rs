@@ -51,6 +51,10 @@ pub fn etcd_message(message: &str) -> Option<String> {
 /// Rewrites tonic's OUT_OF_RANGE "decoded message length too large" in `headers` (response
 /// headers or trailers) to etcd's RESOURCE_EXHAUSTED; any other status is left as it is.
 fn rewrite_status(headers: &mut http::HeaderMap) {
+    // Only OUT_OF_RANGE (11) is ever rewritten: skip parsing every other status.
+    if headers.get("grpc-status").is_none_or(|v| v.as_bytes() != b"11") {
+        return;
+    }
     let Some(status) = tonic::Status::from_header_map(headers) else { return };
     if status.code() != tonic::Code::OutOfRange {
         return;

@@ -3,7 +3,9 @@
 //! listener → service (`kv`, `watch`, `raw` for Lease/Cluster/Maintenance/Auth/Lock/Election, gRPC health)
 //! → value rewrite (`crate::rewrite`) → upstream etcd (`crate::upstream`).
 
+pub mod etcd_http;
 pub mod etcd_status;
+pub mod front;
 pub mod kv;
 pub mod listener;
 pub mod metadata;
@@ -27,7 +29,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 
 use crate::config::Config;
 use crate::upstream::Upstream;
@@ -51,9 +52,6 @@ pub enum ServeError {
     /// The listener's TLS files cannot be used.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    /// The HTTP/2 server failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// The metrics listener failed.
     #[error("metrics.listen: {0}")]
     Metrics(std::io::Error),
@@ -126,24 +124,33 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     tokio::spawn(readiness.clone().run(stop_rx.clone()));
 
     // Each service applies limits.max_request_bytes to the requests it decodes.
-    let kv = kv::KvService::new(shared.clone(), upstream.clone());
-    let watch = watch::WatchService::new(shared.clone(), upstream.clone());
-    let router = Server::builder()
-        .max_concurrent_streams(shared.config.server.max_concurrent_streams)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20)
-        .layer(observe::GrpcLayer::new(stop_rx.clone()))
-        .layer(etcd_status::EtcdStatusLayer)
-        .add_service(kv)
-        .add_service(watch)
+    let routes = tonic::service::Routes::new(kv::KvService::new(shared.clone(), upstream.clone()))
+        .add_service(watch::WatchService::new(shared.clone(), upstream.clone()))
         .add_service(raw::RawService::<raw::LeaseSpec>::new(shared.clone(), upstream.clone()))
         .add_service(raw::RawService::<raw::ClusterSpec>::new(shared.clone(), upstream.clone()))
         .add_service(raw::RawService::<raw::MaintenanceSpec>::new(shared.clone(), upstream.clone()))
         .add_service(raw::RawService::<raw::AuthSpec>::new(shared.clone(), upstream.clone()))
         .add_service(raw::RawService::<raw::LockSpec>::new(shared.clone(), upstream.clone()))
-        .add_service(raw::RawService::<raw::ElectionSpec>::new(shared.clone(), upstream))
-        .add_service(health_service);
+        .add_service(raw::RawService::<raw::ElectionSpec>::new(shared.clone(), upstream.clone()))
+        .add_service(health_service)
+        .prepare();
+    let grpc = tower::ServiceBuilder::new()
+        .layer(observe::GrpcLayer::new(stop_rx.clone()))
+        .layer(etcd_status::EtcdStatusLayer)
+        .service(front::Dispatch::new(shared.clone(), upstream.clone(), routes));
+    let front = front::Front::new(
+        tower::util::BoxCloneSyncService::new(grpc),
+        Arc::new(etcd_http::EtcdHttp::new(upstream.clone(), readiness.clone())),
+    );
+    let mut connections = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    connections
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(shared.config.server.max_concurrent_streams)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20);
+    // hyper enforces its HTTP/1 header read timeout (30 s) only with a timer.
+    connections.http1().timer(hyper_util::rt::TokioTimer::new());
     tracing::info!(listen = %local, tls = server_tls.is_some(), metrics = %metrics_addr, upstream = ?shared.config.upstream.endpoints,
         prefixes = ?shared.config.prefixes.iter().map(|p| p.prefix.as_str()).collect::<Vec<_>>(), "etcd-squeeze serving");
 
@@ -163,14 +170,14 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
             readiness.stop().await;
             let _ = stop_tx.send(true);
         };
-        let grpc = router.serve_with_incoming_shutdown(incoming, signal);
+        let grpc = serve_connections(incoming, connections, front, signal);
         let mut stopping = admin_stop;
         let deadline = async move {
             let _ = stopping.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         };
         let result = tokio::select! {
-            r = grpc => r.map_err(ServeError::from),
+            r = grpc => r,
             _ = deadline => {
                 tracing::warn!(cut = metrics.grpc_inflight_requests.get(), "server.shutdown_grace expired: cutting the calls still in flight");
                 Ok(())
@@ -185,6 +192,42 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         result
     };
     Ok(Running { addr: local, metrics_addr, serve: Box::pin(serve) })
+}
+
+/// Serves each accepted connection with `front` until `signal`; then closes the listener at
+/// once (the accept stream is dropped), asks every connection to finish (HTTP/2 GOAWAY, HTTP/1.1
+/// `Connection: close`) and waits for them.
+async fn serve_connections(
+    incoming: impl futures::Stream<Item = Result<listener::ClientConn, std::io::Error>>,
+    connections: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    front: front::Front,
+    signal: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    use futures::StreamExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    {
+        let mut incoming = std::pin::pin!(incoming);
+        let mut signal = std::pin::pin!(signal);
+        loop {
+            let conn = tokio::select! {
+                _ = &mut signal => break,
+                conn = incoming.next() => match conn {
+                    Some(Ok(conn)) => conn,
+                    Some(Err(_)) => continue,
+                    None => break,
+                },
+            };
+            let served = connections.serve_connection(hyper_util::rt::TokioIo::new(conn), front.clone()).into_owned();
+            let served = graceful.watch(served);
+            tokio::spawn(async move {
+                if let Err(e) = served.await {
+                    tracing::debug!(error = %crate::upstream::describe(&*e), "client connection ended with an error");
+                }
+            });
+        }
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Loads what `--check-config` can check beyond [`Config::validate`]: the TLS files of both sides.

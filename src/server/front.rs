@@ -1,0 +1,355 @@
+//! The front door of the client port: one listener serving gRPC (h2c, and h2 under TLS) and
+//! etcd's HTTP/1.1 endpoints, and the shortest road for calls that no compressed key can be in.
+//!
+//! Each request is routed once, at the HTTP level, before any gRPC machinery:
+//! - **HTTP/1.1** (`GET /version`, `/health`, …): [`super::etcd_http`], etcd's own answers;
+//! - **gRPC, forwarded whole**: Lease, Cluster, Maintenance, Auth, Lock and Election carry no
+//!   values; their HTTP/2 requests go to etcd as they came (headers, every body frame, streams
+//!   both ways) and etcd's responses come back as etcd sent them, never parsed;
+//! - **gRPC KV, classified**: a unary Range, Put, DeleteRange or Txn is read (one gRPC message,
+//!   bounded by `limits.max_request_bytes`) and classified ([`crate::classify`]); when no key under
+//!   a compressed prefix or `/etcd-squeeze/` can be involved, the same bytes go to etcd and its
+//!   response comes back untouched;
+//! - **everything else** (KV calls that touch compressed keys, Compact, Watch, gRPC health,
+//!   unknown methods): the gRPC services ([`super::kv`], [`super::watch`], …).
+//!
+//! Every gRPC call, on every road, is counted and traced by [`super::observe`] and answers
+//! deadlines and size limits as etcd does ([`super::etcd_status`]). A failure to reach etcd is
+//! `UNAVAILABLE` ([`crate::upstream::unavailable`]).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tonic::body::Body;
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
+
+use super::observe::ObservedBody;
+use super::raw::Shape;
+use super::shared::Shared;
+use crate::classify::{classify, Call, Route};
+use crate::upstream::Upstream;
+
+/// The gRPC services behind the front: the routes with their layers.
+pub type GrpcService = BoxCloneSyncService<http::Request<Body>, http::Response<ObservedBody>, Infallible>;
+
+/// The service each client connection is served by (cheap to clone: one per connection).
+#[derive(Clone)]
+pub struct Front {
+    grpc: GrpcService,
+    http: Arc<super::etcd_http::EtcdHttp>,
+}
+
+impl Front {
+    /// A front serving gRPC with `grpc` (built by [`layered`]) and HTTP/1.1 with `http`.
+    pub fn new(grpc: GrpcService, http: Arc<super::etcd_http::EtcdHttp>) -> Self {
+        Front { grpc, http }
+    }
+}
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Front {
+    type Response = http::Response<FrontBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
+        if request.version() == http::Version::HTTP_2 {
+            let mut grpc = self.grpc.clone();
+            let request = request.map(Body::new);
+            Box::pin(async move {
+                let response = match grpc.ready().await {
+                    Ok(svc) => svc.call(request).await,
+                    Err(never) => match never {},
+                };
+                Ok(response.map_or_else(|never| match never {}, |r| r.map(FrontBody::Grpc)))
+            })
+        } else {
+            let http = self.http.clone();
+            Box::pin(async move { Ok(http.serve(request).await.map(FrontBody::Http)) })
+        }
+    }
+}
+
+/// A response body of the front: a gRPC call's (observed) or an HTTP/1.1 answer's.
+pub enum FrontBody {
+    /// A gRPC response.
+    Grpc(ObservedBody),
+    /// An HTTP/1.1 response (etcd's, or the proxy's own 404 / 503).
+    Http(Body),
+}
+
+impl http_body::Body for FrontBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        match self.get_mut() {
+            FrontBody::Grpc(b) => Pin::new(b).poll_frame(cx),
+            FrontBody::Http(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            FrontBody::Grpc(b) => b.is_end_stream(),
+            FrontBody::Http(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            FrontBody::Grpc(b) => b.size_hint(),
+            FrontBody::Http(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The road of a gRPC call, from its path alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Road {
+    /// A method that carries no values: forwarded whole.
+    Whole(Shape),
+    /// A unary KV call: classified on its request bytes.
+    Kv(Call),
+    /// The gRPC services.
+    Services,
+}
+
+fn road(path: &str) -> Road {
+    if let Some(method) = path.strip_prefix("/etcdserverpb.KV/") {
+        return match method {
+            "Range" => Road::Kv(Call::Range),
+            "Put" => Road::Kv(Call::Put),
+            "DeleteRange" => Road::Kv(Call::DeleteRange),
+            "Txn" => Road::Kv(Call::Txn),
+            _ => Road::Services,
+        };
+    }
+    match super::methods::method_info(path) {
+        Some(info) if info.forwarded_whole => Road::Whole(info.shape),
+        _ => Road::Services,
+    }
+}
+
+/// The dispatch inside the gRPC layers: forward whole, classify KV, or hand to the services.
+#[derive(Clone)]
+pub struct Dispatch<S> {
+    shared: Arc<Shared>,
+    upstream: Upstream,
+    services: S,
+}
+
+impl<S> Dispatch<S> {
+    /// Dispatches between `upstream` (forwarded calls) and `services` (the gRPC routes).
+    pub fn new(shared: Arc<Shared>, upstream: Upstream, services: S) -> Self {
+        Dispatch { shared, upstream, services }
+    }
+}
+
+impl<S> Service<http::Request<Body>> for Dispatch<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let road = road(request.uri().path());
+        let services = self.services.clone();
+        match road {
+            Road::Services => Box::pin(services.oneshot(request)),
+            Road::Whole(Shape::Unary) => Box::pin(self.upstream.clone().oneshot(to_etcd(request))),
+            Road::Whole(_) => {
+                // A stream: what the client sends goes on until etcd's response ends, and no
+                // longer (shutdown, etcd ending it), so both directions close together.
+                let (end_requests, ended) = tokio::sync::oneshot::channel::<()>();
+                let request = request.map(|requests| Body::new(Until { inner: requests, ended }));
+                let call = self.upstream.clone().oneshot(to_etcd(request));
+                Box::pin(async move {
+                    let response = call.await?;
+                    Ok(response.map(|responses| Body::new(Holding { inner: responses, _end_requests: end_requests })))
+                })
+            }
+            Road::Kv(call) => {
+                let (shared, upstream) = (self.shared.clone(), self.upstream.clone());
+                Box::pin(async move {
+                    let limit = shared.config.limits.max_request_bytes.as_u64();
+                    let (parts, body) = request.into_parts();
+                    let message = match read_message(body, limit).await {
+                        Ok(m) => m,
+                        Err(Unread::TooLarge(found)) => {
+                            return Ok(tonic::Status::resource_exhausted(format!("grpc: received message larger than max ({found} vs. {limit})"))
+                                .into_http())
+                        }
+                        Err(Unread::Body(status)) => return Ok(status.into_http()),
+                        // Compressed, several messages, or cut short: the services answer as gRPC does.
+                        Err(Unread::NotOneMessage(bytes)) => {
+                            return services.oneshot(http::Request::from_parts(parts, Body::new(full(bytes)))).await
+                        }
+                    };
+                    let route = classify(call, &message.as_ref()[5..], &shared.scope);
+                    let request = http::Request::from_parts(parts, Body::new(full(message)));
+                    match route {
+                        Route::Forward => upstream.oneshot(to_etcd(request)).await,
+                        Route::Rewrite(_) => services.oneshot(request).await,
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// A request body that ends (cleanly) when `ended`'s sender is dropped.
+struct Until {
+    inner: Body,
+    ended: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl http_body::Body for Until {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if Pin::new(&mut self.ended).poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+}
+
+/// A response body holding the sender that keeps an [`Until`] request body going.
+struct Holding {
+    inner: Body,
+    _end_requests: tokio::sync::oneshot::Sender<()>,
+}
+
+impl http_body::Body for Holding {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request re-addressed to etcd (the channel sets scheme and authority): hop-by-hop headers
+/// removed, every other header — `token`, `grpc-timeout`, `grpc-accept-encoding`, … — kept,
+/// since etcd's answer comes back to this client unchanged.
+fn to_etcd(mut request: http::Request<Body>) -> http::Request<Body> {
+    let headers = request.headers_mut();
+    headers.remove(http::header::HOST);
+    headers.remove(http::header::CONNECTION);
+    request
+}
+
+fn full(bytes: Bytes) -> http_body_util::Full<Bytes> {
+    http_body_util::Full::new(bytes)
+}
+
+/// Why a unary request was not read as one uncompressed gRPC message.
+enum Unread {
+    /// The message's length prefix is over the limit (the declared length).
+    TooLarge(u64),
+    /// The client's body failed (reset, cancelled).
+    Body(tonic::Status),
+    /// Anything else gRPC itself must judge: the bytes read so far, whole.
+    NotOneMessage(Bytes),
+}
+
+/// Reads the whole body of a unary call: its bytes, gRPC's 5-byte prefix included, when they
+/// are exactly one uncompressed message of at most `limit` bytes.
+async fn read_message(mut body: Body, limit: u64) -> Result<Bytes, Unread> {
+    let mut buf = BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Unread::Body)?;
+        let Ok(data) = frame.into_data() else { continue };
+        match (&mut first, buf.is_empty()) {
+            (None, true) => first = Some(data),
+            (Some(f), true) => {
+                buf.extend_from_slice(f);
+                buf.extend_from_slice(&data);
+            }
+            (_, false) => buf.extend_from_slice(&data),
+        }
+        let seen = if buf.is_empty() { first.as_deref().unwrap_or_default() } else { &buf[..] };
+        if seen.len() >= 5 {
+            let declared = (&seen[1..5]).get_u32() as u64;
+            if declared > limit {
+                return Err(Unread::TooLarge(declared));
+            }
+        }
+    }
+    let bytes = if buf.is_empty() { first.unwrap_or_default() } else { buf.freeze() };
+    if bytes.len() < 5 || bytes[0] != 0 || (&bytes[1..5]).get_u32() as usize != bytes.len() - 5 {
+        return Err(Unread::NotOneMessage(bytes));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roads() {
+        assert_eq!(road("/etcdserverpb.KV/Range"), Road::Kv(Call::Range));
+        assert_eq!(road("/etcdserverpb.KV/Txn"), Road::Kv(Call::Txn));
+        assert_eq!(road("/etcdserverpb.KV/Compact"), Road::Services);
+        assert_eq!(road("/etcdserverpb.KV/RangeStream"), Road::Services);
+        assert_eq!(road("/etcdserverpb.Watch/Watch"), Road::Services);
+        assert_eq!(road("/etcdserverpb.Lease/LeaseKeepAlive"), Road::Whole(Shape::Bidi));
+        assert_eq!(road("/etcdserverpb.Lease/LeaseGrant"), Road::Whole(Shape::Unary));
+        assert_eq!(road("/etcdserverpb.Maintenance/Snapshot"), Road::Whole(Shape::ServerStreaming));
+        assert_eq!(road("/v3electionpb.Election/Observe"), Road::Whole(Shape::ServerStreaming));
+        assert_eq!(road("/etcdserverpb.Lease/NoSuchMethod"), Road::Services);
+        assert_eq!(road("/grpc.health.v1.Health/Check"), Road::Services);
+        assert_eq!(road("/etcdserverpb.KV/"), Road::Services);
+    }
+
+    fn body_of(chunks: &[&[u8]]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, tonic::Status>> = chunks.iter().map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames)))
+    }
+
+    #[tokio::test]
+    async fn reads_one_message_in_any_chunking() {
+        let message = [0u8, 0, 0, 0, 3, 10, 1, b'a'];
+        for split in 0..message.len() {
+            let (a, b) = message.split_at(split);
+            let got = read_message(body_of(&[a, b]), 100).await.ok().unwrap();
+            assert_eq!(&got[..], &message[..]);
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_what_is_not_one_small_message() {
+        assert!(matches!(read_message(body_of(&[&[0, 0, 0, 1, 0]]), 100).await, Err(Unread::TooLarge(256))));
+        assert!(matches!(read_message(body_of(&[&[1, 0, 0, 0, 1, 7]]), 100).await, Err(Unread::NotOneMessage(_))));
+        assert!(matches!(read_message(body_of(&[&[0, 0, 0, 0, 2, 7]]), 100).await, Err(Unread::NotOneMessage(_))));
+        assert!(matches!(read_message(body_of(&[&[0, 0, 0, 0, 1, 7, 0, 0, 0, 0, 0]]), 100).await, Err(Unread::NotOneMessage(_))));
+        assert!(matches!(read_message(body_of(&[&[0, 0]]), 100).await, Err(Unread::NotOneMessage(_))));
+        assert!(matches!(read_message(body_of(&[]), 100).await, Err(Unread::NotOneMessage(_))));
+    }
+}
