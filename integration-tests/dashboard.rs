@@ -162,7 +162,9 @@ async fn traffic(env: &Env, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()
             client.put(format!("{prefix}wf-{}", i % 5), obj.json.clone(), None).await.unwrap();
             client.put(format!("{prefix}tiny"), "{}", None).await.unwrap();
             client.get(format!("{prefix}wf-{}", i % 5), None).await.unwrap();
-            assert!(client.get(corrupt.as_str(), None).await.is_err());
+            // Passed on as stored (and counted in etcd_squeeze_decode_errors_total).
+            let got = client.get(corrupt.as_str(), None).await.unwrap();
+            assert!(etcd_squeeze::codec::frame::is_framed(got.kvs()[0].value()));
             while let Ok(Ok(Some(_))) = tokio::time::timeout(Duration::from_millis(1), watch.message()).await {}
             i += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -568,3 +568,16 @@ pub async fn get_value(c: &mut etcd_client::Client, key: &str, rev: i64) -> Resu
     let opts = if rev > 0 { Some(GetOptions::new().with_revision(rev)) } else { None };
     c.get(key, opts).await.map(|r| r.kvs().first().map(|kv| kv.value().to_vec())).map_err(status)
 }
+
+/// `etcd_squeeze_decode_errors_total{reason}` of the proxy (in-process proxies share one
+/// registry, so compare a before and an after: it only grows).
+pub async fn decode_errors(metrics_url: &str, reason: &str) -> f64 {
+    let (_, scrape) = http_get(metrics_url, "/metrics").await.unwrap();
+    sample(&scrape, &format!("etcd_squeeze_decode_errors_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
+}
+
+/// `etcd_squeeze_decode_errors_total` summed over every reason.
+pub async fn decode_errors_total(metrics_url: &str) -> f64 {
+    let (_, scrape) = http_get(metrics_url, "/metrics").await.unwrap();
+    scrape.lines().filter(|l| l.starts_with("etcd_squeeze_decode_errors_total{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}

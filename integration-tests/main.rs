@@ -7,6 +7,7 @@ mod auth;
 mod client_port_http;
 mod compaction_and_gc;
 mod config_file;
+mod corrupt_values;
 mod dashboard;
 mod delta;
 mod deploy;

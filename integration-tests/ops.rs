@@ -47,8 +47,8 @@ async fn metrics_count_what_happens() {
         events += tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap().unwrap().events().len();
     }
     env.direct.put(env.wf_key("corrupt").as_str(), CORRUPT_FRAME, None).await.unwrap();
-    let err = env.via.get(env.wf_key("corrupt").as_str(), None).await.unwrap_err();
-    assert!(err.to_string().contains("cannot decode"), "{err}");
+    // Passed on as stored (as etcd would answer), and counted.
+    assert_eq!(env.via.get(env.wf_key("corrupt").as_str(), None).await.unwrap().kvs()[0].value(), CORRUPT_FRAME);
 
     let text = scrape(&env.proxy).await;
     let at_least = |series: &str, min: f64| {
@@ -57,7 +57,6 @@ async fn metrics_count_what_happens() {
         v
     };
     at_least("etcd_squeeze_grpc_requests_total{code=\"OK\",method=\"/etcdserverpb.KV/Put\"}", 2.0);
-    at_least("etcd_squeeze_grpc_requests_total{code=\"DataLoss\",method=\"/etcdserverpb.KV/Range\"}", 1.0);
     at_least("etcd_squeeze_grpc_request_duration_seconds_count{method=\"/etcdserverpb.KV/Range\"}", 2.0);
     at_least("etcd_squeeze_decode_errors_total{reason=\"zstd\"}", 1.0);
     let logical = at_least(&format!("etcd_squeeze_values_logical_bytes_total{{prefix=\"{FLYTE}\"}}"), obj.len() as f64);

@@ -173,8 +173,8 @@ pub struct LimitsConfig {
     /// `limits.max_request_bytes`: largest decoded gRPC message accepted from a client. Default 32 MiB.
     pub max_request_bytes: ByteSize,
     /// `limits.max_value_bytes`: largest value under a compressed prefix. A larger write gets
-    /// etcd's own `etcdserver: request is too large`; a stored frame declaring more is refused with
-    /// DATA_LOSS naming the key. Default 16 MiB.
+    /// etcd's own `etcdserver: request is too large`; a stored frame declaring more is never
+    /// decompressed (passed on as stored, logged naming the key). Default 16 MiB.
     pub max_value_bytes: ByteSize,
     /// `limits.max_response_bytes`: largest total of decompressed values in one response (a
     /// Range page, a Txn, a watch response). Beyond it the call fails with RESOURCE_EXHAUSTED naming

@@ -41,7 +41,7 @@ pub struct Metrics {
     /// `etcd_squeeze_values_written_total{prefix, outcome}`: values written under a prefix by
     /// outcome: `compressed`, `raw_frame` (too small or did not shrink), `stored_as_is`.
     pub values_written: IntCounterVec,
-    /// `etcd_squeeze_decode_errors_total{reason}`: stored frames that could not be decoded (DATA_LOSS).
+    /// `etcd_squeeze_decode_errors_total{reason}`: stored frames that could not be decoded (passed on as stored).
     pub decode_errors: IntCounterVec,
     /// `etcd_squeeze_dictionary_cache_hits_total`: frames whose dictionary was cached.
     pub dictionary_cache_hits: IntCounter,
@@ -140,7 +140,7 @@ impl Metrics {
             ),
             decode_errors: counter_vec(
                 "etcd_squeeze_decode_errors_total",
-                "Stored frames that could not be decoded (answered DATA_LOSS), by reason.",
+                "Stored frames that could not be decoded (passed on to clients as stored), by reason.",
                 &["reason"],
             ),
             dictionary_cache_hits: counter("etcd_squeeze_dictionary_cache_hits_total", "Frames whose zstd dictionary was in the cache."),

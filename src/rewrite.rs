@@ -196,16 +196,27 @@ pub fn decode_kv_with(codec: &ValueCodec, kv: &mut KeyValue, budget: &mut u64, p
 
 /// Decodes every value of a response in place, within one budget of `limits.max_response_bytes`
 /// decompressed bytes for the whole message (a fragment of a watch response is a message of
-/// its own). Nothing is returned half-decoded: on error the caller drops the message.
+/// its own). Strict: the first value that cannot be decoded fails the whole message, and the
+/// caller drops it (see [`decode_with`] for the proxy's policy).
 pub fn decode<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Result<(), DecodeError> {
-    decode_with(codec, msg, &[])
+    decode_with(codec, msg, &[], &mut Err)
 }
 
 /// [`decode`], where delta frames find their base in `pinned` (loaded for this message by
-/// `crate::delta::Deltas::prefetch`) or in the base cache.
-pub fn decode_with<T: KeyValues>(codec: &ValueCodec, msg: &mut T, pinned: &[Arc<Base>]) -> Result<(), DecodeError> {
+/// `crate::delta::Deltas::prefetch`) or in the base cache, and a value that cannot be decoded is
+/// handed to `undecodable`: `Ok(())` keeps the stored bytes as the value (etcd's answer, had the
+/// proxy not been there) and goes on; `Err` fails the whole message.
+pub fn decode_with<T: KeyValues>(
+    codec: &ValueCodec,
+    msg: &mut T,
+    pinned: &[Arc<Base>],
+    undecodable: &mut dyn FnMut(DecodeError) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
     let mut budget = codec.max_response_bytes();
-    msg.try_for_each_kv(&mut |kv| decode_kv_with(codec, kv, &mut budget, pinned))
+    msg.try_for_each_kv(&mut |kv| match decode_kv_with(codec, kv, &mut budget, pinned) {
+        Ok(()) => Ok(()),
+        Err(e) => undecodable(e),
+    })
 }
 
 /// The dictionary IDs that decoding `msg` needs, in order of first use, each with how many of

@@ -76,7 +76,8 @@ pub enum EncodeOutcome {
 }
 
 /// A stored value under a compressed prefix that cannot be turned back into the original bytes.
-/// Surfaces as gRPC `DATA_LOSS` naming the key (`RESOURCE_EXHAUSTED` for [`DecodeReason::ResponseTooLarge`]).
+/// The proxy passes such a value on as stored (`server::keep_stored`); the operator commands report it
+/// naming the key; [`DecodeReason::ResponseTooLarge`] is `RESOURCE_EXHAUSTED` for a read.
 #[derive(Debug, thiserror::Error)]
 #[error("etcd-squeeze: cannot decode the value of key {}: {reason}", KeyDisplay(key))]
 pub struct DecodeError {

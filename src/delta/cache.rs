@@ -58,7 +58,7 @@ impl Shelf {
 pub struct BaseCache {
     /// Longest prefix first, as the codec's rules.
     shelves: Vec<(Bytes, Mutex<Shelf>)>,
-    /// Why a base could not be loaded, for the DATA_LOSS message (bounded: cleared when full).
+    /// Why a base could not be loaded, for the decode error logged (bounded: cleared when full).
     unavailable: Mutex<HashMap<(Bytes, u64), String>>,
 }
 

@@ -29,7 +29,7 @@ pub struct DictionaryCache {
     decoders: DashMap<u32, Arc<PreparedDecoder>>,
     /// Keyed by the `[[prefixes]]` prefix (not by key): one entry per prefix using dictionaries.
     current: DashMap<Bytes, Arc<CurrentEncoder>>,
-    /// Why a dictionary could not be loaded (for the DATA_LOSS message of values that need it),
+    /// Why a dictionary could not be loaded (for the decode error of values that need it: logged and counted),
     /// and when: a fetch is not retried within [`UNAVAILABLE_RETRY`], so frames naming a missing
     /// dictionary do not cost an etcd Range each.
     unavailable: DashMap<u32, (String, std::time::Instant)>,
@@ -120,7 +120,7 @@ impl DictionaryCache {
         prefixes
     }
 
-    /// Records why dictionary `id` could not be loaded (shown in DATA_LOSS messages).
+    /// Records why dictionary `id` could not be loaded (shown in the decode error logged for each value).
     pub fn mark_unavailable(&self, id: u32, why: String) {
         self.unavailable.insert(id, (why, std::time::Instant::now()));
     }

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::watch;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use crate::upstream::Upstream;
 use tonic::Status;
@@ -71,7 +72,7 @@ impl DictionaryPrefix {
 /// Why a dictionary could not be loaded.
 #[derive(Debug, Clone)]
 enum LoadFailure {
-    /// Missing or refused: values that need it answer DATA_LOSS naming key and ID.
+    /// Missing or refused: values that need it are passed on as stored (logged naming key and ID).
     Unavailable,
     /// etcd could not be asked: the request fails with etcd's status, it may be retried.
     Etcd(Status),
@@ -143,14 +144,42 @@ impl std::fmt::Debug for Dictionaries {
     }
 }
 
-/// Background tasks, aborted when dropped (the server holds them while it serves).
-#[derive(Debug, Default)]
-pub struct Background(Vec<tokio::task::JoinHandle<()>>);
+/// Background tasks, aborted when dropped (the server holds them while it serves);
+/// [`Background::stop`] lets a leading trainer resign first.
+#[derive(Debug)]
+pub struct Background {
+    follower: tokio::task::JoinHandle<()>,
+    trainer: Option<tokio::task::JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+}
+
+/// Resolves once `stopped` turns true (or its sender is gone).
+async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+/// How long a stopping trainer may take to resign (revoke its election lease) before it is cut.
+const RESIGN_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Background {
+    /// Stops the tasks; a replica that leads the trainer election resigns (its election key
+    /// goes at once, so another replica can take over without waiting for the lease TTL).
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(trainer) = self.trainer.take() {
+            let abort = trainer.abort_handle();
+            if tokio::time::timeout(RESIGN_TIMEOUT, trainer).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
 
 impl Drop for Background {
     fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
+        self.follower.abort();
+        if let Some(trainer) = &self.trainer {
+            trainer.abort();
         }
     }
 }
@@ -199,7 +228,7 @@ impl Dictionaries {
 
     /// Makes sure every dictionary the values of `msg` need is loaded, so that decoding it
     /// (synchronous) finds them. A dictionary that is missing or refused is not an error here:
-    /// decoding then fails with DATA_LOSS naming the key and the ID. Only when etcd cannot be
+    /// decoding then fails (the value is passed on as stored, logged naming the key and the ID). Only when etcd cannot be
     /// reached is the etcd status returned.
     pub async fn prefetch<T: KeyValues>(&self, msg: &mut T) -> Result<(), Status> {
         let metrics = crate::metrics::get();
@@ -210,7 +239,7 @@ impl Dictionaries {
             }
             metrics.dictionary_cache_misses.inc_by(frames);
             if self.cache().recently_unavailable(id) {
-                continue; // decoding names the ID and the reason (DATA_LOSS)
+                continue; // decoding names the ID and the reason (logged)
             }
             if let Err(LoadFailure::Etcd(status)) = self.load(id).await {
                 return Err(status);
@@ -271,11 +300,10 @@ impl Dictionaries {
 
     /// Starts the store follower, and the trainer when this replica may train.
     pub fn spawn(self: &Arc<Self>) -> Background {
-        let mut tasks = vec![tokio::spawn(self.clone().follow())];
-        if self.config.enabled && self.config.train && !self.prefixes.is_empty() {
-            tasks.push(tokio::spawn(self.clone().campaign()));
-        }
-        Background(tasks)
+        let (stop, stopped) = watch::channel(false);
+        let follower = tokio::spawn(self.clone().follow());
+        let trainer = (self.config.enabled && self.config.train && !self.prefixes.is_empty()).then(|| tokio::spawn(self.clone().campaign(stopped)));
+        Background { follower, trainer, stop }
     }
 
     /// Lists the store and installs the newest dictionary of each prefix that uses dictionaries;
@@ -365,23 +393,38 @@ impl Dictionaries {
 
     /// Campaigns for the trainer role forever; while leading, trains each prefix every
     /// `retrain_interval`.
-    async fn campaign(self: Arc<Self>) {
+    async fn campaign(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
         let election = Election::new(self.channel.clone(), self.config.election_key.clone(), self.config.election_ttl, self.identity.clone());
-        loop {
+        while !*stopped.borrow() {
             match election.try_acquire().await {
                 Ok(Some(leadership)) => {
                     tracing::info!(identity = %self.identity, "elected dictionary trainer");
-                    self.lead(leadership).await;
-                    tracing::info!(identity = %self.identity, "no longer the dictionary trainer");
+                    let lease = leadership.lease;
+                    tokio::select! {
+                        _ = self.lead(&leadership) => {
+                            tracing::info!(identity = %self.identity, "no longer the dictionary trainer");
+                        }
+                        _ = until_stopped(&mut stopped) => {
+                            match leadership.resign().await {
+                                Ok(()) => tracing::info!(identity = %self.identity, lease, "resigned as dictionary trainer"),
+                                Err(e) => tracing::warn!(identity = %self.identity, lease, error = %e, "cannot resign as dictionary trainer: the election key goes when its lease expires"),
+                            }
+                            return;
+                        }
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "trainer election failed"),
             }
-            tokio::time::sleep(self.config.election_ttl / 2).await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.election_ttl / 2) => {}
+                _ = until_stopped(&mut stopped) => return,
+            }
         }
     }
 
-    async fn lead(&self, mut leadership: Leadership) {
+    async fn lead(&self, leadership: &Leadership) {
+        let mut lost = leadership.lost_signal();
         let now = Instant::now();
         let mut due: Vec<Instant> = self.prefixes.iter().map(|p| self.first_due(p, now)).collect();
         loop {
@@ -402,7 +445,7 @@ impl Dictionaries {
             let next = due.iter().min().copied().unwrap_or_else(|| Instant::now() + self.config.retrain_interval);
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
-                _ = leadership.lost() => return,
+                _ = lost.wait_for(|l| *l) => return,
             }
         }
     }

@@ -244,6 +244,11 @@ impl Election {
 /// leadership lost and stops.
 async fn keep_alive(mut client: LeaseClient<Upstream>, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
+    // The first request goes out with the call: etcd (grpc-go) sends the stream's response
+    // headers with its first response, so the call only returns once a request was answered.
+    if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+        return;
+    }
     let mut responses = match client.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(_) => {
@@ -252,14 +257,14 @@ async fn keep_alive(mut client: LeaseClient<Upstream>, id: i64, ttl: Duration, l
         }
     };
     loop {
-        if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-            break;
-        }
         match tokio::time::timeout(ttl, responses.next()).await {
             Ok(Some(Ok(r))) if r.ttl > 0 => {}
             _ => break,
         }
         tokio::time::sleep(ttl / 3).await;
+        if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+            break;
+        }
     }
     tracing::warn!(lease = id, "trainer lease lost");
     let _ = lost.send(true);
@@ -283,9 +288,9 @@ impl Leadership {
         *self.lost.borrow()
     }
 
-    /// Resolves when the leadership is lost.
-    pub async fn lost(&mut self) {
-        let _ = self.lost.wait_for(|l| *l).await;
+    /// A receiver that turns true when the leadership is lost.
+    pub fn lost_signal(&self) -> watch::Receiver<bool> {
+        self.lost.clone()
     }
 
     /// Gives up the leadership now (revokes the lease, deleting the election key).

@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures::future::BoxFuture;
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -196,8 +196,8 @@ where
                         }
                         Err(Unread::Body(status)) => return Ok(status.into_http()),
                         // Compressed, several messages, or cut short: the services answer as gRPC does.
-                        Err(Unread::NotOneMessage(bytes)) => {
-                            return services.oneshot(http::Request::from_parts(parts, Body::new(full(bytes)))).await
+                        Err(Unread::NotOneMessage(chunks)) => {
+                            return services.oneshot(http::Request::from_parts(parts, replay(chunks))).await
                         }
                     };
                     let route = classify(call, &message.as_ref()[5..], &shared.scope);
@@ -267,45 +267,48 @@ fn full(bytes: Bytes) -> http_body_util::Full<Bytes> {
     http_body_util::Full::new(bytes)
 }
 
-/// Why a unary request was not read as one uncompressed gRPC message.
+/// Why a unary request is not classified by the front.
 enum Unread {
     /// The message's length prefix is over the limit (the declared length).
     TooLarge(u64),
     /// The client's body failed (reset, cancelled).
     Body(tonic::Status),
-    /// Anything else gRPC itself must judge: the bytes read so far, whole.
-    NotOneMessage(Bytes),
+    /// Not one uncompressed message in one DATA frame: the chunks as read, which the services
+    /// decode (and classify) as gRPC does. A large message (over one 16 KiB frame) takes this
+    /// road too, so that its bytes are copied once, by the gRPC decoder, as before the front.
+    NotOneMessage(Vec<Bytes>),
 }
 
 /// Reads the whole body of a unary call: its bytes, gRPC's 5-byte prefix included, when they
-/// are exactly one uncompressed message of at most `limit` bytes.
+/// are exactly one uncompressed message of at most `limit` bytes in one DATA frame.
 async fn read_message(mut body: Body, limit: u64) -> Result<Bytes, Unread> {
-    let mut buf = BytesMut::new();
-    let mut first: Option<Bytes> = None;
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut total = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Unread::Body)?;
         let Ok(data) = frame.into_data() else { continue };
-        match (&mut first, buf.is_empty()) {
-            (None, true) => first = Some(data),
-            (Some(f), true) => {
-                buf.extend_from_slice(f);
-                buf.extend_from_slice(&data);
-            }
-            (_, false) => buf.extend_from_slice(&data),
-        }
-        let seen = if buf.is_empty() { first.as_deref().unwrap_or_default() } else { &buf[..] };
-        if seen.len() >= 5 {
-            let declared = (&seen[1..5]).get_u32() as u64;
+        if total == 0 && data.len() >= 5 {
+            let declared = (&data[1..5]).get_u32() as u64;
             if declared > limit {
                 return Err(Unread::TooLarge(declared));
             }
         }
+        total += data.len() as u64;
+        chunks.push(data);
+        if total > limit + 5 {
+            break; // more than one message: the decoder answers
+        }
     }
-    let bytes = if buf.is_empty() { first.unwrap_or_default() } else { buf.freeze() };
-    if bytes.len() < 5 || bytes[0] != 0 || (&bytes[1..5]).get_u32() as usize != bytes.len() - 5 {
-        return Err(Unread::NotOneMessage(bytes));
+    match &chunks[..] {
+        [one] if one.len() >= 5 && one[0] == 0 && (&one[1..5]).get_u32() as usize == one.len() - 5 => Ok(one.clone()),
+        _ => Err(Unread::NotOneMessage(chunks)),
     }
-    Ok(bytes)
+}
+
+/// A request body replaying `chunks`, as the client sent them.
+fn replay(chunks: Vec<Bytes>) -> Body {
+    let frames = chunks.into_iter().map(|c| Ok::<_, tonic::Status>(Frame::data(c)));
+    Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames)))
 }
 
 #[cfg(test)]
@@ -334,12 +337,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reads_one_message_in_any_chunking() {
+    async fn reads_one_message_in_one_frame_and_replays_any_other_chunking() {
         let message = [0u8, 0, 0, 0, 3, 10, 1, b'a'];
-        for split in 0..message.len() {
+        assert_eq!(&read_message(body_of(&[&message]), 100).await.ok().unwrap()[..], &message[..]);
+        for split in 1..message.len() {
             let (a, b) = message.split_at(split);
-            let got = read_message(body_of(&[a, b]), 100).await.ok().unwrap();
-            assert_eq!(&got[..], &message[..]);
+            let Err(Unread::NotOneMessage(chunks)) = read_message(body_of(&[a, b]), 100).await else { panic!("split at {split}") };
+            let replayed = replay(chunks).collect().await.ok().unwrap().to_bytes();
+            assert_eq!(&replayed[..], &message[..]);
         }
     }
 

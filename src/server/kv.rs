@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 
 use super::raw::{self, SplicedCodec};
 use super::rebuild::Rebuild;
-use super::values::{self, Failure};
+use super::values;
 use super::shared::Shared;
 use crate::classify::{classify, Call, Route};
 use crate::proto::etcdserverpb::kv_server::Kv;
@@ -195,9 +195,9 @@ fn decode_chunks(inner: Arc<Inner>, chunks: tonic::Streaming<Bytes>, read_revisi
         let inner = inner.clone();
         async move {
             match item {
-                Ok(bytes) => match values::decode_response(&inner.shared, Shape::RangeStreamResponse, bytes, &[read_revision]).await {
+                Ok(bytes) => match values::decode_response(&inner.shared, Shape::RangeStreamResponse, bytes, &[read_revision], false).await {
                     Ok(bytes) => (Ok(bytes), false),
-                    Err(failure) => (Err(failure.into_status(None)), true),
+                    Err(failure) => (Err(failure.into_status()), true),
                 },
                 Err(status) => (Err(status), false),
             }
@@ -255,19 +255,16 @@ impl Inner {
         if method != Method::Range {
             read_revisions.push(revision - 1);
         }
-        match values::decode_response(shared, shape, resp.clone(), &read_revisions).await {
+        // A write etcd applied is never reported as failed (its values are passed on as stored
+        // rather than fail); a read fails only on etcd's status or a response over the budget.
+        let applied = match method {
+            Method::Put | Method::DeleteRange => true,
+            Method::Txn => values::txn_wrote(&resp),
+            _ => false,
+        };
+        match values::decode_response(shared, shape, resp, &read_revisions, applied).await {
             Ok(bytes) => Ok(Response::from_parts(md, bytes, ext)),
-            Err(failure) => {
-                let applied = match method {
-                    Method::Put | Method::DeleteRange => true,
-                    Method::Txn => values::txn_wrote(&resp),
-                    _ => false,
-                };
-                Err(match failure {
-                    Failure::Decode(_) if applied => failure.into_status(Some(revision)),
-                    _ => failure.into_status(None),
-                })
-            }
+            Err(failure) => Err(failure.into_status()),
         }
     }
 

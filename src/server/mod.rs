@@ -21,7 +21,7 @@ pub mod watch;
 pub use metadata::{forward, requests_until_dropped, upstream_metadata, with_metadata, EndRequests};
 pub use methods::{method_info, MethodInfo};
 pub use shared::Shared;
-pub use status::{applied_decode_status, decode_status, encode_status, ETCD_REQUEST_TOO_LARGE};
+pub use status::{decode_status, encode_status, keep_stored, ETCD_REQUEST_TOO_LARGE};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -157,8 +157,13 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let incoming = listener::incoming(listener, server_tls, shared.config.server.tls_handshake_timeout);
     let grace = shared.config.server.shutdown_grace;
     let admin_stop = stop_rx.clone();
+    let mut resign_on = stop_rx.clone();
     let serve = async move {
-        let _dictionary_tasks = dictionary_tasks;
+        // At shutdown a leading dictionary trainer resigns at once, while the calls drain.
+        let resign = tokio::spawn(async move {
+            let _ = resign_on.wait_for(|s| *s).await;
+            dictionary_tasks.stop().await;
+        });
         let (admin_done_tx, admin_done_rx) = tokio::sync::oneshot::channel::<()>();
         let admin = tokio::spawn(crate::health::serve(metrics_listener, readiness.clone(), async move {
             let _ = admin_done_rx.await;
@@ -184,6 +189,10 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
             }
         };
         let _ = admin_done_tx.send(());
+        let abort_resign = resign.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(3), resign).await.is_err() {
+            abort_resign.abort();
+        }
         match admin.await {
             Ok(Err(e)) if result.is_ok() => return Err(ServeError::Metrics(e)),
             _ => {}

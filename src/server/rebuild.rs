@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::metadata::{forward, with_metadata};
 use super::shared::Shared;
-use super::status::{applied_decode_status, decode_status, encode_status};
+use super::status::{decode_status, encode_status, keep_stored};
 use crate::codec::delta::Base;
 use crate::delta::RewriteError;
 use crate::rewrite::KeyValues;
@@ -65,7 +65,7 @@ impl Rebuild {
                 // Linearizable read of the compare's key range, at the current revision.
                 let read = RangeRequest { key: c.key.clone(), range_end: c.range_end.clone(), ..Default::default() };
                 let mut range = self.client.clone().range(with_metadata(metadata, read)).await?.into_inner();
-                decode_values(&self.shared, &mut range, &[], &[], plain_decode_status).await?;
+                decode_values(&self.shared, &mut range, &[], &[], false).await?;
                 let revision = range.header.as_ref().map_or(0, |h| h.revision);
                 let values: Vec<_> = range.kvs.iter().map(|kv| kv.value.clone()).collect();
                 let holds = rewrite::evaluate_value_compare(c, &values);
@@ -129,7 +129,8 @@ impl Rebuild {
             let pinned = self.finish(rewritten.as_ref(), &mut inner_resp);
             let mut read_revisions = vec![before(&inner_resp.header)];
             crate::delta::range_revisions(&txn, &mut read_revisions);
-            decode_values(&self.shared, &mut inner_resp, &read_revisions, pinned, txn_decode_status).await?;
+            let wrote = txn_wrote(&inner_resp);
+            decode_values(&self.shared, &mut inner_resp, &read_revisions, pinned, wrote).await?;
             return Ok(Response::from_parts(md, inner_resp, ext));
         }
         Err(Status::aborted(format!(
@@ -201,7 +202,7 @@ impl Rebuild {
             };
             let mut out = PutResponse { header: resp.header, prev_kv };
             let at = before(&out.header);
-            decode_values(&self.shared, &mut out, &[at], pinned, |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
+            decode_values(&self.shared, &mut out, &[at], pinned, true).await?;
             return Ok(Response::from_parts(md, out, ext));
         }
         // An unguarded Txn with no compare always succeeds; an etcd that says otherwise is answered
@@ -226,7 +227,7 @@ impl Rebuild {
         };
         let mut out = DeleteRangeResponse { header: resp.header, deleted, prev_kvs };
         let at = before(&out.header);
-        decode_values(&self.shared, &mut out, &[at], pinned, |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        decode_values(&self.shared, &mut out, &[at], pinned, true).await?;
         Ok(Response::from_parts(md, out, ext))
     }
 }
@@ -252,7 +253,7 @@ impl Rebuild {
             ..want.clone()
         };
         let (md, mut resp, ext) = self.client.clone().range(with_metadata(&metadata, read)).await?.into_parts();
-        decode_values(&self.shared, &mut resp, &[want.revision], &[], plain_decode_status).await?;
+        decode_values(&self.shared, &mut resp, &[want.revision], &[], false).await?;
         resp.kvs.sort_by(|a, b| a.value.cmp(&b.value));
         if want.sort_order == range_request::SortOrder::Descend as i32 {
             resp.kvs.reverse();
@@ -268,25 +269,14 @@ impl Rebuild {
     }
 }
 
-/// [`decode_status`], for [`decode_values`] when no write was applied.
-fn plain_decode_status<T>(e: crate::codec::DecodeError, _: &T) -> Status {
-    decode_status(e)
-}
-
-/// [`decode_status`] for a Txn response: says the write was applied when the executed branch wrote.
-fn txn_decode_status(e: crate::codec::DecodeError, resp: &TxnResponse) -> Status {
-    fn wrote(resp: &TxnResponse) -> bool {
-        resp.responses.iter().any(|op| match &op.response {
-            Some(response_op::Response::ResponsePut(_) | response_op::Response::ResponseDeleteRange(_)) => true,
-            Some(response_op::Response::ResponseTxn(inner)) => wrote(inner),
-            _ => false,
-        })
-    }
-    if wrote(resp) {
-        applied_decode_status(e, resp.header.as_ref())
-    } else {
-        decode_status(e)
-    }
+/// True when a Txn's executed branch wrote (a Put or DeleteRange response at any depth): etcd
+/// applied the Txn, so its answer must not become an error.
+fn txn_wrote(resp: &TxnResponse) -> bool {
+    resp.responses.iter().any(|op| match &op.response {
+        Some(response_op::Response::ResponsePut(_) | response_op::Response::ResponseDeleteRange(_)) => true,
+        Some(response_op::Response::ResponseTxn(inner)) => txn_wrote(inner),
+        _ => false,
+    })
 }
 
 type RangeStreamStream = Pin<Box<dyn Stream<Item = Result<RangeStreamResponse, Status>> + Send>>;
@@ -301,7 +291,7 @@ impl Kv for Rebuild {
         let read_revision = r.revision;
         let response = self.client.clone().range(forward(request)).await?;
         let (md, mut resp, ext) = response.into_parts();
-        decode_values(&self.shared, &mut resp, &[read_revision], &[], plain_decode_status).await?;
+        decode_values(&self.shared, &mut resp, &[read_revision], &[], false).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -338,7 +328,7 @@ impl Kv for Rebuild {
         let (md, mut resp, ext) = self.client.clone().put(request).await?.into_parts();
         crate::metrics::get().record_encode(&stats);
         let at = before(&resp.header);
-        decode_values(&self.shared, &mut resp, &[at], &[], |e, r: &PutResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        decode_values(&self.shared, &mut resp, &[at], &[], true).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -350,7 +340,7 @@ impl Kv for Rebuild {
         }
         let (md, mut resp, ext) = self.client.clone().delete_range(forward(request)).await?.into_parts();
         let at = before(&resp.header);
-        decode_values(&self.shared, &mut resp, &[at], &[], |e, r: &DeleteRangeResponse| applied_decode_status(e, r.header.as_ref())).await?;
+        decode_values(&self.shared, &mut resp, &[at], &[], true).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -371,7 +361,8 @@ impl Kv for Rebuild {
         crate::metrics::get().record_encode(&stats);
         let pinned = self.finish(rewritten.as_ref(), &mut resp);
         read_revisions.push(before(&resp.header));
-        decode_values(&self.shared, &mut resp, &read_revisions, pinned, txn_decode_status).await?;
+        let wrote = txn_wrote(&resp);
+        decode_values(&self.shared, &mut resp, &read_revisions, pinned, wrote).await?;
         Ok(Response::from_parts(md, resp, ext))
     }
 
@@ -387,25 +378,34 @@ impl Kv for Rebuild {
 /// (async, from the caches or etcd), then decodes synchronously. `read_revision` is the revision
 /// the values were read at when older than the current one (a Range's `revision`; the revision
 /// before a write for its prev_kvs), where a base deleted since is still found; `pinned` are
-/// bases the caller already holds. A value that cannot be decoded becomes the status `status`
-/// makes of it (DATA_LOSS naming the key, and the dictionary or base that is missing); etcd being
-/// unreachable while loading is etcd's own status.
+/// bases the caller already holds. A value that cannot be decoded is passed on as stored
+/// ([`keep_stored`]). etcd being unreachable while loading is etcd's own status — except for
+/// a write etcd already `applied`, whose values are then passed on as stored: a committed
+/// write is never reported as failed.
 pub(crate) async fn decode_values<T: KeyValues>(
     shared: &Shared,
     msg: &mut T,
     read_revisions: &[i64],
     pinned: &[Arc<Base>],
-    status: impl FnOnce(crate::codec::DecodeError, &T) -> Status,
+    applied: bool,
 ) -> Result<(), Status> {
-    shared.dictionaries.prefetch(msg).await?;
+    let loaded = async {
+        shared.dictionaries.prefetch(msg).await?;
+        shared.deltas.prefetch(msg, read_revisions).await
+    };
     let mut bases = pinned.to_vec();
-    bases.extend(shared.deltas.prefetch(msg, read_revisions).await?);
+    match loaded.await {
+        Ok(more) => bases.extend(more),
+        Err(status) if applied => tracing::warn!(error = %status, "cannot load what a prev_kv needs: passed on as stored"),
+        Err(status) => return Err(status),
+    }
     shared.deltas.learn_from(msg);
-    rewrite::decode_with(&shared.codec, msg, &bases).map_err(|e| status(e, msg))
+    rewrite::decode_with(&shared.codec, msg, &bases, &mut keep_stored(applied)).map_err(decode_status)
 }
 
 /// Decodes each message of an upstream response stream with [`decode_values`]; the first decode
-/// error ends the stream with DATA_LOSS naming the key (no message is ever passed on half-decoded).
+/// failure (a response over the budget) ends the stream with its status (no message is ever
+/// passed on half-decoded).
 fn decode_stream<T>(shared: Arc<Shared>, upstream: Streaming<T>, read_revision: i64) -> impl Stream<Item = Result<T, Status>> + Send
 where
     T: KeyValues + Send + 'static,
@@ -414,7 +414,7 @@ where
         let shared = shared.clone();
         async move {
             match item {
-                Ok(mut msg) => match decode_values(&shared, &mut msg, &[read_revision], &[], plain_decode_status).await {
+                Ok(mut msg) => match decode_values(&shared, &mut msg, &[read_revision], &[], false).await {
                     Ok(()) => (Ok(msg), false),
                     Err(status) => (Err(status), true),
                 },

@@ -1,11 +1,10 @@
-//! The statuses the proxy itself answers with: a stored value that cannot be decoded
-//! (DATA_LOSS naming the key), a response over `limits.max_response_bytes`, a value etcd would
-//! refuse as too large (etcd's own message).
+//! The statuses the proxy itself answers with — a response over `limits.max_response_bytes`, a
+//! value etcd would refuse as too large (etcd's own message) — and its policy for a stored value
+//! it cannot decode (passed on as stored, [`keep_stored`]).
 
 use tonic::Status;
 
 use crate::codec::{DecodeError, DecodeReason, EncodeError, EncodeReason, KeyDisplay};
-use crate::proto::etcdserverpb::ResponseHeader;
 
 /// A stored frame that cannot be decoded: `DATA_LOSS` naming the key and the reason; a
 /// response that would decompress beyond `limits.max_response_bytes`: `RESOURCE_EXHAUSTED`.
@@ -19,12 +18,31 @@ pub fn decode_status(e: DecodeError) -> Status {
     Status::data_loss(e.to_string())
 }
 
-/// [`decode_status`] for a response whose write etcd has already applied (a `prev_kv` that
-/// cannot be decoded): the status says so, so a client does not take the write for failed.
-pub fn applied_decode_status(e: DecodeError, header: Option<&ResponseHeader>) -> Status {
-    let status = decode_status(e);
-    let revision = header.map_or(0, |h| h.revision);
-    Status::new(status.code(), format!("{} (the write itself was applied at revision {revision})", status.message()))
+/// The proxy's policy for a stored value it cannot decode, as the `undecodable` of
+/// [`crate::rewrite::decode_with`]: the client gets the stored bytes, as etcd itself would
+/// return them, and only that object is affected — kube-apiserver's decoder fails on it (a
+/// frame's magic `FF 53 51 5A` parses as neither JSON, protobuf nor CBOR) and its own machinery
+/// for corrupt objects takes over (KEP-3926: it names the object and can delete it unsafely).
+/// Counted in `etcd_squeeze_decode_errors_total{reason}` and logged with the key (never the bytes).
+///
+/// A response over `limits.max_response_bytes` still fails a read (`RESOURCE_EXHAUSTED`: the
+/// client should page), but never a write etcd applied (`applied`): a committed write is never
+/// reported as failed.
+pub fn keep_stored(applied: bool) -> impl FnMut(DecodeError) -> Result<(), DecodeError> {
+    move |e: DecodeError| {
+        if let DecodeReason::ResponseTooLarge { .. } = e.reason {
+            if !applied {
+                return Err(e); // counted by decode_status
+            }
+            crate::metrics::get().decode_errors.with_label_values(&[e.reason.kind()]).inc();
+            tracing::warn!(key = %KeyDisplay(&e.key), reason = %e.reason, "prev_kv of an applied write passed on as stored");
+            return Ok(());
+        }
+        crate::metrics::get().decode_errors.with_label_values(&[e.reason.kind()]).inc();
+        tracing::error!(key = %KeyDisplay(&e.key), reason = %e.reason,
+            "stored value cannot be decoded: passed to the client as stored, as etcd would return it");
+        Ok(())
+    }
 }
 
 /// A value that cannot be stored. Over `limits.max_value_bytes`: etcd's own

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tonic::Status;
 
 use super::shared::Shared;
-use super::status::{decode_status, encode_status};
+use super::status::{decode_status, encode_status, keep_stored};
 use crate::codec::frame;
 use crate::codec::DecodeError;
 use crate::proto::etcdserverpb::PutRequest;
@@ -25,8 +25,8 @@ use crate::wire::{self, KeyValueView, Shape, Spliced, WireError};
 pub enum Failure {
     /// etcd could not be asked for a dictionary or base: its status.
     Etcd(Status),
-    /// A stored value cannot be decoded (DATA_LOSS naming the key), or the response would
-    /// decompress beyond `limits.max_response_bytes` (RESOURCE_EXHAUSTED).
+    /// The response would decompress beyond `limits.max_response_bytes` (RESOURCE_EXHAUSTED); a
+    /// value that cannot be decoded is not a failure (passed on as stored).
     Decode(DecodeError),
     /// etcd's response bytes are not a message of the expected shape.
     Wire(WireError),
@@ -39,20 +39,15 @@ impl From<WireError> for Failure {
 }
 
 impl Failure {
-    /// The status the client gets. `applied_at`: the revision of a write etcd already applied,
-    /// so a client does not take it for failed.
-    pub fn into_status(self, applied_at: Option<i64>) -> Status {
-        let status = match self {
-            Failure::Etcd(status) => return status,
+    /// The status the client gets.
+    pub fn into_status(self) -> Status {
+        match self {
+            Failure::Etcd(status) => status,
             Failure::Decode(e) => decode_status(e),
             Failure::Wire(e) => {
                 tracing::error!(error = %e, "etcd's response cannot be read");
                 Status::internal(format!("etcd-squeeze: etcd's response cannot be read: {e}"))
             }
-        };
-        match applied_at {
-            Some(revision) => Status::new(status.code(), format!("{} (the write itself was applied at revision {revision})", status.message())),
-            None => status,
         }
     }
 }
@@ -82,24 +77,30 @@ fn is_candidate(shared: &Shared, key: &[u8], value: &[u8]) -> bool {
 }
 
 /// needs → load → decode → learn, for the collected framed values. Returns the decoded values.
-/// A dictionary that cannot be loaded fails the whole response when `dictionaries_fatal`; else
-/// it is logged, and the values that need it fail to decode (a watch then cancels only its own watch).
-async fn decode_framed(shared: &Shared, framed: &mut Framed, sites: &[Site], dictionaries_fatal: bool) -> Result<(), Failure> {
-    if let Err(status) = shared.dictionaries.prefetch(framed).await {
-        if dictionaries_fatal {
-            return Err(Failure::Etcd(status));
+/// A value that cannot be decoded is passed on as stored ([`keep_stored`]). etcd being
+/// unreachable while loading a dictionary or base fails the response with etcd's status —
+/// except for a write etcd already `applied`, whose values are then passed on as stored.
+async fn decode_framed(shared: &Shared, framed: &mut Framed, sites: &[Site], applied: bool) -> Result<(), Failure> {
+    let loaded = async {
+        shared.dictionaries.prefetch(framed).await?;
+        let needs: Vec<_> = framed
+            .0
+            .iter()
+            .zip(sites)
+            .filter_map(|(kv, site)| Some((kv.key.clone(), shared.codec.needed_base(&kv.key, &kv.value)?, site.revisions.clone())))
+            .collect();
+        shared.deltas.load_bases(needs).await
+    };
+    let bases = match loaded.await {
+        Ok(bases) => bases,
+        Err(status) if applied => {
+            tracing::warn!(error = %status, "cannot load what a prev_kv needs: passed on as stored");
+            Vec::new()
         }
-        tracing::warn!(error = %status, "cannot load a dictionary for a watch response");
-    }
-    let needs: Vec<_> = framed
-        .0
-        .iter()
-        .zip(sites)
-        .filter_map(|(kv, site)| Some((kv.key.clone(), shared.codec.needed_base(&kv.key, &kv.value)?, site.revisions.clone())))
-        .collect();
-    let bases = shared.deltas.load_bases(needs).await.map_err(Failure::Etcd)?;
+        Err(status) => return Err(Failure::Etcd(status)),
+    };
     shared.deltas.learn_from(framed);
-    crate::rewrite::decode_with(&shared.codec, framed, &bases).map_err(Failure::Decode)
+    crate::rewrite::decode_with(&shared.codec, framed, &bases, &mut keep_stored(applied)).map_err(Failure::Decode)
 }
 
 fn view_kv(v: KeyValueView) -> KeyValue {
@@ -109,9 +110,10 @@ fn view_kv(v: KeyValueView) -> KeyValue {
 /// Decodes every `KeyValue.value` of a KV response (`shape`: Range, Put, DeleteRange, Txn or
 /// RangeStream response) in its wire bytes. `read_revisions`: the revisions the values were read
 /// at when older than the current one (a Range's `revision`, the revision before a write for its
-/// prev_kvs). Returns `bytes` itself when no value is a frame; else the message in pieces (the
-/// decoded values are not copied until the encoder writes them out).
-pub async fn decode_response(shared: &Shared, shape: Shape, bytes: Bytes, read_revisions: &[i64]) -> Result<Spliced, Failure> {
+/// prev_kvs). `applied`: the response of a write etcd applied, which never becomes an error.
+/// Returns `bytes` itself when no value is a frame; else the message in pieces (the decoded
+/// values are not copied until the encoder writes them out).
+pub async fn decode_response(shared: &Shared, shape: Shape, bytes: Bytes, read_revisions: &[i64], applied: bool) -> Result<Spliced, Failure> {
     let mut framed = Framed(Vec::new());
     let mut sites = Vec::new();
     let mut ordinal = 0;
@@ -129,7 +131,7 @@ pub async fn decode_response(shared: &Shared, shape: Shape, bytes: Bytes, read_r
     if framed.0.is_empty() {
         return Ok(Spliced::from(bytes));
     }
-    decode_framed(shared, &mut framed, &sites, true).await?;
+    decode_framed(shared, &mut framed, &sites, applied).await?;
     let mut ordinal = 0;
     let mut next = sites.iter().zip(framed.0.iter()).peekable();
     let out = wire::splice_chunks(&bytes, shape, &[Shape::KeyValue], &mut |_, leaf, _| {

@@ -193,7 +193,7 @@ async fn respond(
     };
     let top = match read_top(&bytes) {
         Ok(top) => top,
-        Err(e) => return Some(Err(Failure::Wire(e).into_status(None))),
+        Err(e) => return Some(Err(Failure::Wire(e).into_status())),
     };
     let decode = {
         let mut st = lock(&state);
@@ -237,7 +237,7 @@ async fn respond(
         // etcd unreachable while loading a base: the stream ends with etcd's status, and the
         // client re-watches from its last revision (not a DATA_LOSS cancel of the watch).
         Err(failure) => {
-            let status = failure.into_status(None);
+            let status = failure.into_status();
             tracing::warn!(error = %status, "cannot load a base for a watch response: ending the stream");
             Some(Err(status))
         }
