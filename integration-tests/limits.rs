@@ -54,3 +54,31 @@ async fn values_at_the_value_limit() {
     }
     assert_eq!(outs[0], outs[1], "without vs with delta frames");
 }
+
+/// Near etcd's limits a delta-frame Put (sent as a Txn carrying the value's base) can be over
+/// etcd's gRPC receive limit (`--max-request-bytes` + 512 KiB) or its request limit where the
+/// client's own Put is not: the proxy then writes the value per object, and the client gets what
+/// etcd answers for its own request. Incompressible values just under 1.5 MiB (etcd accepts) and
+/// just under 2 MiB (etcd: "request is too large"), directly and through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_frame_writes_near_etcds_limits_answer_as_etcd() {
+    let etcd = Etcd::start().await;
+    let proxy = ProxyConfig::new(&etcd.url).prefix(FLYTE).delta(true).dictionaries(false).start().await;
+    let (mut via, mut direct) = (proxy.client().await, etcd.client().await);
+    let incompressible = |n: usize| {
+        use rand::{RngCore, SeedableRng};
+        let mut v = vec![0u8; n];
+        rand_chacha::ChaCha8Rng::seed_from_u64(n as u64).fill_bytes(&mut v);
+        v
+    };
+    for n in [(3 << 19) - 4096, (2 << 20) - 4096] {
+        let value = incompressible(n);
+        let key = |side: &str| format!("{FLYTE}ns/near-limit-{side}-{n}");
+        let on_etcd = direct.put(key("direct"), value.clone(), None).await.map(|_| ()).map_err(status);
+        let through = via.put(key("via"), value.clone(), None).await.map(|_| ()).map_err(status);
+        assert_eq!(through, on_etcd, "{n} bytes");
+        if through.is_ok() {
+            assert_eq!(get_value(&mut via, &key("via"), 0).await.unwrap().unwrap(), value);
+        }
+    }
+}

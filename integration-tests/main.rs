@@ -27,6 +27,7 @@ mod odd_values;
 mod ops;
 mod pki;
 mod put_options;
+mod reserved_keys;
 mod several_proxies;
 mod soak;
 mod tls;

@@ -221,6 +221,11 @@ async fn migrate_compress_then_decompress_round_trip() {
     let after = dump(&mut env.direct, "").await;
     assert_eq!(after.len(), before.len());
     for (key, kv) in &after {
+        if key.starts_with(b"/etcd-squeeze/") {
+            // The proxy's own keys (the trainer election): not visible through it, never migrated.
+            assert!(!logical.contains_key(key));
+            continue;
+        }
         assert_eq!(kv.value, logical[key].value, "{}", String::from_utf8_lossy(key));
         assert_eq!(kv.lease, before[key].lease);
         if !key.starts_with(FLYTE.as_bytes()) {

@@ -269,3 +269,23 @@ async fn put_then_delete_in_sibling_nested_txns_keeps_the_watch_decodable() {
     }
     assert_eq!(outcomes, expected, "watch through another proxy vs etcd's events");
 }
+
+/// A Txn of exactly --max-txn-ops (128) operations behind a VALUE compare on a compressed key:
+/// etcd accepts it; the proxy must evaluate the compare under guard compares in an enclosing Txn,
+/// where etcd allows the nested Txn only 127 operations. The semantics cannot be kept, so the proxy
+/// refuses it with etcd's own code and message for an oversized Txn (and says why); 127 operations work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn value_compare_txn_at_max_txn_ops_is_refused_the_way_etcd_refuses() {
+    let mut env = Env::new(FLYTE).await;
+    let guard = format!("{FLYTE}vc-max/guard");
+    env.via.put(guard.as_str(), "x", None).await.unwrap();
+    let txn = |n: usize| {
+        let puts: Vec<TxnOp> = (0..n).map(|i| TxnOp::put(format!("{FLYTE}vc-max-{n}/{i}"), "{}", None)).collect();
+        Txn::new().when([Compare::value(guard.as_str(), CompareOp::Equal, "x")]).and_then(puts)
+    };
+    env.direct.txn(txn(128)).await.expect("etcd accepts 128 operations");
+    let (code, message) = status(env.via.txn(txn(128)).await.unwrap_err());
+    assert_eq!(code, tonic::Code::InvalidArgument as i32);
+    assert!(message.starts_with("etcdserver: too many operations in txn request"), "{message}");
+    assert!(env.via.txn(txn(127)).await.unwrap().succeeded());
+}

@@ -35,6 +35,12 @@ impl Scope {
         overlaps(RESERVED_PREFIX, key, range_end) || self.prefixes.iter().any(|(p, _)| overlaps(p, key, range_end))
     }
 
+    /// True when `[key, range_end)` contains a key under [`RESERVED_PREFIX`] (the proxy's own keys,
+    /// hidden from clients).
+    pub fn overlaps_reserved(&self, key: &[u8], range_end: &[u8]) -> bool {
+        overlaps(RESERVED_PREFIX, key, range_end)
+    }
+
     /// True when `[key, range_end)` contains a key under a configured prefix (values there may be frames).
     pub fn overlaps_values(&self, key: &[u8], range_end: &[u8]) -> bool {
         self.prefixes.iter().any(|(p, _)| overlaps(p, key, range_end) && !(range_end.is_empty() && key.starts_with(RESERVED_PREFIX)))
@@ -92,12 +98,15 @@ pub struct Needs {
     pub sort_by_value: bool,
     /// The request could not be read: the rewrite road decodes it, and answers as etcd would.
     pub unreadable: bool,
+    /// A key range (or key) of the request reaches into [`RESERVED_PREFIX`]: the proxy's own keys
+    /// are hidden from it (`server::reserved`).
+    pub reserved: bool,
 }
 
 impl Needs {
     /// True when the request is rebuilt rather than rewritten in place.
     pub fn rebuild(&self) -> bool {
-        self.value_compare || self.delta || self.sort_by_value || self.unreadable
+        self.value_compare || self.delta || self.sort_by_value || self.unreadable || self.reserved
     }
 }
 
@@ -127,6 +136,7 @@ fn read(call: Call, msg: &[u8], scope: &Scope, needs: &mut Needs) -> Result<bool
         Call::Range | Call::RangeStream => {
             let (key, end, v) = key_range(msg, 1, 2, [6, 9])?;
             let involved = scope.overlaps(key, end);
+            needs.reserved |= scope.overlaps_reserved(key, end);
             // sort_target = 6 (VALUE = 4); count_only = 9.
             if involved && v[0] == 4 && (call == Call::RangeStream || v[1] == 0) && scope.overlaps_values(key, end) {
                 needs.sort_by_value = true;
@@ -138,6 +148,7 @@ fn read(call: Call, msg: &[u8], scope: &Scope, needs: &mut Needs) -> Result<bool
             let (key, _, v) = key_range(msg, 1, 0, [3, 5])?;
             let ignore_lease = wire::varint_field(msg, 6)?;
             let involved = scope.overlaps(key, b"");
+            needs.reserved |= scope.overlaps_reserved(key, b"");
             if involved && v[0] == 0 && v[1] == 0 && ignore_lease == 0 && scope.is_delta_key(key) {
                 needs.delta = true;
             }
@@ -146,6 +157,7 @@ fn read(call: Call, msg: &[u8], scope: &Scope, needs: &mut Needs) -> Result<bool
         Call::DeleteRange => {
             let (key, end, _) = key_range(msg, 1, 2, [0, 0])?;
             let involved = scope.overlaps(key, end);
+            needs.reserved |= scope.overlaps_reserved(key, end);
             if involved && end.is_empty() && scope.is_delta_key(key) {
                 needs.delta = true;
             }
@@ -153,6 +165,7 @@ fn read(call: Call, msg: &[u8], scope: &Scope, needs: &mut Needs) -> Result<bool
         }
         Call::WatchCreate => {
             let (key, end, _) = key_range(msg, 1, 2, [0, 0])?;
+            needs.reserved |= scope.overlaps_reserved(key, end);
             Ok(scope.overlaps(key, end))
         }
         Call::Txn => txn(msg, scope, needs, 0),
@@ -197,6 +210,7 @@ fn txn(msg: &[u8], scope: &Scope, needs: &mut Needs, depth: usize) -> Result<boo
             // Compare: target = 2 (VALUE = 3), key = 3, range_end = 64.
             1 => {
                 let (key, end, v) = key_range(inner, 3, 64, [2, 0])?;
+                needs.reserved |= scope.overlaps_reserved(key, end);
                 if scope.overlaps(key, end) {
                     involved = true;
                     if v[0] == 3 && scope.overlaps_values(key, end) {
@@ -220,11 +234,18 @@ fn op(msg: &[u8], scope: &Scope, needs: &mut Needs, depth: usize) -> Result<bool
         let inner = &msg[r];
         match f.number {
             1 => {
-                let (key, end, _) = key_range(inner, 1, 2, [0, 0])?;
-                involved |= scope.overlaps(key, end);
+                // sort_target = 6 (VALUE = 4); count_only = 9.
+                let (key, end, v) = key_range(inner, 1, 2, [6, 9])?;
+                needs.reserved |= scope.overlaps_reserved(key, end);
+                if scope.overlaps(key, end) {
+                    involved = true;
+                    // Inside a Txn too, a Range sorted by VALUE is sorted by the proxy on logical values.
+                    needs.sort_by_value |= v[0] == 4 && v[1] == 0 && scope.overlaps_values(key, end);
+                }
             }
             2 | 3 => {
                 let (key, end, _) = key_range(inner, 1, if f.number == 3 { 2 } else { 0 }, [0, 0])?;
+                needs.reserved |= scope.overlaps_reserved(key, end);
                 if scope.overlaps(key, end) {
                     involved = true;
                     // Inside a Txn, any Put or DeleteRange whose key has delta frames is rebuilt.
@@ -257,7 +278,9 @@ mod tests {
     }
 
     const FWD: Route = Route::Forward;
-    const RW: Route = Route::Rewrite(Needs { value_compare: false, delta: false, sort_by_value: false, unreadable: false });
+    const RW: Route = Route::Rewrite(Needs { value_compare: false, delta: false, sort_by_value: false, unreadable: false, reserved: false });
+    /// Reaches into the proxy's own keys (hidden from the client).
+    const RES: Route = Route::Rewrite(Needs { value_compare: false, delta: false, sort_by_value: false, unreadable: false, reserved: true });
 
     #[test]
     fn ranges() {
@@ -272,15 +295,15 @@ mod tests {
             ("/registry/flyte.lyft.com/flyteworkflows/a", b"/registry/flyte.lyft.com/flyteworkflows/b", RW),
             ("/registry/flyte.lyft.com/flyteworkflows0", b"\0", FWD),      // from just past the prefix to the end
             ("/registry/flyte.lyft.com/flyteworkflows/z", b"\0", RW),      // from inside the prefix to the end
-            ("/a", b"\0", RW),                                             // "from key": covers the prefix
+            ("/a", b"\0", RES),                                            // "from key": covers the prefix and /etcd-squeeze/
             ("/registry/flyte.lyft.com/flyteworkflows0", b"/registry/z", FWD),
             ("/registry/a", b"/registry/flyte.lyft.com/flyteworkflows/", FWD), // range_end is exclusive
             ("/registry/a", b"/registry/flyte.lyft.com/flyteworkflows/\0", RW),
-            ("/a", b"/f", RW),                                             // covers /etcd-squeeze/
-            ("/etcd-squeeze/dictionaries/1", b"", RW),                     // the proxy's own keys
-            ("/etcd-squeeze/", b"/etcd-squeeze0", RW),
+            ("/a", b"/f", RES),                                            // covers /etcd-squeeze/
+            ("/etcd-squeeze/dictionaries/1", b"", RES),                    // the proxy's own keys
+            ("/etcd-squeeze/", b"/etcd-squeeze0", RES),
             ("/", b"/etcd-squeeze/", FWD),                                 // ends where the proxy's keys begin
-            ("\0", b"\0", RW),                                             // every key
+            ("\0", b"\0", RES),                                            // every key
         ];
         for (key, end, want) in table {
             assert_eq!(classify(Call::Range, &range(key, end), &s), *want, "{key:?}..{end:?}");
@@ -298,7 +321,7 @@ mod tests {
     fn no_prefix_still_covers_the_reserved_keys() {
         let s = scope(&[]);
         assert_eq!(classify(Call::Range, &range("/registry/pods/a", b""), &s), FWD);
-        assert_eq!(classify(Call::Range, &range("/etcd-squeeze/bases/x", b""), &s), RW);
+        assert_eq!(classify(Call::Range, &range("/etcd-squeeze/bases/x", b""), &s), RES);
     }
 
     fn put(key: &str, lease: i64) -> PutRequest {
@@ -357,7 +380,7 @@ mod tests {
         assert_eq!(classify(Call::Txn, &c.encode_to_vec(), &s), Route::Rewrite(Needs { value_compare: true, ..Needs::default() }));
         // A VALUE compare on the proxy's own keys needs no evaluation (they are never frames).
         let own = TxnRequest { compare: vec![cmp("/etcd-squeeze/x", compare::CompareTarget::Value)], ..Default::default() };
-        assert_eq!(classify(Call::Txn, &own.encode_to_vec(), &s), RW);
+        assert_eq!(classify(Call::Txn, &own.encode_to_vec(), &s), RES);
         // A range compare over the prefix.
         let ranged = TxnRequest {
             compare: vec![Compare { range_end: "\0".into(), ..cmp("/registry/", compare::CompareTarget::Version) }],

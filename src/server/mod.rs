@@ -13,6 +13,7 @@ pub mod methods;
 pub mod observe;
 pub mod raw;
 pub mod rebuild;
+pub mod reserved;
 pub mod shared;
 pub mod status;
 pub mod values;

@@ -13,6 +13,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::metadata::{forward, with_metadata};
+use super::reserved;
 use super::shared::Shared;
 use super::status::{decode_status, encode_status, keep_stored};
 use crate::codec::delta::Base;
@@ -97,8 +98,9 @@ impl Rebuild {
             }
             if guards.len() + client_ops > limit {
                 return Err(Status::invalid_argument(format!(
-                    "etcd-squeeze: VALUE compares over compressed keys read {} keys; guarding them needs one compare each, and with the Txn's own {client_ops} operations that is over etcd's --max-txn-ops (limits.max_txn_ops = {limit})",
-                    guards.len()
+                    "etcdserver: too many operations in txn request (etcd-squeeze: a VALUE compare over compressed keys is evaluated under {} guard compares in an enclosing Txn, where etcd's --max-txn-ops (limits.max_txn_ops = {limit}) leaves this Txn {} operations; it has {client_ops})",
+                    guards.len(),
+                    limit.saturating_sub(guards.len())
                 )));
             }
             let budget = limit - guards.len();
@@ -190,7 +192,18 @@ impl Rebuild {
             };
             let mut stats = EncodeStats::default();
             let (txn, rewritten) = self.encode(txn, self.max_txn_ops(), &mut stats).await?;
-            let (md, mut resp, ext) = self.client.clone().txn(with_metadata(metadata, txn)).await?.into_parts();
+            let (md, mut resp, ext) = match self.client.clone().txn(with_metadata(metadata, txn)).await {
+                Ok(answer) => answer.into_parts(),
+                // The Txn (value and base) is over etcd's gRPC receive limit, though the client's
+                // Put may not be: etcd refused it unread. The value is written per object instead
+                // (a Put the size of the client's), and etcd answers as it answers the client's
+                // own request ("etcdserver: request is too large" when that is too large).
+                Err(status) if over_etcd_receive_limit(&status) => {
+                    tracing::info!(key = %crate::codec::KeyDisplay(&put.key), "delta-frame Txn over etcd's receive limit: written per object");
+                    return self.put_per_object(with_metadata(metadata, put)).await;
+                }
+                Err(status) => return Err(status),
+            };
             if !resp.succeeded {
                 continue; // K changed since the proxy saw it: write a new base
             }
@@ -230,6 +243,14 @@ impl Rebuild {
         decode_values(&self.shared, &mut out, &[at], pinned, true).await?;
         Ok(Response::from_parts(md, out, ext))
     }
+}
+
+/// grpc-go's refusal of a message over its receive limit (etcd's `--max-request-bytes` + 512 KiB):
+/// etcd did not read the request.
+/// Also etcd's own "request is too large" (`--max-request-bytes`), which the base can add.
+fn over_etcd_receive_limit(status: &Status) -> bool {
+    (status.code() == tonic::Code::ResourceExhausted && status.message().starts_with("grpc: received message larger than max"))
+        || (status.code() == tonic::Code::InvalidArgument && status.message() == super::status::ETCD_REQUEST_TOO_LARGE)
 }
 
 /// The revision just before the one in `header`: where a write's prev_kvs were current.
@@ -285,6 +306,9 @@ type RangeStreamStream = Pin<Box<dyn Stream<Item = Result<RangeStreamResponse, S
 impl Kv for Rebuild {
     async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let r = request.get_ref();
+        if reserved::touches(&r.key, &r.range_end) {
+            return self.range_without_reserved(request).await;
+        }
         if r.sort_target == range_request::SortTarget::Value as i32 && !r.count_only && self.shared.codec.range_touches_prefix(&r.key, &r.range_end) {
             return self.range_sorted_by_value(request).await;
         }
@@ -316,24 +340,22 @@ impl Kv for Rebuild {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = request.get_ref();
+        if r.key.starts_with(crate::classify::RESERVED_PREFIX) {
+            return Err(Status::invalid_argument(reserved::RESERVED_WRITE));
+        }
         // Leased values are never delta frames (src/delta): those Puts stay Puts.
         if !r.ignore_value && r.lease == 0 && !r.ignore_lease && self.shared.deltas.applies_to(&r.key) {
             let (metadata, _, put) = request.into_parts();
             return self.put_as_txn(&metadata, put).await;
         }
-        let mut request = forward(request);
-        self.shared.dictionaries.observe(request.get_ref());
-        let mut stats = EncodeStats::default();
-        rewrite::encode_put(&self.shared.codec, request.get_mut(), &mut stats).map_err(encode_status)?;
-        let (md, mut resp, ext) = self.client.clone().put(request).await?.into_parts();
-        crate::metrics::get().record_encode(&stats);
-        let at = before(&resp.header);
-        decode_values(&self.shared, &mut resp, &[at], &[], true).await?;
-        Ok(Response::from_parts(md, resp, ext))
+        self.put_per_object(forward(request)).await
     }
 
     async fn delete_range(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = request.get_ref();
+        if reserved::touches(&r.key, &r.range_end) {
+            return self.delete_without_reserved(request).await;
+        }
         if r.range_end.is_empty() && self.shared.deltas.applies_to(&r.key) {
             let (metadata, _, delete) = request.into_parts();
             return self.delete_as_txn(&metadata, delete).await;
@@ -344,7 +366,88 @@ impl Kv for Rebuild {
         Ok(Response::from_parts(md, resp, ext))
     }
 
+    /// The client's Txn with its key ranges cut around the proxy's own keys and its Ranges sorted
+    /// by VALUE read unsorted ([`reserved::plan_txn`]); the answer is put back in its shape.
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let (metadata, ext, mut txn) = request.into_parts();
+        let plan = reserved::plan_txn(&mut txn)?;
+        let (md, mut resp, ext) = self.txn_planned(Request::from_parts(metadata, ext, txn)).await?.into_parts();
+        reserved::restore_txn(&plan, &mut resp)?;
+        Ok(Response::from_parts(md, resp, ext))
+    }
+
+    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let revision = request.get_ref().revision;
+        let response = self.client.clone().compact(forward(request)).await?;
+        self.shared.deltas.observe_compaction(revision);
+        Ok(response)
+    }
+}
+
+impl Rebuild {
+    /// A Put written as one frame (per object): values of keys without delta frames, leased
+    /// values, and delta-frame writes too large for etcd with their base.
+    async fn put_per_object(&self, mut request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.shared.dictionaries.observe(request.get_ref());
+        let mut stats = EncodeStats::default();
+        rewrite::encode_put(&self.shared.codec, request.get_mut(), &mut stats).map_err(encode_status)?;
+        let (md, mut resp, ext) = self.client.clone().put(request).await?.into_parts();
+        crate::metrics::get().record_encode(&stats);
+        let at = before(&resp.header);
+        decode_values(&self.shared, &mut resp, &[at], &[], true).await?;
+        Ok(Response::from_parts(md, resp, ext))
+    }
+
+    /// A Range over a range that reaches into `/etcd-squeeze/`: its parts read in one Txn (one
+    /// revision) and put back together as etcd answers the client's range without those keys.
+    async fn range_without_reserved(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let (metadata, ext, want) = request.into_parts();
+        let success = reserved::range_parts(&want)
+            .into_iter()
+            .map(|r| RequestOp { request: Some(request_op::Request::RequestRange(r)) })
+            .collect();
+        let txn = TxnRequest { success, ..Default::default() };
+        let (md, resp, ext) = self.txn(Request::from_parts(metadata, ext, txn)).await?.into_parts();
+        let answers = resp
+            .responses
+            .into_iter()
+            .map(|op| match op.response {
+                Some(response_op::Response::ResponseRange(r)) => Ok(r),
+                _ => Err(Status::internal("etcd-squeeze: etcd answered a Range part with another response")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut merged = reserved::merge_ranges(&want, answers);
+        merged.header = resp.header;
+        Ok(Response::from_parts(md, merged, ext))
+    }
+
+    /// A DeleteRange over a range that reaches into `/etcd-squeeze/`: its parts deleted in one Txn
+    /// (one revision, etcd's count of what it deleted); the proxy's keys stay.
+    async fn delete_without_reserved(&self, request: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let (metadata, ext, want) = request.into_parts();
+        let cut = reserved::parts(&want.key, &want.range_end);
+        let n = cut.len();
+        let success = cut
+            .into_iter()
+            .map(|(key, range_end)| RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key, range_end, ..want.clone() })),
+            })
+            .collect();
+        let txn = TxnRequest { success, ..Default::default() };
+        let (md, resp, ext) = self.txn(Request::from_parts(metadata, ext, txn)).await?.into_parts();
+        let answers = resp
+            .responses
+            .into_iter()
+            .map(|op| match op.response {
+                Some(response_op::Response::ResponseDeleteRange(d)) => Ok(d),
+                _ => Err(Status::internal("etcd-squeeze: etcd answered a DeleteRange part with another response")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::from_parts(md, reserved::merge_deletes(resp.header, n, answers), ext))
+    }
+
+    /// A Txn (already planned): VALUE compares, values and delta frames, decoded answer.
+    async fn txn_planned(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         if rewrite::has_value_compare(&self.shared.codec, request.get_ref()) {
             let (metadata, _, txn) = request.into_parts();
             return self.txn_with_value_compares(&metadata, txn).await;
@@ -364,13 +467,6 @@ impl Kv for Rebuild {
         let wrote = txn_wrote(&resp);
         decode_values(&self.shared, &mut resp, &read_revisions, pinned, wrote).await?;
         Ok(Response::from_parts(md, resp, ext))
-    }
-
-    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        let revision = request.get_ref().revision;
-        let response = self.client.clone().compact(forward(request)).await?;
-        self.shared.deltas.observe_compaction(revision);
-        Ok(response)
     }
 }
 

@@ -191,6 +191,29 @@ pub async fn decode_watch_response(shared: &Shared, bytes: Bytes) -> Result<Spli
     Ok(out.unwrap_or_else(|| Spliced::from(bytes)))
 }
 
+/// A watch response without the events of the proxy's own keys (`/etcd-squeeze/`, which do not
+/// exist through the client API): `bytes` itself when it has none; `None` when every event was
+/// one (etcd's response is then not passed on, as if those writes had not happened).
+pub fn without_reserved_events(bytes: Bytes) -> Result<Option<Bytes>, Failure> {
+    let mut any = false;
+    wire::visit(&bytes, Shape::WatchResponse, &[Shape::Event], &mut |_, ev, _| {
+        let kv = KeyValueView::read(&wire::bytes_field(ev, 2)?)?;
+        any |= kv.key.starts_with(crate::classify::RESERVED_PREFIX);
+        Ok::<_, WireError>(())
+    })?;
+    if !any {
+        return Ok(Some(bytes));
+    }
+    use prost::Message;
+    let mut response = crate::proto::etcdserverpb::WatchResponse::decode(bytes)
+        .map_err(|e| Failure::Etcd(Status::internal(format!("etcd-squeeze: etcd's watch response cannot be read: {e}"))))?;
+    response.events.retain(|e| !e.kv.as_ref().is_some_and(|kv| kv.key.starts_with(crate::classify::RESERVED_PREFIX)));
+    if response.events.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Bytes::from(response.encode_to_vec())))
+}
+
 /// Encodes one `PutRequest` (its wire bytes) for the rewrite road: samples it for dictionary
 /// training, frames its value when its key is under a prefix, and returns the new bytes (`None`
 /// when the value is stored as it is), in pieces: the stored value is not copied until the gRPC

@@ -223,6 +223,12 @@ async fn respond(
     if !decode {
         return Some(Ok(Spliced::from(bytes)));
     }
+    // The proxy's own keys do not exist through the client API: their events are dropped.
+    let bytes = match values::without_reserved_events(bytes) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return None,
+        Err(failure) => return Some(Err(failure.into_status())),
+    };
     match values::decode_watch_response(&shared, bytes.clone()).await {
         Ok(decoded) => Some(Ok(decoded)),
         Err(Failure::Decode(e)) => {
