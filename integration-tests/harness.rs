@@ -326,7 +326,19 @@ pub struct Env {
     pub direct: etcd_client::Client,
     /// The compressed prefix under test.
     pub prefix: &'static str,
+    /// With [`Env::with_auth`]: the proxy's `[upstream]` (its own user), for more proxies.
+    pub proxy_upstream: Option<etcd_squeeze::config::UpstreamConfig>,
+    /// Files that live as long as the environment (the proxy's etcd password).
+    _files: Option<tempfile::TempDir>,
 }
+
+/// etcd users of [`Env::with_auth`]: `root`, the proxy's own user, and a user whose role is
+/// limited to the FlyteWorkflow prefix. Password = name + "-pw".
+pub const AUTH_ROOT: &str = "root";
+/// The proxy's own etcd user: readwrite on `/etcd-squeeze/`.
+pub const AUTH_PROXY: &str = "etcd-squeeze";
+/// A user with readwrite on [`FLYTE`] only.
+pub const AUTH_FLYTE: &str = "flyte";
 
 impl Env {
     /// etcd + proxy compressing `prefix`.
@@ -335,7 +347,45 @@ impl Env {
         let proxy = Proxy::start(&etcd.url, &[prefix]).await;
         let via = proxy.client().await;
         let direct = etcd.client().await;
-        Env { proxy, etcd, via, direct, prefix }
+        Env { proxy, etcd, via, direct, prefix, proxy_upstream: None, _files: None }
+    }
+
+    /// etcd with authentication on ([`AUTH_ROOT`], [`AUTH_PROXY`], [`AUTH_FLYTE`]); a proxy with
+    /// delta frames on for [`FLYTE`] and `upstream.user` = [`AUTH_PROXY`]. `via` authenticates as
+    /// `user`, `direct` as root.
+    pub async fn with_auth(user: &str) -> Env {
+        use etcd_client::{Permission, ConnectOptions};
+        let etcd = Etcd::start().await;
+        let mut admin = etcd.client().await;
+        for name in [AUTH_ROOT, AUTH_PROXY, AUTH_FLYTE] {
+            admin.user_add(name, format!("{name}-pw"), None).await.unwrap();
+        }
+        admin.user_grant_role(AUTH_ROOT, "root").await.unwrap();
+        admin.role_add("etcd-squeeze").await.unwrap();
+        admin.role_grant_permission("etcd-squeeze", Permission::read_write("/etcd-squeeze/").with_prefix()).await.unwrap();
+        admin.user_grant_role(AUTH_PROXY, "etcd-squeeze").await.unwrap();
+        admin.role_add("flyte").await.unwrap();
+        admin.role_grant_permission("flyte", Permission::read_write(FLYTE).with_prefix()).await.unwrap();
+        admin.user_grant_role(AUTH_FLYTE, "flyte").await.unwrap();
+        admin.auth_enable().await.unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let password = files.path().join("etcd-password");
+        std::fs::write(&password, format!("{AUTH_PROXY}-pw\n")).unwrap();
+        let config = ProxyConfig::new(&etcd.url)
+            .prefix(FLYTE)
+            .delta(true)
+            .dictionaries(false)
+            .with(|c| {
+                c.upstream.user = Some(AUTH_PROXY.into());
+                c.upstream.password_file = Some(password.clone());
+            })
+            .build();
+        let proxy_upstream = Some(config.upstream.clone());
+        let proxy = Proxy::start_config(config).await;
+        let login = |name: &str| Some(ConnectOptions::new().with_user(name, format!("{name}-pw")));
+        let via = etcd_client::Client::connect([&proxy.url], login(user)).await.unwrap();
+        let direct = etcd_client::Client::connect([&etcd.url], login(AUTH_ROOT)).await.unwrap();
+        Env { proxy, etcd, via, direct, prefix: FLYTE, proxy_upstream, _files: Some(files) }
     }
 
     /// etcd + proxy compressing `prefix` with delta frames on.
@@ -344,7 +394,7 @@ impl Env {
         let proxy = Proxy::start_config(delta_config(&etcd.url, prefix)).await;
         let via = proxy.client().await;
         let direct = etcd.client().await;
-        Env { proxy, etcd, via, direct, prefix }
+        Env { proxy, etcd, via, direct, prefix, proxy_upstream: None, _files: None }
     }
 
     /// A FlyteWorkflow key (compressed in every suite).
@@ -357,9 +407,11 @@ impl Env {
         self.prefix.is_empty()
     }
 
-    /// Runs `etcdctl` (API v3) against the proxy; returns stdout.
+    /// Runs `etcdctl` (API v3) against the proxy (as root when etcd's authentication is on); returns stdout.
     pub fn etcdctl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        etcdctl(&self.proxy.url, args, stdin)
+        let user = format!("--user={AUTH_ROOT}:{AUTH_ROOT}-pw");
+        let args: Vec<&str> = self.proxy_upstream.iter().map(|_| user.as_str()).chain(args.iter().copied()).collect();
+        etcdctl(&self.proxy.url, &args, stdin)
     }
 }
 

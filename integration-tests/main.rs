@@ -63,6 +63,15 @@ macro_rules! suite {
                 }
             )*
         }
+        /// etcd authentication on, clients as root, the proxy as its own user, delta frames on.
+        mod etcd_auth {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::harness::Env::with_auth(crate::harness::AUTH_ROOT).await).await;
+                }
+            )*
+        }
     };
 }
 pub(crate) use suite;

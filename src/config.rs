@@ -142,6 +142,17 @@ pub struct UpstreamConfig {
     /// endpoint's host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
+    /// `upstream.user`: the etcd user (etcd authentication) the proxy uses for what it does on
+    /// its own behalf — reading and watching `/etcd-squeeze/` (dictionaries, delta-frame bases),
+    /// training, the trainer election, readiness probes. Clients' calls always carry the
+    /// client's own credentials (its `token`, or its TLS identity). Needs `upstream.password_file`.
+    /// Its role needs readwrite on the prefix `/etcd-squeeze/` (docs/operations.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `upstream.password_file`: a file holding `upstream.user`'s password (trailing newline
+    /// ignored), read at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 /// `[metrics]`
@@ -316,6 +327,8 @@ impl Default for UpstreamConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_server_name: None,
+            user: None,
+            password_file: None,
         }
     }
 }
@@ -698,6 +711,12 @@ impl Config {
                 return invalid(key, "must be greater than 0s".into());
             }
         }
+        match (&u.user, &u.password_file) {
+            (Some(_), None) => return invalid("upstream.password_file", "required with upstream.user".into()),
+            (None, Some(_)) => return invalid("upstream.user", "required with upstream.password_file".into()),
+            (Some(user), Some(_)) if user.is_empty() => return invalid("upstream.user", "must not be empty".into()),
+            _ => {}
+        }
         match (&u.tls_cert_file, &u.tls_key_file) {
             (Some(_), None) => return invalid("upstream.tls_key_file", "required with upstream.tls_cert_file".into()),
             (None, Some(_)) => return invalid("upstream.tls_cert_file", "required with upstream.tls_key_file".into()),
@@ -788,6 +807,8 @@ mod tests {
                 tls_cert_file: path(),
                 tls_key_file: path(),
                 tls_server_name: Some("etcd".into()),
+                user: Some("etcd-squeeze".into()),
+                password_file: path(),
             },
             limits: LimitsConfig {
                 max_request_bytes: ByteSize::b(DEFAULT_MAX_REQUEST_BYTES),

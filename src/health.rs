@@ -74,6 +74,10 @@ impl Readiness {
                     count_only: true,
                     ..Default::default()
                 };
+                let mut request = tonic::Request::new(request);
+                if let Some(token) = self.upstream.own_token().and_then(|t| tonic::metadata::AsciiMetadataValue::try_from(t.as_bytes()).ok()) {
+                    request.metadata_mut().insert("token", token);
+                }
                 let start = Instant::now();
                 let result = match tokio::time::timeout(timeout, client.range(request)).await {
                     Ok(Ok(_)) => Ok(()),

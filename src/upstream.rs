@@ -47,7 +47,28 @@ pub enum UpstreamError {
     /// A TLS file that cannot be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// `upstream.password_file` cannot be read.
+    #[error("upstream.password_file: {path}: {reason}")]
+    Password {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it cannot be read.
+        reason: String,
+    },
 }
+
+/// The proxy's own etcd credentials (`upstream.user`, `upstream.password_file`) and the token
+/// etcd gave for them.
+struct Credentials {
+    user: String,
+    password: String,
+    token: std::sync::RwLock<Option<http::HeaderValue>>,
+}
+
+/// How often the proxy's own token is renewed (etcd's simple tokens and JWTs last 5 minutes by default).
+const TOKEN_REFRESH: Duration = Duration::from_secs(60);
+/// The pause before trying again after a failed authentication.
+const TOKEN_RETRY: Duration = Duration::from_secs(5);
 
 /// One configured etcd endpoint and whether it is believed up.
 #[derive(Debug)]
@@ -81,12 +102,24 @@ pub struct Upstream {
     picked: Option<Channel>,
     /// Why the channel chosen by `poll_ready` cannot take calls: the following `call` answers UNAVAILABLE.
     not_ready: Option<String>,
+    credentials: Option<Arc<Credentials>>,
+    /// Calls carry the proxy's own token ([`Upstream::own`]).
+    own: bool,
 }
 
 impl Clone for Upstream {
     fn clone(&self) -> Self {
         // A clone has not been polled ready: it picks its own endpoint.
-        Upstream { endpoints: self.endpoints.clone(), connectors: self.connectors.clone(), channels: self.channels.clone(), next: self.next.clone(), picked: None, not_ready: None }
+        Upstream {
+            endpoints: self.endpoints.clone(),
+            connectors: self.connectors.clone(),
+            channels: self.channels.clone(),
+            next: self.next.clone(),
+            picked: None,
+            not_ready: None,
+            credentials: self.credentials.clone(),
+            own: self.own,
+        }
     }
 }
 
@@ -139,7 +172,78 @@ impl Upstream {
             connectors.push(connector);
             endpoints.push(state);
         }
-        Ok(Upstream { endpoints: endpoints.into(), connectors: connectors.into(), channels: channels.into(), next: Arc::new(AtomicUsize::new(0)), picked: None, not_ready: None })
+        let credentials = match (&config.user, &config.password_file) {
+            (Some(user), Some(path)) => {
+                let password = std::fs::read_to_string(path)
+                    .map_err(|e| UpstreamError::Password { path: path.clone(), reason: e.to_string() })?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                Some(Arc::new(Credentials { user: user.clone(), password, token: std::sync::RwLock::new(None) }))
+            }
+            _ => None,
+        };
+        Ok(Upstream {
+            endpoints: endpoints.into(),
+            connectors: connectors.into(),
+            channels: channels.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+            picked: None,
+            not_ready: None,
+            credentials,
+            own: false,
+        })
+    }
+
+    /// This upstream for what the proxy does on its own behalf: every call carries the proxy's
+    /// own token (`upstream.user`) unless it already has one. Without `upstream.user`, the same
+    /// as `self` (then etcd sees no credentials, as with etcd's auth off).
+    pub fn own(&self) -> Upstream {
+        Upstream { own: true, ..self.clone() }
+    }
+
+    /// The proxy's own token (`upstream.user`), when it has one: for calls made on a raw channel
+    /// of [`Upstream::endpoints`] (the readiness probe of each endpoint).
+    pub fn own_token(&self) -> Option<http::HeaderValue> {
+        self.credentials.as_ref().and_then(|c| c.token.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Authenticates `upstream.user` once and keeps the token for [`Upstream::own`] calls.
+    /// `Ok(false)` when no user is configured or etcd's authentication is off.
+    pub async fn authenticate(&self) -> Result<bool, tonic::Status> {
+        let Some(c) = &self.credentials else { return Ok(false) };
+        let request = crate::proto::etcdserverpb::AuthenticateRequest { name: c.user.clone(), password: c.password.clone() };
+        let client = crate::proto::etcdserverpb::auth_client::AuthClient::new(Upstream { own: false, ..self.clone() });
+        match client.clone().authenticate(request).await {
+            Ok(r) => {
+                let token = http::HeaderValue::from_str(&r.into_inner().token).map_err(|e| tonic::Status::internal(format!("etcd's token: {e}")))?;
+                *c.token.write().unwrap_or_else(|p| p.into_inner()) = Some(token);
+                Ok(true)
+            }
+            Err(s) if s.message().contains("authentication is not enabled") => {
+                *c.token.write().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(false)
+            }
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Keeps the proxy's own token fresh (every minute; every 5 s after a failure) until the
+    /// returned task is aborted. Nothing to do without `upstream.user`.
+    pub fn spawn_token_refresh(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let user = self.credentials.as_ref()?.user.clone();
+        let this = self.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                let pause = match this.authenticate().await {
+                    Ok(_) => TOKEN_REFRESH,
+                    Err(e) => {
+                        tracing::warn!(user = %user, error = %e, "cannot authenticate upstream.user with etcd");
+                        TOKEN_RETRY
+                    }
+                };
+                tokio::time::sleep(pause).await;
+            }
+        }))
     }
 
     /// Every endpoint with its own channel (for probing each one).
@@ -216,7 +320,12 @@ impl tower::Service<http::Request<Body>> for Upstream {
         }
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        if self.own {
+            if let Some(token) = self.own_token() {
+                request.headers_mut().entry("token").or_insert(token);
+            }
+        }
         if let Some(reason) = self.not_ready.take() {
             return UpstreamFuture { inner: None, not_ready: Some(reason) };
         }

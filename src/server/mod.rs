@@ -107,6 +107,11 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let (metrics_listener, metrics_addr) = bind("metrics.listen", config.metrics.listen).await?;
     let server_tls = crate::tls::server_config(&config.server)?.map(Arc::new);
     let upstream = Upstream::new(&config.upstream)?;
+    // The proxy's own token (upstream.user) before anything of its own reads etcd.
+    if let Err(e) = upstream.authenticate().await {
+        tracing::warn!(error = %e, "cannot authenticate upstream.user with etcd: retrying in the background");
+    }
+    let token_refresh = upstream.spawn_token_refresh();
     let shared = Shared::new(config, upstream.clone());
     // Dictionary store follower and trainer: they run while the server serves.
     let dictionary_tasks = shared.dictionaries.spawn();
@@ -120,7 +125,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let readiness = crate::health::Readiness::new(upstream.clone(), health_reporter, shared.config.health.clone(), &shared.config.dictionaries.key_prefix);
+    let readiness = crate::health::Readiness::new(upstream.own(), health_reporter, shared.config.health.clone(), &shared.config.dictionaries.key_prefix);
     readiness.probe().await;
     tokio::spawn(readiness.clone().run(stop_rx.clone()));
 
@@ -190,6 +195,9 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
             }
         };
         let _ = admin_done_tx.send(());
+        if let Some(refresh) = token_refresh {
+            refresh.abort();
+        }
         let abort_resign = resign.abort_handle();
         if tokio::time::timeout(std::time::Duration::from_secs(3), resign).await.is_err() {
             abort_resign.abort();

@@ -198,8 +198,8 @@ impl Rebuild {
                 // Put may not be: etcd refused it unread. The value is written per object instead
                 // (a Put the size of the client's), and etcd answers as it answers the client's
                 // own request ("etcdserver: request is too large" when that is too large).
-                Err(status) if over_etcd_receive_limit(&status) => {
-                    tracing::info!(key = %crate::codec::KeyDisplay(&put.key), "delta-frame Txn over etcd's receive limit: written per object");
+                Err(status) if per_object_instead(&status) => {
+                    tracing::debug!(key = %crate::codec::KeyDisplay(&put.key), error = %status, "delta-frame Txn refused: written per object");
                     return self.put_per_object(with_metadata(metadata, put)).await;
                 }
                 Err(status) => return Err(status),
@@ -231,8 +231,21 @@ impl Rebuild {
             ..Default::default()
         };
         let mut stats = EncodeStats::default();
+        let original = txn.clone();
         let (txn, rewritten) = self.encode(txn, self.max_txn_ops(), &mut stats).await?;
-        let (md, mut resp, ext) = self.client.clone().txn(with_metadata(metadata, txn)).await?.into_parts();
+        let (md, mut resp, ext, rewritten) = match self.client.clone().txn(with_metadata(metadata, txn)).await {
+            Ok(answer) => {
+                let (md, resp, ext) = answer.into_parts();
+                (md, resp, ext, rewritten)
+            }
+            // The bases cannot be deleted with the client's credentials: delete the key alone
+            // (its bases are left to the orphan sweep), as etcd would.
+            Err(status) if per_object_instead(&status) => {
+                let (md, resp, ext) = self.client.clone().txn(with_metadata(metadata, original)).await?.into_parts();
+                (md, resp, ext, None)
+            }
+            Err(status) => return Err(status),
+        };
         let pinned = self.finish(rewritten.as_ref(), &mut resp);
         let (deleted, prev_kvs) = match resp.responses.pop().and_then(|r| r.response) {
             Some(response_op::Response::ResponseDeleteRange(d)) => (d.deleted, d.prev_kvs),
@@ -245,12 +258,15 @@ impl Rebuild {
     }
 }
 
-/// grpc-go's refusal of a message over its receive limit (etcd's `--max-request-bytes` + 512 KiB):
-/// etcd did not read the request.
-/// Also etcd's own "request is too large" (`--max-request-bytes`), which the base can add.
-fn over_etcd_receive_limit(status: &Status) -> bool {
+/// etcd refused a Txn the proxy built with delta frames before applying anything, for what
+/// delta frames added to the client's request: the write is then sent per object, and etcd
+/// answers the client's own request. The refusals: grpc-go's receive limit (etcd's
+/// `--max-request-bytes` plus 512 KiB), etcd's "request is too large" (the base added bytes),
+/// and PERMISSION_DENIED (the client's etcd role cannot write `/etcd-squeeze/bases/`).
+fn per_object_instead(status: &Status) -> bool {
     (status.code() == tonic::Code::ResourceExhausted && status.message().starts_with("grpc: received message larger than max"))
         || (status.code() == tonic::Code::InvalidArgument && status.message() == super::status::ETCD_REQUEST_TOO_LARGE)
+        || status.code() == tonic::Code::PermissionDenied
 }
 
 /// The revision just before the one in `header`: where a write's prev_kvs were current.
@@ -458,9 +474,24 @@ impl Rebuild {
         let mut read_revisions = Vec::new();
         crate::delta::range_revisions(request.get_ref(), &mut read_revisions);
         let mut stats = EncodeStats::default();
+        // Kept to be written per object if etcd refuses what delta frames add (see `per_object_instead`).
+        let original = self.shared.deltas.touches(request.get_ref()).then(|| (request.metadata().clone(), request.get_ref().clone()));
         let (txn, rewritten) = self.encode(std::mem::take(request.get_mut()), self.max_txn_ops(), &mut stats).await?;
         *request.get_mut() = txn;
-        let (md, mut resp, ext) = self.client.clone().txn(request).await?.into_parts();
+        let (md, mut resp, ext, rewritten) = match (self.client.clone().txn(request).await, original) {
+            (Ok(answer), _) => {
+                let (md, resp, ext) = answer.into_parts();
+                (md, resp, ext, rewritten)
+            }
+            (Err(status), Some((metadata, mut txn))) if per_object_instead(&status) => {
+                tracing::debug!(error = %status, "delta-frame Txn refused: written per object");
+                stats = EncodeStats::default();
+                rewrite::encode_txn(&self.shared.codec, &mut txn, &mut stats).map_err(encode_status)?;
+                let (md, resp, ext) = self.client.clone().txn(with_metadata(&metadata, txn)).await?.into_parts();
+                (md, resp, ext, None)
+            }
+            (Err(status), _) => return Err(status),
+        };
         crate::metrics::get().record_encode(&stats);
         let pinned = self.finish(rewritten.as_ref(), &mut resp);
         read_revisions.push(before(&resp.header));

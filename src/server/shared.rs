@@ -26,8 +26,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the shared state from a validated config; dictionaries are read from `upstream`.
+    /// Builds the shared state from a validated config; dictionaries and bases are read from
+    /// `upstream` with the proxy's own credentials ([`Upstream::own`]).
     pub fn new(config: Config, upstream: Upstream) -> Arc<Self> {
+        let upstream = upstream.own();
         let dictionary_cache = Arc::new(DictionaryCache::new());
         let codec = ValueCodec::from_config(&config).with_dictionaries(dictionary_cache.clone());
         let base_cache = Arc::new(BaseCache::for_rules(codec.rules()));
