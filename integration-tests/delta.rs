@@ -275,6 +275,7 @@ async fn migrate_decompress_leaves_no_frame_and_no_base() {
     .unwrap();
     let target = etcd_squeeze::ops::EtcdArgs { endpoints: vec![env.etcd.url.clone()], ..Default::default() }
         .connect(&etcd_squeeze::ops::PrefixArgs { prefixes: vec![FLYTE.to_string()] })
+        .await
         .unwrap();
     // A dry run says the bases would go too.
     let dry = binary(&["migrate", "decompress", "--prefix", FLYTE], &env.etcd.url);

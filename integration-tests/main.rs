@@ -3,6 +3,7 @@
 //! Every case of [`suite!`] runs three times: with the default FlyteWorkflow prefix, with a proxy
 //! that compresses every key (prefix ""), and with delta frames on for the FlyteWorkflow prefix.
 
+mod alerts;
 mod auth;
 mod client_port_http;
 mod compaction_and_gc;
@@ -24,8 +25,10 @@ mod maintenance;
 mod migration;
 mod module_layers;
 mod odd_values;
+mod operator_commands_refuse_the_proxy;
 mod ops;
 mod pki;
+mod ports_and_paths_agree;
 mod put_options;
 mod reserved_keys;
 mod several_proxies;

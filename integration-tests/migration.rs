@@ -11,7 +11,7 @@ use etcd_squeeze::codec::{frame, ValueCodec};
 use etcd_squeeze::ops::analyze::{self, AnalyzeArgs};
 use etcd_squeeze::ops::get::{self, GetArgs};
 use etcd_squeeze::ops::migrate::{self, Direction, MigrateArgs, Summary};
-use etcd_squeeze::ops::{Etcd as Target, EtcdArgs, PrefixArgs};
+use etcd_squeeze::ops::{Etcd as Target, EtcdArgs};
 
 use crate::harness::{Env, Etcd, Proxy, FLYTE};
 
@@ -28,7 +28,7 @@ fn parse<T: clap::Args>(args: &[&str]) -> T {
 /// A connection to `url` for the FlyteWorkflow prefix with default settings.
 fn target(url: &str) -> Target {
     let etcd = EtcdArgs { endpoints: vec![url.to_string()], ..Default::default() };
-    etcd.connect(&PrefixArgs { prefixes: vec![FLYTE.to_string()] }).unwrap()
+    Target::connect(etcd.config(&[FLYTE.to_string()]).unwrap()).unwrap()
 }
 
 /// The binary, talking to etcd at `url`; returns its output.

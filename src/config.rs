@@ -15,10 +15,11 @@ use crate::codec::{DeltaRule, PrefixRule, ValueCodec, RESERVED_PREFIX};
 
 /// The key prefix kube-apiserver stores FlyteWorkflow custom resources under.
 pub const FLYTEWORKFLOW_PREFIX: &str = "/registry/flyte.lyft.com/flyteworkflows/";
-/// Where the proxy listens by default: etcd's client port, on loopback only.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:2379";
-/// The etcd the proxy forwards to by default (etcd moved off 2379 so the proxy can take it).
-pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:22379";
+/// Where the proxy listens by default: loopback port 12379, beside an etcd installed the usual
+/// way (kubeadm's and Debian's etcd keep 2379; kube-apiserver's `--etcd-servers` moves to 12379).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:12379";
+/// The etcd the proxy forwards to by default: etcd's own client port on this host.
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:2379";
 /// Largest gRPC message accepted from clients: 32 MiB, so a 5 MB FlyteWorkflow that compresses
 /// below etcd's 1.5 MiB `--max-request-bytes` can be stored (apiserver itself sends ≤ 2 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 32 << 20;

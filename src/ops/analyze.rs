@@ -164,7 +164,7 @@ pub struct DictionaryProjection {
 /// Runs `analyze` and prints the report; the exit code for `main`.
 pub async fn cli(args: AnalyzeArgs) -> ExitCode {
     let result = async {
-        let etcd = args.etcd.connect(&args.prefixes)?;
+        let etcd = args.etcd.connect(&args.prefixes).await?;
         let report = run(&etcd, &args).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report).expect("plain data"));

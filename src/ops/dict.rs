@@ -80,7 +80,10 @@ pub async fn run(command: DictCommand) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("etcd-squeeze dict: {e}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<super::OpsError>() {
+                Some(ops) => ops.exit_code(),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -92,7 +95,9 @@ where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = Result<(), DictionaryError>>,
 {
-    Ok(f(target.config(&[])?).await?)
+    let config = target.config(&[])?;
+    super::refuse_proxies(&Upstream::new(&config.upstream)?).await?;
+    Ok(f(config).await?)
 }
 
 fn channel(config: &Config) -> Result<Upstream, DictionaryError> {

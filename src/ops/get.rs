@@ -71,7 +71,7 @@ pub struct FrameMeta {
 /// frame cannot be decoded).
 pub async fn cli(args: GetArgs) -> ExitCode {
     let result = async {
-        let etcd = args.etcd.connect(&PrefixArgs::default())?;
+        let etcd = args.etcd.connect(&PrefixArgs::default()).await?;
         let mut stdout = std::io::stdout().lock();
         let ok = run(&etcd, &args, &mut stdout).await?;
         stdout.flush()?;

@@ -194,7 +194,7 @@ pub async fn cli(command: MigrateCommand) -> ExitCode {
         MigrateCommand::Decompress(a) => (Direction::Decompress, a),
     };
     let name = format!("migrate {}", direction.verb());
-    let etcd = match args.etcd.connect(&args.prefixes) {
+    let etcd = match args.etcd.connect(&args.prefixes).await {
         Ok(e) => e,
         Err(e) => return super::fail(&name, &e),
     };

@@ -109,13 +109,55 @@ pub enum OpsError {
     /// The printed output cannot be written (closed pipe).
     #[error("output: {0}")]
     Output(#[from] std::io::Error),
+    /// The endpoint is an etcd-squeeze proxy, not etcd.
+    #[error("{endpoint} is {proxy}, not etcd: the operator commands read and write what etcd stores, and through the proxy every value looks as if it were stored raw (migrate compress would wrap every value twice). Point --endpoints (or upstream.endpoints of --config) at etcd itself{}", if upstream.is_empty() { String::new() } else { format!(": the proxy forwards to {}", upstream.join(", ")) })]
+    PointedAtProxy {
+        /// The endpoint as given.
+        endpoint: String,
+        /// The proxy's name and version.
+        proxy: String,
+        /// The proxy's own upstream endpoints (etcd).
+        upstream: Vec<String>,
+    },
+}
+
+/// Refuses endpoints that are etcd-squeeze proxies rather than etcd: each endpoint is asked the
+/// method only the proxy answers (`server::front::IDENTIFY_PATH`); etcd answers UNIMPLEMENTED.
+/// An endpoint that cannot be reached is left to the command's own calls to report.
+pub async fn refuse_proxies(upstream: &Upstream) -> Result<(), OpsError> {
+    use prost::Message as _;
+    /// The proxy's answer (see `server::front::identify`).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Identity {
+        #[prost(string, tag = "1")]
+        proxy: String,
+        #[prost(string, repeated, tag = "2")]
+        upstream: Vec<String>,
+    }
+    for (state, channel) in upstream.endpoints() {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        if grpc.ready().await.is_err() {
+            continue;
+        }
+        let path = http::uri::PathAndQuery::from_static(crate::server::front::IDENTIFY_PATH);
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            grpc.unary(tonic::Request::new(bytes::Bytes::new()), path, crate::server::raw::RawCodec),
+        )
+        .await;
+        if let Ok(Ok(response)) = answer {
+            let identity = Identity::decode(response.into_inner()).unwrap_or_default();
+            return Err(OpsError::PointedAtProxy { endpoint: state.url.clone(), proxy: identity.proxy, upstream: identity.upstream });
+        }
+    }
+    Ok(())
 }
 
 impl OpsError {
     /// The process exit code: 2 for configuration and usage errors, 1 for the rest.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            OpsError::Config(_) | OpsError::Usage(_) | OpsError::Upstream(_) => ExitCode::from(2),
+            OpsError::Config(_) | OpsError::Usage(_) | OpsError::Upstream(_) | OpsError::PointedAtProxy { .. } => ExitCode::from(2),
             _ => ExitCode::FAILURE,
         }
     }
@@ -159,8 +201,11 @@ impl EtcdArgs {
     }
 
     /// Loads the configuration (see [`EtcdArgs::config`]) and connects to etcd.
-    pub fn connect(&self, prefixes: &PrefixArgs) -> Result<Etcd, OpsError> {
-        Etcd::connect(self.config(&prefixes.prefixes)?)
+    /// Connects to etcd, refusing an endpoint that is an etcd-squeeze proxy ([`refuse_proxies`]).
+    pub async fn connect(&self, prefixes: &PrefixArgs) -> Result<Etcd, OpsError> {
+        let etcd = Etcd::connect(self.config(&prefixes.prefixes)?)?;
+        refuse_proxies(&etcd.upstream).await?;
+        Ok(etcd)
     }
 }
 
@@ -185,6 +230,7 @@ pub struct Etcd {
     /// The bases of the last two pages read (decoded after their page is read).
     pinned: std::sync::Arc<std::sync::Mutex<PinnedPages>>,
     kv: KvClient<Upstream>,
+    upstream: Upstream,
 }
 
 impl Etcd {
@@ -202,8 +248,8 @@ impl Etcd {
         let decoder = decoder.with_bases(base_cache.clone());
         let dictionaries = crate::dictionary::Dictionaries::new(&config, decoder.clone(), dictionary_cache, upstream.clone());
         let deltas = crate::delta::Deltas::new(decoder.clone(), base_cache, upstream.clone(), dictionaries.clone());
-        let kv = KvClient::new(upstream).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-        Ok(Etcd { config, codec, decoder, dictionaries, deltas, pinned: Default::default(), kv })
+        let kv = KvClient::new(upstream.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        Ok(Etcd { config, codec, decoder, dictionaries, deltas, pinned: Default::default(), kv, upstream })
     }
 
     /// A KV client on the shared connections.

@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -120,9 +120,20 @@ enum Road {
     Kv(Call),
     /// The gRPC services.
     Services,
+    /// [`IDENTIFY_PATH`]: answered by the proxy itself.
+    Identify,
 }
 
+/// A gRPC method only etcd-squeeze answers (etcd answers UNIMPLEMENTED): how an operator command
+/// finds out that it was pointed at the proxy instead of etcd. The request is empty; the answer
+/// is a protobuf message: `1: string` the proxy's name and version, `2: repeated string` its
+/// `upstream.endpoints` (where the command should point instead).
+pub const IDENTIFY_PATH: &str = "/etcdsqueeze.Proxy/Identify";
+
 fn road(path: &str) -> Road {
+    if path == IDENTIFY_PATH {
+        return Road::Identify;
+    }
     if let Some(method) = path.strip_prefix("/etcdserverpb.KV/") {
         return match method {
             "Range" => Road::Kv(Call::Range),
@@ -171,6 +182,10 @@ where
         let services = self.services.clone();
         match road {
             Road::Services => Box::pin(services.oneshot(request)),
+            Road::Identify => {
+                let answer = identify(&self.shared.config.upstream.endpoints);
+                Box::pin(async move { Ok(answer) })
+            }
             Road::Whole(Shape::Unary) => Box::pin(self.upstream.clone().oneshot(to_etcd(request))),
             Road::Whole(_) => {
                 // A stream: what the client sends goes on until etcd's response ends, and no
@@ -210,6 +225,23 @@ where
             }
         }
     }
+}
+
+/// The answer to [`IDENTIFY_PATH`]: one gRPC message, then `grpc-status: 0`.
+fn identify(upstream: &[String]) -> http::Response<Body> {
+    let mut message = Vec::new();
+    prost::encoding::string::encode(1, &format!("etcd-squeeze {}", env!("CARGO_PKG_VERSION")), &mut message);
+    prost::encoding::string::encode_repeated(2, upstream, &mut message);
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames: Vec<Result<Frame<Bytes>, tonic::Status>> = vec![Ok(Frame::data(Bytes::from(framed))), Ok(Frame::trailers(trailers))];
+    let mut response = http::Response::new(Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames))));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    response
 }
 
 /// A request body that ends (cleanly) when `ended`'s sender is dropped.
@@ -287,6 +319,9 @@ async fn read_message(mut body: Body, limit: u64) -> Result<Bytes, Unread> {
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Unread::Body)?;
         let Ok(data) = frame.into_data() else { continue };
+        if data.is_empty() {
+            continue; // a client may end its body with an empty DATA frame
+        }
         if total == 0 && data.len() >= 5 {
             let declared = (&data[1..5]).get_u32() as u64;
             if declared > limit {
@@ -299,11 +334,25 @@ async fn read_message(mut body: Body, limit: u64) -> Result<Bytes, Unread> {
             break; // more than one message: the decoder answers
         }
     }
-    match &chunks[..] {
-        [one] if one.len() >= 5 && one[0] == 0 && (&one[1..5]).get_u32() as usize == one.len() - 5 => Ok(one.clone()),
-        _ => Err(Unread::NotOneMessage(chunks)),
+    let one = match &chunks[..] {
+        [one] => one.clone(),
+        // A small message in several frames: one copy here costs less than the services' road.
+        _ if total <= JOIN_BYTES => chunks.iter().fold(BytesMut::with_capacity(total as usize), |mut b, c| {
+            b.extend_from_slice(c);
+            b
+        }).freeze(),
+        _ => return Err(Unread::NotOneMessage(chunks)),
+    };
+    if one.len() >= 5 && one[0] == 0 && (&one[1..5]).get_u32() as usize == one.len() - 5 {
+        Ok(one)
+    } else {
+        Err(Unread::NotOneMessage(chunks))
     }
 }
+
+/// Up to this many bytes, a unary KV message that came in several DATA frames is joined and
+/// classified at the front; a larger one goes to the services as it came (one copy, theirs).
+const JOIN_BYTES: u64 = 16 << 10;
 
 /// A request body replaying `chunks`, as the client sent them.
 fn replay(chunks: Vec<Bytes>) -> Body {
@@ -329,6 +378,7 @@ mod tests {
         assert_eq!(road("/etcdserverpb.Lease/NoSuchMethod"), Road::Services);
         assert_eq!(road("/grpc.health.v1.Health/Check"), Road::Services);
         assert_eq!(road("/etcdserverpb.KV/"), Road::Services);
+        assert_eq!(road(IDENTIFY_PATH), Road::Identify);
     }
 
     fn body_of(chunks: &[&[u8]]) -> Body {
@@ -337,15 +387,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reads_one_message_in_one_frame_and_replays_any_other_chunking() {
+    async fn reads_one_small_message_in_any_chunking() {
         let message = [0u8, 0, 0, 0, 3, 10, 1, b'a'];
         assert_eq!(&read_message(body_of(&[&message]), 100).await.ok().unwrap()[..], &message[..]);
+        // tonic's client ends the body with an empty DATA frame.
+        assert_eq!(&read_message(body_of(&[&message, b""]), 100).await.ok().unwrap()[..], &message[..]);
         for split in 1..message.len() {
             let (a, b) = message.split_at(split);
-            let Err(Unread::NotOneMessage(chunks)) = read_message(body_of(&[a, b]), 100).await else { panic!("split at {split}") };
-            let replayed = replay(chunks).collect().await.ok().unwrap().to_bytes();
-            assert_eq!(&replayed[..], &message[..]);
+            assert_eq!(&read_message(body_of(&[a, b]), 100).await.ok().unwrap()[..], &message[..], "split at {split}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_large_message_in_several_frames_is_replayed_as_it_came() {
+        let mut message = vec![0u8];
+        message.extend_from_slice(&(40_000u32).to_be_bytes());
+        message.extend(std::iter::repeat_n(7u8, 40_000));
+        let chunks: Vec<&[u8]> = message.chunks(16 << 10).collect();
+        let Err(Unread::NotOneMessage(read)) = read_message(body_of(&chunks), 1 << 20).await else { panic!("joined") };
+        assert_eq!(read.len(), chunks.len());
+        let replayed = replay(read).collect().await.ok().unwrap().to_bytes();
+        assert_eq!(&replayed[..], &message[..]);
     }
 
     #[tokio::test]

@@ -258,6 +258,14 @@ impl Rebuild {
     }
 }
 
+/// The answers to the parts of a Range or DeleteRange sent as one Txn ([`reserved::parts`]).
+fn parts_answers<T>(resp: TxnResponse, what: &str, pick: impl Fn(response_op::Response) -> Option<T>) -> Result<Vec<T>, Status> {
+    resp.responses
+        .into_iter()
+        .map(|op| op.response.and_then(&pick).ok_or_else(|| Status::internal(format!("etcd-squeeze: etcd answered a {what} part with another response"))))
+        .collect()
+}
+
 /// etcd refused a Txn the proxy built with delta frames before applying anything, for what
 /// delta frames added to the client's request: the write is then sent per object, and etcd
 /// answers the client's own request. The refusals: grpc-go's receive limit (etcd's
@@ -424,16 +432,13 @@ impl Rebuild {
             .collect();
         let txn = TxnRequest { success, ..Default::default() };
         let (md, resp, ext) = self.txn(Request::from_parts(metadata, ext, txn)).await?.into_parts();
-        let answers = resp
-            .responses
-            .into_iter()
-            .map(|op| match op.response {
-                Some(response_op::Response::ResponseRange(r)) => Ok(r),
-                _ => Err(Status::internal("etcd-squeeze: etcd answered a Range part with another response")),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let header = resp.header;
+        let answers = parts_answers(resp, "Range", |r| match r {
+            response_op::Response::ResponseRange(r) => Some(r),
+            _ => None,
+        })?;
         let mut merged = reserved::merge_ranges(&want, answers);
-        merged.header = resp.header;
+        merged.header = header;
         Ok(Response::from_parts(md, merged, ext))
     }
 
@@ -451,15 +456,12 @@ impl Rebuild {
             .collect();
         let txn = TxnRequest { success, ..Default::default() };
         let (md, resp, ext) = self.txn(Request::from_parts(metadata, ext, txn)).await?.into_parts();
-        let answers = resp
-            .responses
-            .into_iter()
-            .map(|op| match op.response {
-                Some(response_op::Response::ResponseDeleteRange(d)) => Ok(d),
-                _ => Err(Status::internal("etcd-squeeze: etcd answered a DeleteRange part with another response")),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Response::from_parts(md, reserved::merge_deletes(resp.header, n, answers), ext))
+        let header = resp.header;
+        let answers = parts_answers(resp, "DeleteRange", |r| match r {
+            response_op::Response::ResponseDeleteRange(d) => Some(d),
+            _ => None,
+        })?;
+        Ok(Response::from_parts(md, reserved::merge_deletes(header, n, answers), ext))
     }
 
     /// A Txn (already planned): VALUE compares, values and delta frames, decoded answer.
