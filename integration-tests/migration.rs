@@ -510,3 +510,33 @@ async fn analyze_example_on_a_generated_cluster() {
         assert_eq!(c.get(key.as_str(), None).await.unwrap().kvs()[0].version(), 3, "{key}: written, compressed, decompressed");
     }
 }
+
+/// `migrate compress --train` on a prefix that has no dictionary yet: trains one on the stored
+/// values, publishes it, and writes every value with it (completed workflows are never written
+/// again, so this is their only chance of the dictionary's gain); a second prefix's run reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_compress_writes_with_the_prefixs_dictionary_training_one_first() {
+    let etcd = crate::harness::Etcd::start().await;
+    let mut direct = etcd.client().await;
+    let objects = etcd_squeeze::corpus::training_set(80, 7);
+    for (i, g) in objects.iter().enumerate() {
+        direct.put(wf(i), g.json.clone(), None).await.unwrap();
+    }
+    let out = binary(&["migrate", "compress", "--yes", "--train", "--prefix", FLYTE], &etcd.url);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("values written with dictionary"), "{stdout}");
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..objects.len() {
+        let stored = direct.get(wf(i), None).await.unwrap().kvs()[0].value().to_vec();
+        ids.insert(frame::parse(&stored).unwrap().dictionary_id);
+    }
+    assert_eq!(ids.len(), 1, "one dictionary for every value: {ids:?}");
+    assert_ne!(ids.first(), Some(&0), "written with the trained dictionary");
+    // Without --train, a later run uses the published dictionary too.
+    direct.put(wf(500), objects[0].json.clone(), None).await.unwrap();
+    let out = binary(&["migrate", "compress", "--yes", "--prefix", FLYTE], &etcd.url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stored = direct.get(wf(500), None).await.unwrap().kvs()[0].value().to_vec();
+    assert_eq!(Some(&frame::parse(&stored).unwrap().dictionary_id), ids.first());
+}

@@ -28,8 +28,6 @@ pub const DEFAULT_DICTIONARY_SAMPLES: usize = 500;
 /// can learn (metadata, spec, field names) is at the start, and zstd's trainer is made for
 /// small samples.
 pub const SAMPLE_HEAD_BYTES: usize = 64 << 10;
-/// zstd's own default dictionary size (the `zstd --train` CLI uses 110 KiB).
-pub const DEFAULT_DICTIONARY_SIZE: &str = "112KiB";
 /// The reservoir sample is seeded, so two runs on the same data print the same report.
 const SAMPLE_SEED: u64 = 0x5A17_D1C7;
 
@@ -54,9 +52,10 @@ pub struct AnalyzeArgs {
     /// Values sampled per prefix to train a dictionary for the projection; 0 skips it.
     #[arg(long, default_value_t = DEFAULT_DICTIONARY_SAMPLES)]
     pub dictionary_samples: usize,
-    /// Size of the trained dictionary.
-    #[arg(long, default_value = DEFAULT_DICTIONARY_SIZE)]
-    pub dictionary_size: ByteSize,
+    /// Size of the trained dictionary; by default the proxy's own (`dictionaries.size` of
+    /// `--config`, 64 KiB unless set), so the projection is what the proxy would store.
+    #[arg(long)]
+    pub dictionary_size: Option<ByteSize>,
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -230,7 +229,7 @@ pub async fn run(etcd: &Etcd, args: &AnalyzeArgs) -> Result<Report, OpsError> {
     }
 
     if args.dictionary_samples > 0 {
-        let dict_size = args.dictionary_size.as_u64() as usize;
+        let dict_size = args.dictionary_size.unwrap_or(etcd.config.dictionaries.size).as_u64() as usize;
         let mut second_pass = 0;
         for tally in &mut tallies {
             second_pass += tally.train(dict_size);

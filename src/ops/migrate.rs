@@ -89,6 +89,12 @@ pub struct MigrateArgs {
     /// Print one line per rewritten key (a dry run always does).
     #[arg(short, long)]
     pub verbose: bool,
+    /// compress: a prefix that uses trained dictionaries but has none yet gets one first, trained
+    /// on its stored values and published as the proxy's trainer does (`dict train`), so migrated
+    /// values get the dictionary's gain. Without it, values are written with the prefix's current
+    /// dictionary, or none.
+    #[arg(long)]
+    pub train: bool,
 }
 
 /// Which way values are rewritten.
@@ -245,6 +251,11 @@ pub async fn run(
         (None, Some(key)) => Some(key.as_bytes().to_vec()),
         (None, None) => None,
     };
+    if direction == Direction::Compress {
+        for line in etcd.prepare_dictionaries(args.train && !dry_run).await? {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     let mut m = Migration {
         etcd,
         direction,

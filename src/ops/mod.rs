@@ -234,6 +234,37 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// Installs the newest trained dictionary of each prefix that uses dictionaries, so that values
+    /// this command writes get it as the proxy's would; with `train`, a prefix that has none gets
+    /// one first (trained on its stored values and published, as `dict train`). Returns one line
+    /// per prefix saying which dictionary its writes use.
+    pub async fn prepare_dictionaries(&self, train: bool) -> Result<Vec<String>, OpsError> {
+        let failed = |call: &str, e: crate::dictionary::DictionaryError| OpsError::Rpc { call: call.into(), status: tonic::Status::unavailable(e.to_string()) };
+        if !self.config.dictionaries.enabled {
+            return Ok(Vec::new());
+        }
+        self.dictionaries.sync().await.map_err(|e| failed("read the trained dictionaries", e.into()))?;
+        let mut lines = Vec::new();
+        for p in &self.config.prefixes {
+            let Ok(prefix) = self.dictionaries.prefix(&p.prefix) else { continue };
+            let mut current = self.dictionaries.cache().encoder(&prefix.prefix).map(|d| d.id);
+            if current.is_none() && train {
+                let report = self.dictionaries.train_prefix(prefix, &[]).await.map_err(|e| failed("train a dictionary", e))?;
+                self.dictionaries.sync().await.map_err(|e| failed("read the trained dictionaries", e.into()))?;
+                current = self.dictionaries.cache().encoder(&prefix.prefix).map(|d| d.id);
+                if current.is_none() {
+                    lines.push(format!("{}: no dictionary published (held-out gain {:.1}% is below dictionaries.min_gain)", p.prefix, report.gain() * 100.0));
+                    continue;
+                }
+            }
+            lines.push(match current {
+                Some(id) => format!("{}: values written with dictionary {id}", p.prefix),
+                None => format!("{}: no trained dictionary yet: values written without one (--train trains one first)", p.prefix),
+            });
+        }
+        Ok(lines)
+    }
+
     /// Connects (lazily) to `config.upstream` with the proxy's own channel settings and TLS.
     pub fn connect(config: Config) -> Result<Etcd, OpsError> {
         let upstream = Upstream::new(&config.upstream)?;
