@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc) };
     }
     println!("cargo:rerun-if-changed=proto");
+    version_info();
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
@@ -24,4 +25,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["proto"],
         )?;
     Ok(())
+}
+
+/// `ETCD_SQUEEZE_COMMIT` and `ETCD_SQUEEZE_COMMIT_DATE` for `--version`, the build-info metric
+/// and the proxy's identity: the git commit the binary was built from and its date (the commit's,
+/// so a rebuild of the same commit is byte-identical), or `unknown` outside a git checkout.
+fn version_info() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let date = git(&["log", "-1", "--format=%cs"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=ETCD_SQUEEZE_COMMIT={commit}");
+    println!("cargo:rustc-env=ETCD_SQUEEZE_COMMIT_DATE={date}");
+    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
+        println!("cargo:rerun-if-changed={path}");
+    }
 }

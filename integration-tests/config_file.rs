@@ -20,4 +20,10 @@ fn invalid_config_names_the_key() {
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // It prints the effective configuration as TOML, which reads back as the same configuration.
+    let printed = String::from_utf8(ok.stdout).unwrap();
+    let again = etcd_squeeze::config::Config::parse(&printed, "printed").unwrap_or_else(|e| panic!("{e}\n{printed}"));
+    again.validate().unwrap();
+    let example = etcd_squeeze::config::Config::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/etcd-squeeze.toml"))).unwrap();
+    assert_eq!(toml::to_string(&again).unwrap(), toml::to_string(&example).unwrap());
 }

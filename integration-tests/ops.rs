@@ -80,7 +80,7 @@ async fn metrics_count_what_happens() {
     }
     assert_eq!(ready, Some(1.0), "etcd_squeeze_ready");
     at_least("etcd_squeeze_dictionary_cache_hits_total", 0.0);
-    at_least(&format!("etcd_squeeze_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1.0);
+    at_least(&format!("etcd_squeeze_build_info{{version=\"{}\"}}", etcd_squeeze::VERSION), 1.0);
 }
 
 /// `/readyz`, `etcd_squeeze_ready` and the gRPC health service follow etcd: NOT_SERVING while

@@ -458,6 +458,16 @@ impl Config {
             return invalid("limits.value_compare_attempts", "must be at least 1".into());
         }
         for (i, p) in self.prefixes.iter().enumerate() {
+            let key = format!("prefixes[{i}].prefix");
+            if p.prefix != p.prefix.trim() {
+                return invalid(&key, format!("{:?} has leading or trailing spaces (etcd keys are matched byte for byte)", p.prefix));
+            }
+            if !p.prefix.is_empty() && !p.prefix.starts_with('/') {
+                return invalid(&key, format!("{:?} does not start with '/': kube-apiserver's keys do (\"/registry/…/\"); \"\" means every key", p.prefix));
+            }
+            if p.prefix.starts_with("/etcd-squeeze/") {
+                return invalid(&key, format!("{:?} is (inside) the proxy's own /etcd-squeeze/, which is never compressed", p.prefix));
+            }
             if !(1..=22).contains(&p.level) {
                 return invalid(&format!("prefixes[{i}].level"), format!("{} is not a zstd level (1..=22)", p.level));
             }
@@ -471,8 +481,15 @@ impl Config {
                 return invalid(&format!("prefixes[{i}].delta_base_cache"), format!("{} is below 1 MiB", p.delta_base_cache));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return invalid("log.level", format!("{:?} is not a tracing filter (try \"info\")", self.log.level));
+        // A bare word is a level; a target needs `target=level` (tracing would read "verbose" as a
+        // target at TRACE and then log nothing the operator expects).
+        const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+        let bare_non_level = self.log.level.split(',').map(str::trim).find(|d| !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str()));
+        if bare_non_level.is_some() || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid(
+                "log.level",
+                format!("{:?} is not a level (trace, debug, info, warn, error, off) or a list of target=level directives such as \"etcd_squeeze=debug,info\"", self.log.level),
+            );
         }
         if self.metrics.listen == self.server.listen && self.metrics.listen.port() != 0 {
             return invalid("metrics.listen", format!("{} is also server.listen", self.metrics.listen));
@@ -935,7 +952,7 @@ mod tests {
 
     #[test]
     fn tls_configs_validate() {
-        let server = "[server]\nlisten = \"0.0.0.0:2379\"\ntls_cert_file = \"a\"\ntls_key_file = \"b\"\ntls_client_ca_file = \"c\"\n";
+        let server = "[server]\nlisten = \"0.0.0.0:12379\"\ntls_cert_file = \"a\"\ntls_key_file = \"b\"\ntls_client_ca_file = \"c\"\n";
         Config::parse(server, "t").unwrap().validate().unwrap();
         let upstream = "[upstream]\nendpoints = [\"https://10.0.0.1:2379\", \"http://127.0.0.1:22379\"]\ntls_ca_file = \"ca\"\n\
                         tls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_server_name = \"etcd.local\"\n";
@@ -970,7 +987,11 @@ mod tests {
             ("[[prefixes]]\nprefix = \"/a/\"\n[[prefixes]]\nprefix = \"/a/\"\n", "prefixes[1].prefix"),
             ("[upstream]\nendpoints = []\n", "upstream.endpoints"),
             ("[upstream]\nendpoints = [\"ftp://x\"]\n", "upstream.endpoints[0]"),
-            ("[upstream]\nendpoints = [\"http://127.0.0.1:2379\"]\n", "upstream.endpoints[0]"),
+            ("[upstream]\nendpoints = [\"http://127.0.0.1:12379\"]\n", "upstream.endpoints[0]"),
+            ("[[prefixes]]\nprefix = \"registry/flyte/\"\n", "prefixes[0].prefix"),
+            ("[[prefixes]]\nprefix = \" /x/\"\n", "prefixes[0].prefix"),
+            ("[[prefixes]]\nprefix = \"/etcd-squeeze/bases/\"\n", "prefixes[0].prefix"),
+            ("[log]\nlevel = \"verbose\"\n", "log.level"),
             ("[server]\nlisten = \"[::1]:2379\"\n[upstream]\nendpoints = [\"http://[::1]:2379\"]\n", "upstream.endpoints[0]"),
             ("[upstream]\nendpoints = [\"http://127.0.0.1:1/foo?x=1\"]\n", "upstream.endpoints[0]"),
             ("[upstream]\nendpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:1\"]\n", "upstream.endpoints[1]"),
@@ -984,7 +1005,7 @@ mod tests {
             ("[server]\nlistne = \"127.0.0.1:1\"\n", "listne"),
             ("[[prefixes]]\nprefix = \"/a/\"\ncodec = \"lz4\"\n", "lz4"),
             ("[upstream]\nconnect_timeout = \"soon\"\n", "connect_timeout"),
-            ("[metrics]\nlisten = \"127.0.0.1:2379\"\n", "metrics.listen"),
+            ("[metrics]\nlisten = \"127.0.0.1:12379\"\n", "metrics.listen"),
             ("[metrics]\nport = 1\n", "port"),
             ("[health]\nprobe_interval = \"1ms\"\n", "health.probe_interval"),
             ("[health]\nprobe_timeout = \"0s\"\n", "health.probe_timeout"),

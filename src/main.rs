@@ -9,7 +9,7 @@ use etcd_squeeze::config::{Config, LogFormat, PrefixConfig};
 use etcd_squeeze::ops;
 
 #[derive(Parser)]
-#[command(name = "etcd-squeeze", version, about = "A transparent compressing proxy for etcd")]
+#[command(name = "etcd-squeeze", version = etcd_squeeze::VERSION, about = "A transparent compressing proxy for etcd")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -163,7 +163,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
         use std::io::Write;
         // A closed stdout (`| head`) is not an error worth a panic.
-        let _ = writeln!(std::io::stdout(), "{config:#?}\nconfiguration OK");
+        let effective = toml::to_string_pretty(&config).unwrap_or_else(|e| format!("# cannot print as TOML: {e}\n"));
+        let _ = writeln!(std::io::stdout(), "# the effective configuration (file, flags and defaults)\n{effective}\n# configuration OK");
         return ExitCode::SUCCESS;
     }
     if config.prefixes.is_empty() {

@@ -199,7 +199,7 @@ impl Metrics {
             names: r.names.take(),
             registry: r.registry.clone(),
         };
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info.with_label_values(&[crate::VERSION]).set(1);
         for kind in DECODE_ERROR_KINDS {
             m.decode_errors.with_label_values(&[kind]).inc_by(0);
         }

@@ -230,7 +230,7 @@ where
 /// The answer to [`IDENTIFY_PATH`]: one gRPC message, then `grpc-status: 0`.
 fn identify(upstream: &[String]) -> http::Response<Body> {
     let mut message = Vec::new();
-    prost::encoding::string::encode(1, &format!("etcd-squeeze {}", env!("CARGO_PKG_VERSION")), &mut message);
+    prost::encoding::string::encode(1, &format!("etcd-squeeze {}", crate::VERSION), &mut message);
     prost::encoding::string::encode_repeated(2, upstream, &mut message);
     let mut framed = Vec::with_capacity(5 + message.len());
     framed.push(0);
