@@ -3,6 +3,10 @@
 # Installs Debian packages with apt-get (as root, or through sudo).
 apt_install() {
     local sudo=""
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "error: $* missing, and this is not a Debian/Ubuntu machine (no apt-get): install the equivalent of Debian's $* with your package manager, then run this again" >&2
+        exit 1
+    fi
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
     echo "installing $* (apt-get)..." >&2
     $sudo apt-get update -qq

@@ -99,7 +99,7 @@ pub struct Upstream {
     channels: Arc<[Channel]>,
     next: Arc<AtomicUsize>,
     /// The channel chosen (and polled ready) by `poll_ready`, used by the following `call`.
-    picked: Option<Channel>,
+    picked: Option<(usize, Channel)>,
     /// Why the channel chosen by `poll_ready` cannot take calls: the following `call` answers UNAVAILABLE.
     not_ready: Option<String>,
     credentials: Option<Arc<Credentials>>,
@@ -306,13 +306,14 @@ impl tower::Service<http::Request<Body>> for Upstream {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         if self.picked.is_none() {
-            self.picked = Some(self.channels[self.pick()].clone());
+            let i = self.pick();
+            self.picked = Some((i, self.channels[i].clone()));
         }
-        match self.picked.as_mut().map(|c| c.poll_ready(cx)) {
-            Some(Poll::Pending) => Poll::Pending,
-            Some(Poll::Ready(Err(e))) => {
+        match self.picked.as_mut().map(|(i, c)| (*i, c.poll_ready(cx))) {
+            Some((_, Poll::Pending)) => Poll::Pending,
+            Some((i, Poll::Ready(Err(e)))) => {
                 // The channel's worker is gone: this call answers UNAVAILABLE without sending.
-                self.not_ready = Some(describe(&e));
+                self.not_ready = Some(format!("etcd-squeeze cannot reach etcd at {}: {}", self.endpoints[i].url, describe(&e)));
                 self.picked = None;
                 Poll::Ready(Ok(()))
             }
@@ -327,11 +328,14 @@ impl tower::Service<http::Request<Body>> for Upstream {
             }
         }
         if let Some(reason) = self.not_ready.take() {
-            return UpstreamFuture { inner: None, not_ready: Some(reason) };
+            return UpstreamFuture { inner: None, not_ready: Some(reason), endpoint: None };
         }
         // `call` follows a ready `poll_ready` (tower's contract), whose channel it must use.
-        let mut channel = self.picked.take().unwrap_or_else(|| self.channels[self.pick()].clone());
-        UpstreamFuture { inner: Some(channel.call(request)), not_ready: None }
+        let (i, mut channel) = self.picked.take().unwrap_or_else(|| {
+            let i = self.pick();
+            (i, self.channels[i].clone())
+        });
+        UpstreamFuture { inner: Some(channel.call(request)), not_ready: None, endpoint: Some(self.endpoints[i].clone()) }
     }
 }
 
@@ -341,6 +345,8 @@ impl tower::Service<http::Request<Body>> for Upstream {
 pub struct UpstreamFuture {
     inner: Option<<Channel as tower::Service<http::Request<Body>>>::Future>,
     not_ready: Option<String>,
+    /// The endpoint the call went to (named in the status when it fails).
+    endpoint: Option<Arc<EndpointState>>,
 }
 
 impl Future for UpstreamFuture {
@@ -351,9 +357,11 @@ impl Future for UpstreamFuture {
             let reason = self.not_ready.take().unwrap_or_default();
             return Poll::Ready(Ok(unavailable(&format!("connection error: {reason}"))));
         };
-        Poll::Ready(Ok(match ready!(Pin::new(inner).poll(cx)) {
-            Ok(response) => response.map(|body| Body::new(UnavailableOnError { inner: body, done: false })),
-            Err(e) => unavailable(&format!("connection error: {}", describe(&e))),
+        let answer = ready!(Pin::new(inner).poll(cx));
+        let url = self.endpoint.as_ref().map_or("", |e| e.url.as_str()).to_string();
+        Poll::Ready(Ok(match answer {
+            Ok(response) => response.map(|body| Body::new(UnavailableOnError { inner: body, done: false, url })),
+            Err(e) => unavailable(&format!("connection error: etcd-squeeze cannot reach etcd at {url}: {}", describe(&e))),
         }))
     }
 }
@@ -387,6 +395,8 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 struct UnavailableOnError {
     inner: Body,
     done: bool,
+    /// The etcd endpoint, for the message.
+    url: String,
 }
 
 impl http_body::Body for UnavailableOnError {
@@ -400,7 +410,7 @@ impl http_body::Body for UnavailableOnError {
         match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Err(e)) => {
                 self.done = true;
-                let status = tonic::Status::unavailable(format!("error reading from server: {}", describe(&e)));
+                let status = tonic::Status::unavailable(format!("error reading from server: etcd-squeeze lost etcd at {}: {}", self.url, describe(&e)));
                 let mut trailers = http::HeaderMap::new();
                 let _ = status.add_header(&mut trailers);
                 Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
