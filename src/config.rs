@@ -419,7 +419,23 @@ fn default_true() -> bool {
 impl Config {
     /// Parses TOML text; `origin` names the source in errors. Does not validate.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string();
+            // serde's words for a value of the wrong form say nothing of the form expected.
+            let hint = if message.contains("expected parsable string") {
+                Some("sizes are a number and a unit without a space: \"256B\", \"64KiB\", \"32MiB\", \"2GiB\"")
+            } else if message.contains("invalid socket address syntax") {
+                Some("addresses are IP:port, e.g. \"127.0.0.1:12379\" or \"[::1]:12379\" (a host name such as localhost is not accepted)")
+            } else if message.contains("invalid duration") || message.contains("unknown time unit") || message.contains("expected number at") {
+                Some("durations are a number and a unit: \"500ms\", \"5s\", \"1m\", \"1h\"")
+            } else {
+                None
+            };
+            if let Some(hint) = hint {
+                message = format!("{}\naccepted: {hint}", message.trim_end());
+            }
+            ConfigError::Parse { path: origin.to_string(), message }
+        })
     }
 
     /// Reads and parses a file. Does not validate.
@@ -1007,6 +1023,9 @@ mod tests {
             ("[upstream]\nconnect_timeout = \"soon\"\n", "connect_timeout"),
             ("[metrics]\nlisten = \"127.0.0.1:12379\"\n", "metrics.listen"),
             ("[metrics]\nport = 1\n", "port"),
+            ("[[prefixes]]\nprefix = \"/a/\"\nmin_size = \"256 bytes\"\n", "\"256B\""),
+            ("[server]\nlisten = \"localhost:2379\"\n", "IP:port"),
+            ("[server]\nshutdown_grace = \"10 secs please\"\n", "shutdown_grace"),
             ("[health]\nprobe_interval = \"1ms\"\n", "health.probe_interval"),
             ("[health]\nprobe_timeout = \"0s\"\n", "health.probe_timeout"),
             ("[dictionaries]\nkey_prefix = \"/registry/dicts/\"\n", "dictionaries.key_prefix"),

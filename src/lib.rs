@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod ops;
 pub mod rewrite;
 pub mod server;
+pub mod throttle;
 pub mod tls;
 pub mod upstream;
 pub mod wire;

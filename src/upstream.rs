@@ -65,6 +65,9 @@ struct Credentials {
     token: std::sync::RwLock<Option<http::HeaderValue>>,
 }
 
+/// At most one "cannot connect to etcd" line per endpoint in this long.
+const CONNECT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
 /// How often the proxy's own token is renewed (etcd's simple tokens and JWTs last 5 minutes by default).
 const TOKEN_REFRESH: Duration = Duration::from_secs(60);
 /// The pause before trying again after a failed authentication.
@@ -76,6 +79,8 @@ pub struct EndpointState {
     /// The URL as configured (the `endpoint` label of the upstream metrics).
     pub url: String,
     up: AtomicBool,
+    /// "cannot connect to etcd": one line per 10 s while it stays down (every call retries).
+    connect_warnings: crate::throttle::Throttle,
 }
 
 impl EndpointState {
@@ -145,7 +150,7 @@ impl Upstream {
             let host = uri.host().ok_or_else(|| bad("no host".into()))?.trim_start_matches('[').trim_end_matches(']').to_string();
             let port = uri.port_u16().ok_or_else(|| bad("no port".into()))?;
             let https = uri.scheme_str() == Some("https");
-            let state = Arc::new(EndpointState { url: url.clone(), up: AtomicBool::new(true) });
+            let state = Arc::new(EndpointState { url: url.clone(), up: AtomicBool::new(true), connect_warnings: crate::throttle::Throttle::new(CONNECT_WARNING_EVERY) });
             let tls = match (https, &tls) {
                 (true, Some(tls)) => {
                     let name = config.tls_server_name.clone().unwrap_or_else(|| host.clone());
@@ -527,13 +532,16 @@ impl tower::Service<http::Uri> for Connector {
                 Ok(stream) => {
                     metrics.upstream_connects.with_label_values(&[url, "ok"]).inc();
                     this.state.set_up(true);
+                    this.state.connect_warnings.reset();
                     tracing::debug!(endpoint = url, "connected to etcd");
                     Ok(TokioIo::new(stream))
                 }
                 Err(e) => {
                     metrics.upstream_connects.with_label_values(&[url, "error"]).inc();
                     this.state.set_up(false);
-                    tracing::warn!(endpoint = url, error = %e, "cannot connect to etcd");
+                    if let Some(left_out) = this.state.connect_warnings.allow() {
+                        tracing::warn!(endpoint = url, error = %e, left_out, "cannot connect to etcd (one line per 10 s while it lasts; left_out: since the last one)");
+                    }
                     Err(e)
                 }
             }

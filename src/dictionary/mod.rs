@@ -37,6 +37,8 @@ use training::{Election, Leadership, Reservoir, TrainError};
 
 /// After a failed dictionary watch, wait this long before listing and watching again.
 const WATCH_RETRY: Duration = Duration::from_secs(1);
+/// The longest pause between two attempts while the store watch keeps failing.
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Values read per page when sampling from etcd: bounded memory even for 4 MB objects.
 const SAMPLE_PAGE: i64 = 16;
 /// At most this many keys are read per sample wanted, when sampling from etcd.
@@ -344,9 +346,26 @@ impl Dictionaries {
     /// Follows the store forever: list, then watch from the listing's revision; on any failure,
     /// start again. New dictionaries become current; deleted ones are forgotten.
     async fn follow(self: Arc<Self>) {
+        let mut failures = 0u32;
         loop {
-            if let Err(e) = self.follow_once().await {
-                tracing::warn!(error = %e, "dictionary store watch failed; listing again");
+            let started = Instant::now();
+            match self.follow_once().await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    // A watch that ran a while before failing starts the backoff again.
+                    if started.elapsed() > WATCH_RETRY_MAX {
+                        failures = 0;
+                    }
+                    let wait = crate::throttle::backoff(failures, WATCH_RETRY, WATCH_RETRY_MAX);
+                    if failures == 0 || wait == WATCH_RETRY_MAX && failures % 10 == 0 {
+                        tracing::warn!(error = %e, retry_in = ?wait, failures = failures + 1, "dictionary store watch failed; listing again");
+                    } else {
+                        tracing::debug!(error = %e, retry_in = ?wait, "dictionary store watch failed again");
+                    }
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
             }
             tokio::time::sleep(WATCH_RETRY).await;
         }

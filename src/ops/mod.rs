@@ -53,13 +53,13 @@ pub struct EtcdArgs {
     #[arg(long = "endpoints", alias = "upstream", value_delimiter = ',')]
     pub endpoints: Vec<String>,
     /// PEM CA bundle that signed etcd's certificate (https endpoints), replacing upstream.tls_ca_file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub cacert: Option<PathBuf>,
     /// PEM client certificate presented to etcd, replacing upstream.tls_cert_file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
     /// PEM private key of --cert, replacing upstream.tls_key_file.
-    #[arg(long = "key", id = "tls_key")]
+    #[arg(long = "key", id = "tls_key", value_name = "FILE")]
     pub key: Option<PathBuf>,
     /// Name checked in etcd's certificate instead of each endpoint's host, replacing
     /// upstream.tls_server_name.

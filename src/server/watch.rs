@@ -244,7 +244,10 @@ async fn respond(
         // client re-watches from its last revision (not a DATA_LOSS cancel of the watch).
         Err(failure) => {
             let status = failure.into_status();
-            tracing::warn!(error = %status, "cannot load a base for a watch response: ending the stream");
+            static ENDED: crate::throttle::Throttle = crate::throttle::Throttle::new(std::time::Duration::from_secs(10));
+            if let Some(left_out) = ENDED.allow() {
+                tracing::warn!(error = %status, left_out, "cannot load a base for a watch response: ending the stream");
+            }
             Some(Err(status))
         }
     }
