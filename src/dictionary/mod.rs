@@ -578,7 +578,7 @@ async fn fetch_decoder(store: Store, cache: Arc<DictionaryCache>, id: u32) -> Re
 
 fn log_report(r: &TrainReport) {
     match &r.published {
-        Some(m) => tracing::info!(prefix = %r.prefix, dict_id = m.id, gain = r.gain(), size = m.size, "dictionary published"),
-        None => tracing::info!(prefix = %r.prefix, gain = r.gain(), "trained dictionary not published: gain below dictionaries.min_gain"),
+        Some(m) => tracing::info!(prefix = %r.prefix, dict_id = m.id, gain = %format!("{:.1}%", r.gain() * 100.0), size = m.size, "dictionary published"),
+        None => tracing::info!(prefix = %r.prefix, gain = %format!("{:.1}%", r.gain() * 100.0), "trained dictionary not published: gain below dictionaries.min_gain"),
     }
 }

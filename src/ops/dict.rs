@@ -207,7 +207,7 @@ pub async fn list(config: &Config) -> Result<String, DictionaryError> {
                 let gain = 1.0 - m.heldout_after as f64 / m.heldout_before.max(1) as f64;
                 out.push_str(&format!(
                     "{:>6}  {:<44}  {:>9}  {:<20}  {:>7}  {:>5.0}%  {:>8}\n",
-                    m.id, m.prefix, m.size, created(m.created_unix), m.samples, gain * 100.0, refs.get(&m.id).copied().unwrap_or(0)
+                    m.id, m.prefix, super::human(m.size as u64), created(m.created_unix), m.samples, gain * 100.0, refs.get(&m.id).copied().unwrap_or(0)
                 ));
             }
             Err(e) => out.push_str(&format!("refused: {e}\n")),
@@ -237,18 +237,27 @@ pub async fn train_report(config: &Config, prefix: &str) -> Result<TrainReport, 
     dictionaries.train_prefix(&p, &[]).await
 }
 
+/// A gain (0.2 = 20 % fewer bytes) in words: "20.0% smaller", "0.2% larger".
+pub fn gain_words(gain: f64) -> String {
+    if gain < 0.0 {
+        format!("{:.1}% larger", -gain * 100.0)
+    } else {
+        format!("{:.1}% smaller", gain * 100.0)
+    }
+}
+
 /// `dict train --prefix P`: [`train_report`], described in one line.
 pub async fn train(config: &Config, prefix: &str) -> Result<String, DictionaryError> {
     let report = train_report(config, prefix).await?;
     let (before, after) = report.heldout;
     Ok(match &report.published {
         Some(m) => format!(
-            "published dictionary {} for {:?}: {} bytes from {} samples; held-out values {before} -> {after} bytes ({:.0}% smaller)\n",
-            m.id, m.prefix, m.size, m.samples, report.gain() * 100.0
+            "published dictionary {} for {:?}: {} bytes from {} samples; held-out values {before} -> {after} bytes ({})\n",
+            m.id, m.prefix, m.size, m.samples, gain_words(report.gain())
         ),
         None => format!(
-            "not published: held-out values {before} -> {after} bytes ({:.1}% smaller) is below dictionaries.min_gain = {}\n",
-            report.gain() * 100.0,
+            "not published: held-out values {before} -> {after} bytes ({}) is below dictionaries.min_gain = {}\n",
+            gain_words(report.gain()),
             config.dictionaries.min_gain
         ),
     })

@@ -274,13 +274,6 @@ pub async fn run(
     }
     if dry_run {
         writeln!(out, "dry run: nothing will be written; re-run with --yes to {} for real", direction.verb())?;
-    } else {
-        eprintln!(
-            "etcd-squeeze migrate {}: each rewrite is a Put on {}: it creates a new revision, and every watcher \
-             (kube-apiserver's watch cache, informers, controllers) sees an update event whose object content is unchanged.",
-            direction.verb(),
-            etcd.config.upstream.endpoints.join(","),
-        );
     }
 
     let (total, _) = etcd.count_all(&ranges, after.as_deref(), 0).await?;
@@ -330,6 +323,15 @@ pub async fn run(
         if let Some(state) = &m.state {
             state.remove()?;
         }
+    }
+    if !dry_run && m.counters.rewritten > 0 {
+        eprintln!(
+            "etcd-squeeze migrate {}: each of the {} rewrites was a Put on {}: it created a new revision, and every watcher \
+             (kube-apiserver's watch cache, informers, controllers) saw an update event whose object content is unchanged.",
+            direction.verb(),
+            m.counters.rewritten,
+            etcd.config.upstream.endpoints.join(","),
+        );
     }
     Ok(Summary {
         direction,

@@ -460,9 +460,13 @@ impl Pager<'_> {
 /// A progress bar on stderr with a count, a rate and an ETA; hidden when stderr is not a terminal.
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     let style = indicatif::ProgressStyle::with_template(
-        "{msg:>10} [{elapsed_precise}] [{wide_bar}] {pos}/{len} keys ({per_sec}, ETA {eta})",
+        "{msg:>10} [{elapsed_precise}] [{wide_bar}] {pos}/{len} keys ({rate}, ETA {eta})",
     )
     .expect("constant template")
+    // Whole keys per second ("20/s"), not indicatif's "20.1271/s".
+    .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = write!(w, "{:.0}/s", state.per_sec());
+    })
     .progress_chars("=> ");
     indicatif::ProgressBar::new(len).with_style(style).with_message(what.to_string())
 }
