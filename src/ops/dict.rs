@@ -207,7 +207,7 @@ pub async fn list(config: &Config) -> Result<String, DictionaryError> {
                 let gain = 1.0 - m.heldout_after as f64 / m.heldout_before.max(1) as f64;
                 out.push_str(&format!(
                     "{:>6}  {:<44}  {:>9}  {:<20}  {:>7}  {:>5.0}%  {:>8}\n",
-                    m.id, m.prefix, super::human(m.size as u64), created(m.created_unix), m.samples, gain * 100.0, refs.get(&m.id).copied().unwrap_or(0)
+                    m.id, m.prefix, super::human(m.size), created(m.created_unix), m.samples, gain * 100.0, refs.get(&m.id).copied().unwrap_or(0)
                 ));
             }
             Err(e) => out.push_str(&format!("refused: {e}\n")),
