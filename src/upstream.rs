@@ -63,7 +63,29 @@ struct Credentials {
     user: String,
     password: String,
     token: std::sync::RwLock<Option<http::HeaderValue>>,
+    /// Wakes the refresh task at once: etcd refused the token (expired, auth store changed).
+    refresh_now: tokio::sync::Notify,
 }
+
+impl Credentials {
+    /// Asks for a new token now when `response` (to a call made with this token) says etcd
+    /// refused it: UNAUTHENTICATED, or etcd's "invalid auth token" / "auth store is old" /
+    /// "user name is empty".
+    fn notice_refusal(&self, headers: &http::HeaderMap) {
+        let code = headers.get("grpc-status").map(|v| v.as_bytes());
+        let message = headers.get("grpc-message").map(|v| String::from_utf8_lossy(v.as_bytes()).to_lowercase()).unwrap_or_default();
+        let refused = code == Some(b"16")
+            || ["invalid%20auth%20token", "invalid auth token", "auth%20store%20is%20old", "auth store is old", "user%20name%20is%20empty", "user name is empty"]
+                .iter()
+                .any(|m| message.contains(m));
+        if refused {
+            self.refresh_now.notify_one();
+        }
+    }
+}
+
+/// How long etcd's `/version`, `/health` or `/metrics` may take to answer (headers).
+const HTTP1_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// At most one "cannot connect to etcd" line per endpoint in this long.
 const CONNECT_WARNING_EVERY: Duration = Duration::from_secs(10);
@@ -183,7 +205,7 @@ impl Upstream {
                     .map_err(|e| UpstreamError::Password { path: path.clone(), reason: e.to_string() })?
                     .trim_end_matches(['\r', '\n'])
                     .to_string();
-                Some(Arc::new(Credentials { user: user.clone(), password, token: std::sync::RwLock::new(None) }))
+                Some(Arc::new(Credentials { user: user.clone(), password, token: std::sync::RwLock::new(None), refresh_now: tokio::sync::Notify::new() }))
             }
             _ => None,
         };
@@ -232,10 +254,12 @@ impl Upstream {
         }
     }
 
-    /// Keeps the proxy's own token fresh (every minute; every 5 s after a failure) until the
-    /// returned task is aborted. Nothing to do without `upstream.user`.
+    /// Keeps the proxy's own token fresh (every minute; every 5 s after a failure; at once when
+    /// etcd refused it, as clientv3 does) until the returned task is aborted. Nothing to do
+    /// without `upstream.user`.
     pub fn spawn_token_refresh(&self) -> Option<tokio::task::JoinHandle<()>> {
-        let user = self.credentials.as_ref()?.user.clone();
+        let credentials = self.credentials.clone()?;
+        let user = credentials.user.clone();
         let this = self.clone();
         Some(tokio::spawn(async move {
             loop {
@@ -246,7 +270,10 @@ impl Upstream {
                         TOKEN_RETRY
                     }
                 };
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = credentials.refresh_now.notified() => {}
+                }
             }
         }))
     }
@@ -282,14 +309,18 @@ impl Upstream {
             .await
             .map_err(|_| format!("no connection to {} after {:?}", connector.state.url, connector.timeout))?
             .map_err(|e| format!("cannot connect to {}: {e}", connector.state.url))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await.map_err(|e| describe(&e))?;
-        tokio::spawn(connection);
-        let (mut parts, body) = request.into_parts();
-        parts.uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
-        parts.version = http::Version::HTTP_11;
-        let host = format!("{}:{}", connector.host, connector.port);
-        parts.headers.insert(http::header::HOST, http::HeaderValue::from_str(&host).map_err(|e| e.to_string())?);
-        sender.send_request(http::Request::from_parts(parts, body)).await.map_err(|e| describe(&e))
+        let exchange = async move {
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await.map_err(|e| describe(&e))?;
+            tokio::spawn(connection);
+            let (mut parts, body) = request.into_parts();
+            parts.uri = parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
+            parts.version = http::Version::HTTP_11;
+            let host = if connector.host.contains(':') { format!("[{}]:{}", connector.host, connector.port) } else { format!("{}:{}", connector.host, connector.port) };
+            parts.headers.insert(http::header::HOST, http::HeaderValue::from_str(&host).map_err(|e| e.to_string())?);
+            sender.send_request(http::Request::from_parts(parts, body)).await.map_err(|e| describe(&e))
+        };
+        // etcd answers these at once; one that accepts and then stalls is not waited for long.
+        tokio::time::timeout(HTTP1_TIMEOUT, exchange).await.map_err(|_| format!("no answer from {} within {HTTP1_TIMEOUT:?}", connector.state.url))?
     }
 }
 
@@ -333,14 +364,15 @@ impl tower::Service<http::Request<Body>> for Upstream {
             }
         }
         if let Some(reason) = self.not_ready.take() {
-            return UpstreamFuture { inner: None, not_ready: Some(reason), endpoint: None };
+            return UpstreamFuture { inner: None, not_ready: Some(reason), endpoint: None, credentials: None };
         }
         // `call` follows a ready `poll_ready` (tower's contract), whose channel it must use.
         let (i, mut channel) = self.picked.take().unwrap_or_else(|| {
             let i = self.pick();
             (i, self.channels[i].clone())
         });
-        UpstreamFuture { inner: Some(channel.call(request)), not_ready: None, endpoint: Some(self.endpoints[i].clone()) }
+        let credentials = if self.own { self.credentials.clone() } else { None };
+        UpstreamFuture { inner: Some(channel.call(request)), not_ready: None, endpoint: Some(self.endpoints[i].clone()), credentials }
     }
 }
 
@@ -350,6 +382,8 @@ impl tower::Service<http::Request<Body>> for Upstream {
 pub struct UpstreamFuture {
     inner: Option<<Channel as tower::Service<http::Request<Body>>>::Future>,
     not_ready: Option<String>,
+    /// The proxy's own credentials, when the call carried its token (a refusal renews it).
+    credentials: Option<Arc<Credentials>>,
     /// The endpoint the call went to (named in the status when it fails).
     endpoint: Option<Arc<EndpointState>>,
 }
@@ -363,6 +397,9 @@ impl Future for UpstreamFuture {
             return Poll::Ready(Ok(unavailable(&format!("connection error: {reason}"))));
         };
         let answer = ready!(Pin::new(inner).poll(cx));
+        if let (Some(c), Ok(response)) = (&self.credentials, &answer) {
+            c.notice_refusal(response.headers());
+        }
         let url = self.endpoint.as_ref().map_or("", |e| e.url.as_str()).to_string();
         Poll::Ready(Ok(match answer {
             Ok(response) => response.map(|body| Body::new(UnavailableOnError { inner: body, done: false, url })),

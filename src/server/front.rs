@@ -60,7 +60,9 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Front {
     type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
 
     fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
-        if request.version() == http::Version::HTTP_2 {
+        // As etcd decides: gRPC by its content type (an HTTP/2 client of /health is not gRPC).
+        let grpc = request.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc && request.version() == http::Version::HTTP_2 {
             let mut grpc = self.grpc.clone();
             let request = request.map(Body::new);
             Box::pin(async move {
@@ -191,7 +193,7 @@ where
                 // A stream: what the client sends goes on until etcd's response ends, and no
                 // longer (shutdown, etcd ending it), so both directions close together.
                 let (end_requests, ended) = tokio::sync::oneshot::channel::<()>();
-                let request = request.map(|requests| Body::new(Until { inner: requests, ended }));
+                let request = request.map(|requests| Body::new(Until { inner: requests, ended: Some(ended) }));
                 let call = self.upstream.clone().oneshot(to_etcd(request));
                 Box::pin(async move {
                     let response = call.await?;
@@ -247,7 +249,8 @@ fn identify(upstream: &[String]) -> http::Response<Body> {
 /// A request body that ends (cleanly) when `ended`'s sender is dropped.
 struct Until {
     inner: Body,
-    ended: tokio::sync::oneshot::Receiver<()>,
+    /// `None` once it fired (a oneshot must not be polled after it completed).
+    ended: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl http_body::Body for Until {
@@ -255,8 +258,13 @@ impl http_body::Body for Until {
     type Error = tonic::Status;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        if Pin::new(&mut self.ended).poll(cx).is_ready() {
-            return Poll::Ready(None);
+        match self.ended.as_mut().map(|e| Pin::new(e).poll(cx).is_ready()) {
+            None => return Poll::Ready(None),
+            Some(true) => {
+                self.ended = None;
+                return Poll::Ready(None);
+            }
+            Some(false) => {}
         }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
@@ -315,6 +323,7 @@ enum Unread {
 /// are exactly one uncompressed message of at most `limit` bytes in one DATA frame.
 async fn read_message(mut body: Body, limit: u64) -> Result<Bytes, Unread> {
     let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    let mut joined: Option<BytesMut> = None;
     let mut total = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Unread::Body)?;
@@ -329,10 +338,25 @@ async fn read_message(mut body: Body, limit: u64) -> Result<Bytes, Unread> {
             }
         }
         total += data.len() as u64;
-        chunks.push(data);
+        match joined.as_mut() {
+            Some(j) => j.extend_from_slice(&data),
+            // Many tiny DATA frames: from here on joined as they come, so their count costs nothing.
+            None if chunks.len() >= MAX_CHUNKS => {
+                let mut j = BytesMut::with_capacity(total as usize);
+                for c in chunks.drain(..) {
+                    j.extend_from_slice(&c);
+                }
+                j.extend_from_slice(&data);
+                joined = Some(j);
+            }
+            None => chunks.push(data),
+        }
         if total > limit + 5 {
             break; // more than one message: the decoder answers
         }
+    }
+    if let Some(j) = joined {
+        chunks.push(j.freeze());
     }
     let one = match &chunks[..] {
         [one] => one.clone(),
@@ -349,6 +373,9 @@ async fn read_message(mut body: Body, limit: u64) -> Result<Bytes, Unread> {
         Err(Unread::NotOneMessage(chunks))
     }
 }
+
+/// A unary request kept as more DATA frames than this is joined into one buffer as it is read.
+const MAX_CHUNKS: usize = 64;
 
 /// Up to this many bytes, a unary KV message that came in several DATA frames is joined and
 /// classified at the front; a larger one goes to the services as it came (one copy, theirs).
@@ -396,6 +423,24 @@ mod tests {
             let (a, b) = message.split_at(split);
             assert_eq!(&read_message(body_of(&[a, b]), 100).await.ok().unwrap()[..], &message[..], "split at {split}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_message_in_many_tiny_frames_is_joined_as_it_is_read() {
+        let mut message = vec![0u8];
+        message.extend_from_slice(&(20_000u32).to_be_bytes());
+        message.extend(std::iter::repeat_n(3u8, 20_000));
+        let chunks: Vec<&[u8]> = message.chunks(7).collect();
+        let got = read_message(body_of(&chunks), 1 << 20).await;
+        let bytes = match got {
+            Ok(b) => b,
+            Err(Unread::NotOneMessage(read)) => {
+                assert!(read.len() <= MAX_CHUNKS + 1, "{} chunks kept", read.len());
+                replay(read).collect().await.ok().unwrap().to_bytes()
+            }
+            Err(_) => panic!("refused"),
+        };
+        assert_eq!(&bytes[..], &message[..]);
     }
 
     #[tokio::test]

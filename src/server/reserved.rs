@@ -27,6 +27,10 @@ use crate::proto::mvccpb::KeyValue;
 pub const RESERVED_WRITE: &str =
     "etcd-squeeze: keys under /etcd-squeeze/ belong to the proxy and cannot be written through it (use the operator commands against etcd)";
 
+/// The message of a compare over a key range on both sides of `/etcd-squeeze/` (INVALID_ARGUMENT).
+pub const RESERVED_RANGE_COMPARE: &str =
+    "etcd-squeeze: a compare over a key range that spans /etcd-squeeze/ (the proxy's own keys) is not supported; compare a range that starts after /etcd-squeeze0 or ends at /etcd-squeeze/";
+
 /// A key the proxy never writes, under the reserved prefix: where a compare or a read of a
 /// reserved key is sent, so that it answers as for an absent key.
 fn absent_key() -> Bytes {
@@ -97,11 +101,15 @@ pub fn plan_txn(txn: &mut TxnRequest) -> Result<TxnPlan, Status> {
             continue;
         }
         let cut = parts(&c.key, &c.range_end);
-        if cut.is_empty() {
-            compares.push(Compare { key: absent_key(), range_end: Bytes::new(), ..c });
-        } else {
-            // A compare over a range holds when it holds for every key: the parts, ANDed.
-            compares.extend(cut.into_iter().map(|(key, range_end)| Compare { key, range_end, ..c.clone() }));
+        match cut.len() {
+            0 => compares.push(Compare { key: absent_key(), range_end: Bytes::new(), ..c }),
+            1 => {
+                let (key, range_end) = cut.into_iter().next().expect("one part");
+                compares.push(Compare { key, range_end, ..c });
+            }
+            // etcd compares an empty range as one absent key: two parts, one of them empty,
+            // would not answer as the whole range does. Refused rather than answered differently.
+            _ => return Err(Status::invalid_argument(RESERVED_RANGE_COMPARE)),
         }
     }
     txn.compare = compares;
@@ -260,9 +268,8 @@ fn restore_ops(plans: &[OpPlan], answers: Vec<ResponseOp>, header: &Option<crate
                         _ => return Err(Status::internal("etcd-squeeze: etcd answered a Range part with another response")),
                     }
                 }
-                let mut merged = merge_ranges(request, ranges);
-                merged.header = *header;
-                Some(response_op::Response::ResponseRange(merged))
+                // Each part is etcd's own answer, with etcd's header for it.
+                Some(response_op::Response::ResponseRange(merge_ranges(request, ranges)))
             }
             OpPlan::Delete { n } => {
                 let mut deletes = Vec::new();
@@ -272,7 +279,8 @@ fn restore_ops(plans: &[OpPlan], answers: Vec<ResponseOp>, header: &Option<crate
                         _ => return Err(Status::internal("etcd-squeeze: etcd answered a DeleteRange part with another response")),
                     }
                 }
-                Some(response_op::Response::ResponseDeleteRange(merge_deletes(*header, *n, deletes)))
+                let part_header = deletes.first().and_then(|d| d.header).or(*header);
+                Some(response_op::Response::ResponseDeleteRange(merge_deletes(part_header, *n, deletes)))
             }
             OpPlan::Txn(inner) => match answers.next().ok_or_else(short)?.response {
                 Some(response_op::Response::ResponseTxn(mut t)) => {
@@ -374,6 +382,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(plan_txn(&mut put).unwrap_err().code(), tonic::Code::InvalidArgument);
+        // A range compare on both sides of the reserved keys is refused (etcd would compare the
+        // whole range, not its parts); one inside or on one side is rewritten.
+        let mut both = TxnRequest { compare: vec![Compare { key: b("/"), range_end: b("0"), ..Default::default() }], ..Default::default() };
+        assert_eq!(plan_txn(&mut both).unwrap_err().message(), RESERVED_RANGE_COMPARE);
+        let mut after = TxnRequest { compare: vec![Compare { key: b("/etcd-squeeze/x"), range_end: b("/z"), ..Default::default() }], ..Default::default() };
+        plan_txn(&mut after).unwrap();
+        assert_eq!(after.compare[0].key, b("/etcd-squeeze0"));
         // An answer shorter than the plan is an error, never a panic.
         let mut short = TxnResponse { succeeded: true, responses: vec![range(&["/a"])], ..Default::default() };
         assert!(restore_txn(&plan, &mut short).is_err());
