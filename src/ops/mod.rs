@@ -341,15 +341,28 @@ impl Etcd {
         Ok((r.count.max(0) as u64, r.header.map_or(0, |h| h.revision)))
     }
 
-    /// The sum of [`Etcd::count`] over `ranges`, each from its start or after `after`.
+    /// The sum of [`Etcd::count`] over `ranges`, each from its start or after `after`, without
+    /// the keys under [`RESERVED_PREFIX`] (the pagers leave them out, so a progress bar counting
+    /// to this total ends at it).
     pub async fn count_all(&self, ranges: &[KeyRange], after: Option<&[u8]>, revision: i64) -> Result<(u64, i64), OpsError> {
         let (mut total, mut rev) = (0, revision);
+        let reserved = KeyRange::of_prefix(RESERVED_PREFIX);
         for range in ranges {
             if let Some(start) = range.start_after(after) {
                 let (n, r) = self.count(range, &start, rev).await?;
                 total += n;
                 if rev == 0 {
                     rev = r;
+                }
+                // The reserved keys inside [start, end): counted by etcd, never paged.
+                let from = std::cmp::max(&start[..], &reserved.start[..]);
+                let range_ends_after = range.end[..] == b"\0"[..] || range.end[..] > reserved.start[..];
+                if range_ends_after && from < &reserved.end[..] {
+                    let inside = KeyRange { prefix: reserved.prefix.clone(), start: reserved.start.clone(), end: std::cmp::min_by(reserved.end.clone(), range.end.clone(), |a, b| {
+                        if &a[..] == b"\0" { std::cmp::Ordering::Greater } else if &b[..] == b"\0" { std::cmp::Ordering::Less } else { a.cmp(b) }
+                    }) };
+                    let (n, _) = self.count(&inside, from, rev).await?;
+                    total = total.saturating_sub(n);
                 }
             }
         }
