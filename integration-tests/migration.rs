@@ -540,3 +540,15 @@ async fn migrate_compress_writes_with_the_prefixs_dictionary_training_one_first(
     let stored = direct.get(wf(500), None).await.unwrap().kvs()[0].value().to_vec();
     assert_eq!(Some(&frame::parse(&stored).unwrap().dictionary_id), ids.first());
 }
+
+/// A TLS file given by a flag is named by that flag in the error, not by the config key it replaces.
+#[test]
+fn a_tls_file_given_by_flag_is_named_by_its_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
+        .args(["get", "/x", "--endpoints", "https://127.0.0.1:1", "--cacert", "/nonexistent/ca.crt"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--cacert") && stderr.contains("/nonexistent/ca.crt") && !stderr.contains("upstream.tls_ca_file"), "{stderr}");
+}

@@ -777,6 +777,18 @@ impl Summary {
                 if v.bases_deleted + v.bases_left > 0 {
                     let _ = writeln!(out, "  delta bases     {} deleted, {} left (still needed by a current value)", v.bases_deleted, v.bases_left);
                 }
+            } else if self.counters.too_large > 0 {
+                // The cause is known: values etcd refuses without compression stay framed.
+                let _ = writeln!(
+                    out,
+                    "NOT verified: {} of {} keys still hold a frame (e.g. {}): {} values are too large for etcd's \
+                     --max-request-bytes without compression (listed above). Keep the proxy for them, or make them \
+                     smaller (or raise etcd's --max-request-bytes) and re-run.",
+                    v.frames,
+                    v.scanned,
+                    v.examples.join(", "),
+                    self.counters.too_large
+                );
             } else {
                 let _ = writeln!(
                     out,

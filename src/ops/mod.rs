@@ -201,9 +201,28 @@ impl EtcdArgs {
     }
 
     /// Loads the configuration (see [`EtcdArgs::config`]) and connects to etcd.
+    /// The error of a TLS file given by a flag names the flag (`--cacert`), not the config key it replaces.
+    pub fn name_flags(&self, e: OpsError) -> OpsError {
+        match e {
+            OpsError::Upstream(crate::upstream::UpstreamError::Tls(mut t)) => {
+                let flag = match t.key {
+                    "upstream.tls_ca_file" if self.cacert.is_some() => Some("--cacert"),
+                    "upstream.tls_cert_file" if self.cert.is_some() => Some("--cert"),
+                    "upstream.tls_key_file" if self.key.is_some() => Some("--key"),
+                    _ => None,
+                };
+                if let Some(flag) = flag {
+                    t.key = flag;
+                }
+                OpsError::Upstream(crate::upstream::UpstreamError::Tls(t))
+            }
+            other => other,
+        }
+    }
+
     /// Connects to etcd, refusing an endpoint that is an etcd-squeeze proxy ([`refuse_proxies`]).
     pub async fn connect(&self, prefixes: &PrefixArgs) -> Result<Etcd, OpsError> {
-        let etcd = Etcd::connect(self.config(&prefixes.prefixes)?)?;
+        let etcd = Etcd::connect(self.config(&prefixes.prefixes)?).map_err(|e| self.name_flags(e))?;
         refuse_proxies(&etcd.upstream).await?;
         Ok(etcd)
     }
