@@ -417,9 +417,8 @@ impl Env {
 
 /// Runs `etcdctl` (API v3) against `endpoint`; panics with stderr on failure.
 ///
-/// The endpoint is given as `host:port`: etcdctl 3.4's per-endpoint commands (`endpoint status`)
-/// send an `http://…` endpoint verbatim as the HTTP/2 `:authority`, which is malformed; etcd's
-/// grpc-go server tolerates it, hyper's h2 (the proxy's) resets the stream.
+/// The endpoint is given as `host:port` (etcdctl's own form); `etcdctl::endpoint_status_and_hashkv_through_the_proxy`
+/// covers the `http://…` form, whose `:authority` the proxy's patched h2 accepts (patches/README.md).
 pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> String {
     let out = etcdctl_output(endpoint, args, stdin);
     assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
