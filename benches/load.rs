@@ -199,7 +199,7 @@ async fn run_one(size: &str, front: Front, args: &Args) -> Row {
         // A dictionary trained on 96 other workflows (what the trainer would learn from live
         // traffic), then the training objects removed and etcd compacted and defragmented so
         // the DB size compares fairly with the other fronts.
-        let (id, _) = etcd_squeeze::demo::train_dictionary(&url, &etcd_url, 1).await.expect("train a dictionary");
+        let (id, _) = etcd_squeeze::demo::train_dictionary(&url, &etcd_url, &etcd_squeeze::demo::training_population(None, 1)).await.expect("train a dictionary");
         eprintln!("  using trained dictionary {id}");
         let training = "/registry/flyte.lyft.com/flyteworkflows/demo-training/";
         let rev = direct.delete(training, Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap().header().unwrap().revision();

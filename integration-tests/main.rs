@@ -32,6 +32,7 @@ mod ports_and_paths_agree;
 mod put_options;
 mod reserved_keys;
 mod several_proxies;
+mod shell_completions_and_man_page;
 mod soak;
 mod tls;
 mod txn_shapes;

@@ -39,9 +39,8 @@ pub const TRAINING_OBJECTS: u64 = 96;
 /// Writes a population of other workflows through `proxy`, trains a dictionary for the
 /// FlyteWorkflow prefix from what etcd stores (as `etcd-squeeze dict train` does) and waits until
 /// the proxy compresses with it. Returns its ID and a one-line description.
-pub async fn train_dictionary(proxy: &str, etcd: &str, seed: u64) -> Result<(u32, String), DemoError> {
+pub async fn train_dictionary(proxy: &str, etcd: &str, population: &[Generated]) -> Result<(u32, String), DemoError> {
     let mut via = client(proxy).await?;
-    let population = corpus::training_set(TRAINING_OBJECTS, seed.wrapping_add(100));
     for (i, obj) in population.iter().enumerate() {
         let key = Bytes::from(format!("{FLYTEWORKFLOW_PREFIX}demo-training/{i:03}"));
         via.put(PutRequest { key, value: Bytes::from(obj.json.clone()), ..Default::default() }).await?;
@@ -77,6 +76,47 @@ pub async fn train_dictionary(proxy: &str, etcd: &str, seed: u64) -> Result<(u32
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// The workflows the shared dictionary is trained from: `TRAINING_OBJECTS` generated ones, or
+/// the `--corpus` objects themselves when the demo runs on a corpus.
+pub fn training_population(corpus: Option<&[Generated]>, seed: u64) -> Vec<Generated> {
+    match corpus {
+        Some(objects) => objects.to_vec(),
+        None => corpus::training_set(TRAINING_OBJECTS, seed.wrapping_add(100)),
+    }
+}
+
+/// Writes what the demo wrote through the proxy — the training population, the objects, the
+/// update series — as plain Puts of the same keys straight into `reference` (an etcd without the
+/// proxy), so that the two etcd databases can be compared.
+/// Returns how many writes etcd refused as too large (objects only the proxy can store).
+pub async fn write_reference(reference: &str, population: &[Generated], objects: &[Generated], series: &[Generated]) -> Result<usize, DemoError> {
+    let mut kv = client(reference).await?;
+    let mut writes: Vec<(String, &[u8])> = Vec::new();
+    for (i, obj) in population.iter().enumerate() {
+        writes.push((format!("{FLYTEWORKFLOW_PREFIX}demo-training/{i:03}"), &obj.json));
+    }
+    for (i, obj) in objects.iter().enumerate() {
+        writes.push((format!("{FLYTEWORKFLOW_PREFIX}demo/{i:03}-{}", obj.name), &obj.json));
+    }
+    if let Some(first) = series.first() {
+        for v in series {
+            writes.push((format!("{FLYTEWORKFLOW_PREFIX}demo/series-{}", first.name), &v.json));
+        }
+    }
+    let mut too_large = 0;
+    for (key, value) in writes {
+        let put = PutRequest { key: Bytes::from(key), value: Bytes::copy_from_slice(value), ..Default::default() };
+        match kv.put(put).await {
+            Ok(_) => {}
+            // etcd's "request is too large" (over --max-request-bytes), or grpc-go's receive limit above it.
+            Err(s) if s.code() == tonic::Code::InvalidArgument && s.message().contains("request is too large") => too_large += 1,
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && s.message().contains("larger than max") => too_large += 1,
+            Err(s) => return Err(s.into()),
+        }
+    }
+    Ok(too_large)
 }
 
 /// A demo failure: a connection or RPC error, or a value that did not read back identical.
@@ -282,6 +322,8 @@ pub fn delta_table(rows: &[DeltaRow]) -> String {
 
 /// etcd's database size in bytes (Maintenance.Status.db_size), read directly from etcd.
 pub async fn db_size(etcd: &str) -> Result<i64, DemoError> {
+    // etcd commits its backend in batches (every 100 ms): let the last writes land first.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let channel = Channel::from_shared(etcd.to_string())?.connect().await?;
     Ok(MaintenanceClient::new(channel).status(StatusRequest {}).await?.into_inner().db_size)
 }

@@ -1,4 +1,5 @@
-//! The `etcd-squeeze` binary: `serve`, `analyze`, `migrate`, `get`, `dict`, `corpus generate`, `demo`.
+//! The `etcd-squeeze` binary: `serve`, `analyze`, `migrate`, `get`, `dict`, `corpus generate`, `demo`,
+//! `completions`, `man`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +44,13 @@ enum Command {
         #[command(subcommand)]
         command: etcd_squeeze::ops::dict::DictCommand,
     },
+    /// Print a shell completion script, e.g. `etcd-squeeze completions bash > /etc/bash_completion.d/etcd-squeeze`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `etcd-squeeze man > /usr/local/share/man/man1/etcd-squeeze.1`.
+    Man,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +102,10 @@ struct DemoArgs {
     /// Generator seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A second etcd (no proxy) that gets the same writes as plain values, to compare the two
+    /// etcd databases (scripts/demo starts one).
+    #[arg(long)]
+    reference_etcd: Option<String>,
 }
 
 fn load_config(args: &ServeArgs) -> Result<Config, etcd_squeeze::config::ConfigError> {
@@ -204,8 +216,10 @@ async fn demo(args: DemoArgs) -> ExitCode {
         }
     };
     let series = if args.corpus.is_some() { Vec::new() } else { corpus::update_series(&corpus::Scenario::demo_series(), 20, args.seed) };
-    println!("writing {} other workflows through the proxy at {} and training a shared dictionary from them...", demo::TRAINING_OBJECTS, args.proxy);
-    match demo::train_dictionary(&args.proxy, &args.etcd, args.seed).await {
+    let population = demo::training_population(args.corpus.is_some().then_some(&objects[..]), args.seed);
+    let which = if args.corpus.is_some() { "the corpus's" } else { "other" };
+    println!("writing {} {which} workflows through the proxy at {} and training a shared dictionary from them...", population.len(), args.proxy);
+    match demo::train_dictionary(&args.proxy, &args.etcd, &population).await {
         Ok((_, line)) => println!("{line}"),
         Err(e) => {
             eprintln!("etcd-squeeze demo: dictionary: {e}");
@@ -214,12 +228,33 @@ async fn demo(args: DemoArgs) -> ExitCode {
     }
     println!("writing {} objects{} through the proxy at {} the way kube-apiserver does...", objects.len(),
         if series.is_empty() { String::new() } else { format!(" and a {}-version update series", series.len()) }, args.proxy);
+    let (written_objects, written_series) = (objects.clone(), series.clone());
     match demo::run(&args.proxy, &args.etcd, objects, series).await {
         Ok(rows) => {
             println!("every object read back byte-identical through the proxy; stored bytes read directly from etcd at {}:\n", args.etcd);
             print!("{}", demo::table(&rows));
+            let mib = |b: i64| b as f64 / (1 << 20) as f64;
             if let Ok(size) = demo::db_size(&args.etcd).await {
-                println!("\netcd database size: {:.1} MiB", size as f64 / (1 << 20) as f64);
+                match &args.reference_etcd {
+                    Some(reference) => match demo::write_reference(reference, &population, &written_objects, &written_series).await {
+                        Ok(refused) => match demo::db_size(reference).await {
+                            Ok(plain) => {
+                                println!(
+                                    "\netcd database size: {:.1} MiB through the proxy; {:.1} MiB for the same writes straight to etcd \
+                                     (bbolt grows in steps: small differences mean nothing)",
+                                    mib(size),
+                                    mib(plain)
+                                );
+                                if refused > 0 {
+                                    println!("straight to etcd, {refused} of those writes were refused as too large (etcd's 1.5 MiB --max-request-bytes): only the proxy stores them");
+                                }
+                            }
+                            Err(e) => eprintln!("etcd-squeeze demo: reference etcd: {e}"),
+                        },
+                        Err(e) => eprintln!("etcd-squeeze demo: reference etcd: {e}"),
+                    },
+                    None => println!("\netcd database size: {:.1} MiB", mib(size)),
+                }
             }
             if args.corpus.is_some() {
                 return ExitCode::SUCCESS;
@@ -252,6 +287,23 @@ async fn demo(args: DemoArgs) -> ExitCode {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "etcd-squeeze", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(command).render(&mut std::io::stdout()) {
+                // `| head` closing the pipe is not a failure.
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("etcd-squeeze man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => serve(args).await,
         Command::Corpus { command: CorpusCommand::Generate { out, seed } } => match etcd_squeeze::corpus::write_dir(&out, seed) {
             Ok(paths) => {
