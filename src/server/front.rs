@@ -218,10 +218,14 @@ where
                         }
                     };
                     let route = classify(call, &message.as_ref()[5..], &shared.scope);
-                    let request = http::Request::from_parts(parts, Body::new(full(message)));
+                    let mut request = http::Request::from_parts(parts, Body::new(http_body_util::Full::new(message)));
                     match route {
                         Route::Forward => upstream.oneshot(to_etcd(request)).await,
-                        Route::Rewrite(_) => services.oneshot(request).await,
+                        Route::Rewrite(_) => {
+                            // Classified once: the KV service reads the route instead of walking the request again.
+                            request.extensions_mut().insert(route);
+                            services.oneshot(request).await
+                        }
                     }
                 })
             }
@@ -301,10 +305,6 @@ fn to_etcd(mut request: http::Request<Body>) -> http::Request<Body> {
     headers.remove(http::header::HOST);
     headers.remove(http::header::CONNECTION);
     request
-}
-
-fn full(bytes: Bytes) -> http_body_util::Full<Bytes> {
-    http_body_util::Full::new(bytes)
 }
 
 /// Why a unary request is not classified by the front.

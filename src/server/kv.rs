@@ -149,7 +149,9 @@ impl tonic::server::UnaryService<Bytes> for KvCall {
                 return inner.compact(request).await;
             }
             let call = method.call().unwrap_or(Call::Range);
-            match classify(call, request.get_ref(), &inner.shared.scope) {
+            // The front classified calls it read whole; others (large, or several DATA frames) here.
+            let route = request.extensions().get::<Route>().copied().unwrap_or_else(|| classify(call, request.get_ref(), &inner.shared.scope));
+            match route {
                 Route::Forward => Ok(raw::unary(inner.upstream.clone(), method.path(), request).await?.map(Spliced::from)),
                 Route::Rewrite(needs) if needs.rebuild() => inner.rebuild(method, request).await,
                 Route::Rewrite(_) => inner.in_place(method, request).await,

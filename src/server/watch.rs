@@ -84,10 +84,13 @@ impl tower::Service<http::Request<Body>> for WatchService {
 /// What one client stream knows of its watches.
 #[derive(Default)]
 struct StreamState {
-    /// For each create request sent upstream and not yet answered: can its watch carry framed values?
-    pending_creates: VecDeque<bool>,
+    /// For each create request sent upstream and not yet answered: can its watch carry framed
+    /// values, and can it see the proxy's own keys?
+    pending_creates: VecDeque<(bool, bool)>,
     /// Watch IDs whose events are decoded.
     involved: HashSet<i64>,
+    /// Watch IDs whose range reaches into `/etcd-squeeze/` (their events of those keys are dropped).
+    sees_reserved: HashSet<i64>,
     /// Watches the proxy canceled (a value it could not decode): what etcd still sends is dropped.
     canceled_here: HashSet<i64>,
 }
@@ -132,8 +135,9 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
         let (shared, creates) = (this.shared.clone(), state.clone());
         let classified = tokio_stream::StreamExt::map_while(inbound, |r| r.ok()).map(move |request: Bytes| {
             if let Some(create) = create_request(&request) {
-                let involved = classify(Call::WatchCreate, create, &shared.scope) != Route::Forward;
-                lock(&creates).pending_creates.push_back(involved);
+                let route = classify(Call::WatchCreate, create, &shared.scope);
+                let reserved = matches!(route, Route::Rewrite(needs) if needs.reserved);
+                lock(&creates).pending_creates.push_back((route != Route::Forward, reserved));
             }
             request
         });
@@ -195,13 +199,16 @@ async fn respond(
         Ok(top) => top,
         Err(e) => return Some(Err(Failure::Wire(e).into_status())),
     };
-    let decode = {
+    let (decode, reserved) = {
         let mut st = lock(&state);
         if top.created {
-            // No pending create (not expected): decode, to be safe.
-            let involved = st.pending_creates.pop_front().unwrap_or(true);
+            // No pending create (not expected): decode and filter, to be safe.
+            let (involved, reserved) = st.pending_creates.pop_front().unwrap_or((true, true));
             if involved {
                 st.involved.insert(top.watch_id);
+            }
+            if reserved {
+                st.sees_reserved.insert(top.watch_id);
             }
         }
         if st.canceled_here.contains(&top.watch_id) {
@@ -210,24 +217,32 @@ async fn respond(
             if top.canceled {
                 st.canceled_here.remove(&top.watch_id);
                 st.involved.remove(&top.watch_id);
+                st.sees_reserved.remove(&top.watch_id);
             }
             return None;
         }
         let decode = top.events > 0 && st.involved.contains(&top.watch_id);
+        let reserved = decode && st.sees_reserved.contains(&top.watch_id);
         if top.canceled && !top.created {
             st.involved.remove(&top.watch_id);
+            st.sees_reserved.remove(&top.watch_id);
         }
-        decode
+        (decode, reserved)
     };
     crate::metrics::get().watch_events.inc_by(top.events);
     if !decode {
         return Some(Ok(Spliced::from(bytes)));
     }
-    // The proxy's own keys do not exist through the client API: their events are dropped.
-    let bytes = match values::without_reserved_events(bytes) {
-        Ok(Some(bytes)) => bytes,
-        Ok(None) => return None,
-        Err(failure) => return Some(Err(failure.into_status())),
+    // The proxy's own keys do not exist through the client API: their events are dropped (only
+    // watches whose range reaches them pay the extra walk).
+    let bytes = if reserved {
+        match values::without_reserved_events(bytes) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return None,
+            Err(failure) => return Some(Err(failure.into_status())),
+        }
+    } else {
+        bytes
     };
     match values::decode_watch_response(&shared, bytes.clone()).await {
         Ok(decoded) => Some(Ok(decoded)),
