@@ -138,9 +138,9 @@ async fn proxy_killed_and_restarted_under_load() {
 }
 
 /// A member of a three-member loopback cluster.
-struct Member {
+pub(crate) struct Member {
     name: String,
-    url: String,
+    pub url: String,
     peer_url: String,
     cluster: String,
     dir: tempfile::TempDir,
@@ -148,7 +148,7 @@ struct Member {
 }
 
 impl Member {
-    fn spawn(&mut self, state: &str) {
+    pub fn spawn(&mut self, state: &str) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log")).unwrap();
         let child = Command::new(std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into()))
             .args(["--name", &self.name, "--data-dir"])
@@ -164,7 +164,7 @@ impl Member {
         self.child = Some(child);
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -179,7 +179,7 @@ impl Drop for Member {
 }
 
 /// Starts three members on loopback and waits for a leader.
-async fn cluster() -> Vec<Member> {
+pub(crate) async fn cluster() -> Vec<Member> {
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
     let cluster = ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
     let mut members: Vec<Member> = ports
@@ -209,7 +209,7 @@ async fn cluster() -> Vec<Member> {
 }
 
 /// The index of the leader.
-async fn leader(members: &[Member]) -> usize {
+pub(crate) async fn leader(members: &[Member]) -> usize {
     for m in members.iter().filter(|m| m.child.is_some()) {
         if let Ok(mut c) = etcd_client::Client::connect([&m.url], None).await {
             if let Ok(s) = c.status().await {

@@ -15,6 +15,8 @@ use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, TxnOpResponse, Watc
 use etcd_squeeze::codec::ValueCodec;
 use tokio::sync::Mutex;
 
+use crate::linearizability::{hash, Change, Hash, Kv};
+
 /// One event as seen by a watcher.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ev {
@@ -28,10 +30,12 @@ pub struct Ev {
     pub value: Vec<u8>,
     /// `prev_kv.value` and `prev_kv.mod_revision`, when etcd sent one.
     pub prev: Option<(Vec<u8>, i64)>,
+    /// The event's `kv.create_revision`, `kv.version` and `kv.lease` (zeros for a DELETE).
+    pub meta: (i64, i64, i64),
 }
 
 /// What one watcher saw: its responses' events, one `Vec` per response, and how often it resumed.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct Record {
     /// The revision the watcher started at.
     pub start: i64,
@@ -39,6 +43,11 @@ pub struct Record {
     pub responses: Vec<Vec<Ev>>,
     /// Errors after which the watcher resumed.
     pub resumptions: usize,
+    /// Progress notifications (bookmarks): `(responses.len() when it came, header revision)`.
+    pub bookmarks: Vec<(usize, i64)>,
+    /// Cancellations for compaction: `(responses.len() when it came, compact_revision)`; the
+    /// watcher resumed at `compact_revision`, as etcd's contract allows (the gap is etcd's).
+    pub compactions: Vec<(usize, i64)>,
 }
 
 impl Record {
@@ -46,6 +55,25 @@ impl Record {
     pub fn last_revision(&self) -> i64 {
         self.responses.iter().rev().find_map(|r| r.last()).map_or(self.start - 1, |e| e.revision)
     }
+
+    /// Where a resumed watch starts: after the last revision seen, or at the compaction that
+    /// cancelled it.
+    fn resume_at(&self) -> i64 {
+        let after = self.last_revision() + 1;
+        self.compactions.last().map_or(after, |&(_, c)| after.max(c))
+    }
+}
+
+/// How a watcher behaves beyond recording.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WatchMode {
+    /// Ask for a progress notification (a bookmark) every 300 ms.
+    pub progress: bool,
+    /// Open the watch only after this long (a watcher that starts behind, from an old revision).
+    pub delay: Duration,
+    /// Sleep this long after each response while the writes go on (a slow consumer, lagging
+    /// behind them; it catches up once the test sets `until`).
+    pub lag: Duration,
 }
 
 fn event(e: &etcd_client::Event) -> Ev {
@@ -56,6 +84,7 @@ fn event(e: &etcd_client::Event) -> Ev {
         key: kv.key().to_vec(),
         value: kv.value().to_vec(),
         prev: e.prev_kv().map(|p| (p.value().to_vec(), p.mod_revision())),
+        meta: (kv.create_revision(), kv.version(), kv.lease()),
     }
 }
 
@@ -69,6 +98,19 @@ pub fn spawn_watcher(
     until: Arc<std::sync::atomic::AtomicI64>,
     deadline: Instant,
 ) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
+    spawn_watcher_with(url, prefix, start, until, deadline, WatchMode::default())
+}
+
+/// [`spawn_watcher`] with bookmarks and lag ([`WatchMode`]); a watch cancelled by a compaction
+/// resumes at the compact revision and says so in [`Record::compactions`].
+pub fn spawn_watcher_with(
+    url: String,
+    prefix: String,
+    start: i64,
+    until: Arc<std::sync::atomic::AtomicI64>,
+    deadline: Instant,
+    mode: WatchMode,
+) -> (Arc<Mutex<Record>>, tokio::task::JoinHandle<()>) {
     use std::sync::atomic::Ordering;
     let record = Arc::new(Mutex::new(Record { start, ..Record::default() }));
     let rec = record.clone();
@@ -78,8 +120,12 @@ pub fn spawn_watcher(
             until > 0 && last >= until
         };
         let mut first = true;
+        tokio::time::sleep(mode.delay).await;
         loop {
-            let last = rec.lock().await.last_revision();
+            let (last, resume) = {
+                let r = rec.lock().await;
+                (r.last_revision(), r.resume_at())
+            };
             if done(last) || Instant::now() > deadline {
                 return;
             }
@@ -88,10 +134,17 @@ pub fn spawn_watcher(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             first = false;
-            let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(last + 1);
+            let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(resume);
             let Ok(mut client) = etcd_client::Client::connect([&url], None).await else { continue };
             let Ok(mut stream) = client.watch(prefix.as_str(), Some(opts)).await else { continue };
+            let mut asked = Instant::now();
             loop {
+                if mode.progress && asked.elapsed() > Duration::from_millis(300) {
+                    asked = Instant::now();
+                    if stream.request_progress().await.is_err() {
+                        break;
+                    }
+                }
                 let msg = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
                 let resp = match msg {
                     Err(_) => {
@@ -104,11 +157,24 @@ pub fn spawn_watcher(
                     Ok(_) => break, // an error or the end: resume
                 };
                 if resp.canceled() {
+                    if resp.compact_revision() > 0 {
+                        let mut r = rec.lock().await;
+                        let at = r.responses.len();
+                        r.compactions.push((at, resp.compact_revision()));
+                    }
                     break;
                 }
                 let events: Vec<Ev> = resp.events().iter().map(event).collect();
+                let mut r = rec.lock().await;
                 if !events.is_empty() {
-                    rec.lock().await.responses.push(events);
+                    r.responses.push(events);
+                } else if !resp.created() {
+                    let at = r.responses.len();
+                    r.bookmarks.push((at, resp.header().map_or(0, |h| h.revision())));
+                }
+                drop(r);
+                if !mode.lag.is_zero() && until.load(Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(mode.lag).await;
                 }
             }
         }
@@ -136,38 +202,65 @@ pub async fn direct_history(direct_url: &str, prefix: &str, until: i64, codec: &
     out
 }
 
-/// Checks one watcher's record against etcd's watch guarantees and against `reference` (the
-/// direct history of the same prefix). Panics with the first violation.
-pub fn check(name: &str, record: &Record, reference: &[Ev]) {
+/// Checks the guarantees one watcher's record carries on its own: *ordered* (revisions increase
+/// across responses), *unique* (no key twice in one revision, no revision twice), *atomic* (all
+/// events of a revision in one response), *bookmarkable* (a progress notification at revision b
+/// comes after every event ≤ b and before every event > b) and `prev_kv` equal to the previous
+/// event's kv of that key (forgotten across a compaction gap). Returns the violations.
+pub fn structure(name: &str, record: &Record) -> Vec<String> {
+    let mut out = Vec::new();
     let mut last_rev = record.start - 1;
     let mut latest: HashMap<&[u8], (&[u8], i64)> = HashMap::new();
     for (i, resp) in record.responses.iter().enumerate() {
+        if record.compactions.iter().any(|&(at, _)| at == i) {
+            latest.clear();
+        }
         let first = &resp[0];
-        assert!(first.revision > last_rev, "{name}: response {i} starts at revision {} after revision {last_rev}: duplicate, reordered or split revision", first.revision);
+        if first.revision <= last_rev {
+            out.push(format!("{name}: ordered/atomic: response {i} starts at revision {} after revision {last_rev}: duplicate, reordered or split revision", first.revision));
+        }
         let mut in_rev: Vec<&[u8]> = Vec::new();
         let mut rev = first.revision;
         for e in resp {
-            assert!(e.revision >= rev, "{name}: revisions go backwards inside response {i}");
+            if e.revision < rev {
+                out.push(format!("{name}: ordered: revisions go backwards inside response {i}"));
+            }
             if e.revision != rev {
                 in_rev.clear();
                 rev = e.revision;
             }
-            assert!(!in_rev.contains(&&e.key[..]), "{name}: key {:?} twice in revision {rev}", String::from_utf8_lossy(&e.key));
+            if in_rev.contains(&&e.key[..]) {
+                out.push(format!("{name}: unique: key {:?} twice in revision {rev}", String::from_utf8_lossy(&e.key)));
+            }
             in_rev.push(&e.key);
             if let Some((value, mod_rev)) = latest.get(&e.key[..]) {
-                match &e.prev {
-                    Some((pv, pr)) => assert!(
-                        pv[..] == value[..] && pr == mod_rev,
-                        "{name}: prev_kv of {:?} at revision {rev} is not the previous event's kv (revision {mod_rev})",
-                        String::from_utf8_lossy(&e.key)
-                    ),
-                    None => assert!(value.is_empty() && *mod_rev == 0, "{name}: missing prev_kv at revision {rev}"),
+                let right = match &e.prev {
+                    Some((pv, pr)) => pv[..] == value[..] && pr == mod_rev,
+                    None => value.is_empty() && *mod_rev == 0,
+                };
+                if !right {
+                    out.push(format!("{name}: prev_kv of {:?} at revision {rev} is not the previous event's kv (revision {mod_rev})", String::from_utf8_lossy(&e.key)));
                 }
             }
             latest.insert(&e.key, if e.put { (&e.value, e.revision) } else { (&[], 0) });
         }
         last_rev = resp.last().unwrap().revision;
     }
+    for &(at, b) in &record.bookmarks {
+        let before = record.responses[..at].iter().flatten().map(|e| e.revision).max();
+        let after = record.responses[at..].iter().flatten().map(|e| e.revision).min();
+        if before.is_some_and(|r| r > b) || after.is_some_and(|r| r <= b) {
+            out.push(format!("{name}: bookmarkable: progress at revision {b} after an event at {before:?} or before one at {after:?}"));
+        }
+    }
+    out
+}
+
+/// Checks one watcher's record against etcd's watch guarantees ([`structure`]) and against
+/// `reference` (the direct history of the same prefix). Panics with the first violation.
+pub fn check(name: &str, record: &Record, reference: &[Ev]) {
+    let violations = structure(name, record);
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
     let seen: Vec<&Ev> = record.responses.iter().flatten().collect();
     let expected: Vec<&Ev> = reference.iter().filter(|e| e.revision >= record.start).collect();
     assert_eq!(seen.len(), expected.len(), "{name}: saw {} events, etcd has {} from revision {}", seen.len(), expected.len(), record.start);
@@ -175,6 +268,64 @@ pub fn check(name: &str, record: &Record, reference: &[Ev]) {
         assert_eq!((s.revision, s.put, &s.key), (x.revision, x.put, &x.key), "{name}: event differs from etcd's history");
         assert!(s.value == x.value && s.prev == x.prev, "{name}: value or prev_kv of revision {} differs from etcd's", s.revision);
     }
+}
+
+/// One event in the terms of [`crate::linearizability`]: revision, key, the new kv (hashed;
+/// `None` for a delete) and `prev_kv` as (value hash, mod_revision).
+type ModelEvent = (i64, Vec<u8>, Option<(Hash, i64, i64, i64)>, Option<(Hash, i64)>);
+
+fn model_event(e: &Ev) -> ModelEvent {
+    let kv = e.put.then(|| (hash(&e.value), e.meta.0, e.meta.1, e.meta.2));
+    (e.revision, e.key.clone(), kv, e.prev.as_ref().map(|(v, r)| (hash(v), *r)))
+}
+
+/// Checks one watcher's record against the linearization the checker found (`changes`, every
+/// key the clients use), for the keys `watched` selects, up to revision `until`: the
+/// [`structure`] guarantees, plus *reliable* and *resumable* — the events seen, across every
+/// resumption, are exactly the linearization's changes from the watcher's start, values and
+/// prev_kv included, except those a compaction cancelled the watch over (etcd's own gap: from
+/// the last event seen to the compact revision). Returns the violations and the events checked.
+pub fn check_with_model(name: &str, record: &Record, watched: impl Fn(&[u8]) -> bool, changes: &[Change], until: i64) -> (Vec<String>, usize) {
+    let mut out = structure(name, record);
+    let gaps: Vec<(i64, i64)> = record
+        .compactions
+        .iter()
+        .map(|&(at, c)| (record.responses[..at].iter().flatten().map(|e| e.revision).max().unwrap_or(record.start - 1), c))
+        .collect();
+    let expected: Vec<ModelEvent> = changes
+        .iter()
+        .filter(|c| c.revision >= record.start && c.revision <= until && watched(&c.key))
+        .filter(|c| !gaps.iter().any(|&(after, compact)| c.revision > after && c.revision < compact))
+        .map(|c| (c.revision, c.key.clone(), c.kv.map(|kv| (kv.value, kv.create_revision, kv.version, kv.lease)), c.prev.map(|p| (p.value, p.mod_revision))))
+        .collect();
+    let seen: Vec<ModelEvent> = record.responses.iter().flatten().filter(|e| e.revision <= until).map(model_event).collect();
+    // etcd reads prev_kv at the event's revision - 1: a watch resumed at a compaction gets none
+    // when that revision is compacted too.
+    let compacted = record.compactions.iter().map(|&(_, c)| c).max().unwrap_or(0);
+    let same = |s: &ModelEvent, x: &ModelEvent| s == x || (s.3.is_none() && x.3.is_some_and(|(_, r)| r < compacted) && s.0 == x.0 && s.1 == x.1 && s.2 == x.2);
+    if let Some(i) = (0..seen.len().min(expected.len())).find(|&i| !same(&seen[i], &expected[i])) {
+        let show = |e: &ModelEvent| format!("revision {} {} {:?} prev {:?}", e.0, String::from_utf8_lossy(&e.1), e.2, e.3);
+        out.push(format!("{name}: reliable: event {i} is {}, the linearization has {}", show(&seen[i]), show(&expected[i])));
+    } else if seen.len() != expected.len() {
+        out.push(format!("{name}: reliable/resumable: saw {} events up to revision {until}, the linearization has {} from revision {}", seen.len(), expected.len(), record.start));
+    }
+    (out, seen.len())
+}
+
+/// The key states a watcher was shown (events and their prev_kv), for
+/// [`crate::linearizability::check`] and [`crate::linearizability::altered_values`]; fields a
+/// prev_kv event does not carry in [`Ev`] are zero.
+pub fn seen_states(record: &Record) -> Vec<Kv> {
+    let mut out = Vec::new();
+    for e in record.responses.iter().flatten() {
+        if e.put {
+            out.push(Kv { value: hash(&e.value), create_revision: e.meta.0, mod_revision: e.revision, version: e.meta.1, lease: e.meta.2 });
+        }
+        if let Some((v, r)) = &e.prev {
+            out.push(Kv { value: hash(v), create_revision: 0, mod_revision: *r, version: 0, lease: 0 });
+        }
+    }
+    out
 }
 
 /// An acknowledged write: etcd (through the proxy) said `key` = `value` at `revision`.
@@ -263,11 +414,12 @@ fn checker_rejects_broken_histories() {
         key: key.into(),
         value: value.into(),
         prev: prev.map(|(v, r)| (v.into(), r)),
+        meta: (0, 0, 0),
     };
     let reference = vec![ev(2, "a", "1", None), ev(3, "a", "2", Some(("1", 2))), ev(3, "b", "1", None), ev(4, "b", "2", Some(("1", 3)))];
-    let good = Record { start: 1, responses: vec![vec![reference[0].clone()], reference[1..].to_vec()], resumptions: 0 };
+    let good = Record { start: 1, responses: vec![vec![reference[0].clone()], reference[1..].to_vec()], ..Record::default() };
     check("good", &good, &reference);
-    let broken = |responses: Vec<Vec<Ev>>| std::panic::catch_unwind(|| check("broken", &Record { start: 1, responses, resumptions: 1 }, &reference)).is_err();
+    let broken = |responses: Vec<Vec<Ev>>| std::panic::catch_unwind(|| check("broken", &Record { start: 1, responses, resumptions: 1, ..Record::default() }, &reference)).is_err();
     let r = &reference;
     assert!(broken(vec![vec![r[0].clone()], vec![r[2].clone(), r[3].clone()]]), "gap");
     assert!(broken(vec![vec![r[0].clone(), r[1].clone()], vec![r[1].clone(), r[2].clone(), r[3].clone()]]), "duplicate");
@@ -275,4 +427,9 @@ fn checker_rejects_broken_histories() {
     let mut wrong = r.clone();
     wrong[3].prev = Some(("0".into(), 3));
     assert!(broken(vec![wrong]), "wrong prev_kv");
+    // A progress notification at revision 3 before the events of revision 3 (not bookmarkable).
+    let early = Record { start: 1, responses: vec![vec![r[0].clone()], r[1..].to_vec()], bookmarks: vec![(1, 3)], ..Record::default() };
+    assert!(!structure("early bookmark", &early).is_empty(), "bookmark before its events");
+    let right = Record { bookmarks: vec![(2, 4)], ..early };
+    assert!(structure("bookmark", &right).is_empty());
 }
