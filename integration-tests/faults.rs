@@ -137,6 +137,9 @@ async fn proxy_killed_and_restarted_under_load() {
     }
 }
 
+/// Timed watch progress notifications every 500 ms (bookmarks for [`crate::robustness`]).
+pub(crate) const PROGRESS_NOTIFY: &str = "--experimental-watch-progress-notify-interval=500ms";
+
 /// A member of a three-member loopback cluster.
 pub(crate) struct Member {
     name: String,
@@ -157,6 +160,7 @@ impl Member {
             .args(["--listen-peer-urls", &self.peer_url, "--initial-advertise-peer-urls", &self.peer_url])
             .args(["--initial-cluster", &self.cluster, "--initial-cluster-state", state, "--initial-cluster-token", "faults"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .arg(PROGRESS_NOTIFY)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

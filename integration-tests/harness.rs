@@ -29,6 +29,8 @@ pub struct Etcd {
     peer_url: String,
     /// Its data directory (holds `etcd.log`).
     pub dir: tempfile::TempDir,
+    /// Extra flags, kept for [`Etcd::restart`].
+    extra: Vec<String>,
 }
 
 impl Etcd {
@@ -124,7 +126,7 @@ impl Etcd {
         let url = format!("{scheme}://127.0.0.1:{}", free_port());
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = Self::command(dir.path(), &url, &peer_url, extra);
-        Etcd { child, url, peer_url, dir }
+        Etcd { child, url, peer_url, dir, extra: extra.iter().map(|s| s.to_string()).collect() }
     }
 
     /// Runs etcd (member `test`) on `dir/data`, logging to `dir/etcd.log` (appended to).
@@ -153,7 +155,8 @@ impl Etcd {
     /// Starts etcd again on the same data directory and ports (after [`Etcd::kill`]) and waits
     /// until it answers. Plain-text etcd only.
     pub async fn restart(&mut self) {
-        self.child = Self::command(self.dir.path(), &self.url, &self.peer_url, &[]);
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Self::command(self.dir.path(), &self.url, &self.peer_url, &extra);
         self.until_ready().await;
     }
 

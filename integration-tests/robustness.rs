@@ -31,7 +31,7 @@ use etcd_squeeze::config::Config;
 use etcd_squeeze::corpus::{consecutive_writes, Scenario, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::faults::{cluster, leader};
+use crate::faults::{cluster, leader, PROGRESS_NOTIFY};
 use crate::harness::{Etcd, Proxy, ProxyConfig, FLYTE};
 use crate::history::{self, Record, WatchMode};
 use crate::linearizability::{self as lin, hash, Call, Cmp, Compare, Entry, Kv, Operation, Outcome, Request, Response, Target};
@@ -533,6 +533,8 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // A quiet second and a half: etcd sends its timed progress notifications to idle watchers.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     until.store(end_rev, Ordering::SeqCst);
     let mut records = Vec::new();
     for (name, r, t) in watchers {
@@ -575,7 +577,7 @@ async fn replicas(endpoints: &[String]) -> (Proxy, Proxy) {
 /// No fault: the baseline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_fault() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::start_with(&[PROGRESS_NOTIFY]).await;
     let (a, b) = replicas(std::slice::from_ref(&etcd.url)).await;
     run("no fault", [a.url.clone(), b.url.clone()], vec![etcd.url.clone()], false, async {}).await.report();
 }
@@ -583,7 +585,7 @@ async fn no_fault() {
 /// etcd SIGKILLed and restarted on its data under traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_killed_and_restarted() {
-    let mut etcd = Etcd::start().await;
+    let mut etcd = Etcd::start_with(&[PROGRESS_NOTIFY]).await;
     let (a, b) = replicas(std::slice::from_ref(&etcd.url)).await;
     let (urls, direct) = ([a.url.clone(), b.url.clone()], vec![etcd.url.clone()]);
     run("etcd SIGKILL + restart", urls, direct, false, async {
@@ -598,7 +600,7 @@ async fn etcd_killed_and_restarted() {
 /// etcd stopped (SIGSTOP) for longer than the clients' deadline, then continued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_stalled_past_the_deadline() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::start_with(&[PROGRESS_NOTIFY]).await;
     let (a, b) = replicas(std::slice::from_ref(&etcd.url)).await;
     run("etcd SIGSTOP 3 s (deadline 2 s)", [a.url.clone(), b.url.clone()], vec![etcd.url.clone()], false, async {
         etcd.freeze(true);
@@ -613,7 +615,7 @@ async fn etcd_stalled_past_the_deadline() {
 /// kill can land between reading a base and writing the delta Txn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_replica_killed_mid_traffic() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::start_with(&[PROGRESS_NOTIFY]).await;
     let a = Proxy::start_config(proxy_config(std::slice::from_ref(&etcd.url))).await;
     let more = if config_name() == "defaults" { "" } else { BINARY_PREFIXES };
     let config = || BinaryConfig { listen_ip: "127.0.0.1", upstream: &etcd.url, server: "", more };
@@ -653,7 +655,7 @@ async fn three_member_cluster_loses_its_leader() {
 /// The network between one replica and etcd blackholed for 3 s, then healed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_to_etcd_blackholed_then_healed() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::start_with(&[PROGRESS_NOTIFY]).await;
     let relay = Relay::start(etcd.url.trim_start_matches("http://").to_string()).await;
     let a = Proxy::start_config(proxy_config(std::slice::from_ref(&relay.url))).await;
     let b = Proxy::start_config(proxy_config(std::slice::from_ref(&etcd.url))).await;
@@ -669,7 +671,7 @@ async fn network_to_etcd_blackholed_then_healed() {
 /// Compaction every 300 ms racing the writes, with a slow watcher lagging behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_racing_writes_and_a_lagging_watcher() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::start_with(&[PROGRESS_NOTIFY]).await;
     let (a, b) = replicas(std::slice::from_ref(&etcd.url)).await;
     let mut direct = etcd.client().await;
     let period = Duration::from_secs(seconds()) / 3;

@@ -102,3 +102,18 @@ wait_healthy() {
     tail -n 40 "$log" >&2
     return 1
 }
+
+# The robustness rows the integration tests append (integration-tests/robustness.rs).
+ROBUSTNESS_ROWS=target/tmp/robustness.md
+
+# Prints the robustness table: one row per fault run, with its header.
+print_robustness_table() {
+    if [ ! -s "$ROBUSTNESS_ROWS" ]; then
+        return 0
+    fi
+    echo
+    echo "Linearizability under faults (integration-tests/robustness.rs; docs/reliability.md explains the columns):"
+    echo "| fault | config | operations | unknown outcomes | watch events checked | linearizable | watch guarantees | values altered |"
+    echo "|---|---|---:|---:|---:|---|---|---:|"
+    sort "$ROBUSTNESS_ROWS"
+}
