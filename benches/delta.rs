@@ -83,7 +83,7 @@ impl Proxy {
         config.metrics.listen = "127.0.0.1:0".parse().unwrap();
         config.upstream.endpoints = vec![etcd.to_string()];
         let mut rule = PrefixConfig::new(FLYTEWORKFLOW_PREFIX);
-        rule.delta = delta;
+        rule.delta = Some(delta.into());
         config.prefixes = vec![rule];
         config.dictionaries.enabled = false;
         config.validate().unwrap();

@@ -380,13 +380,13 @@ async fn compaction_revision_is_read_back_from_etcd() {
         let config = etcd_squeeze::config::UpstreamConfig { endpoints: vec![env.etcd.url.clone()], ..Default::default() };
         etcd_squeeze::upstream::Upstream::new(&config).unwrap()
     };
-    assert_eq!(etcd_squeeze::delta::compaction_revision(upstream()).await, None, "nothing compacted yet");
+    assert_eq!(etcd_squeeze::members::compaction_revision(upstream()).await, None, "nothing compacted yet");
     let mut rev = 0;
     for i in 0..5 {
         rev = env.direct.put(format!("/other/{i}"), "x", None).await.unwrap().header().unwrap().revision();
     }
     env.direct.compact(rev - 1, None).await.unwrap();
-    assert_eq!(etcd_squeeze::delta::compaction_revision(upstream()).await, Some(rev - 1));
+    assert_eq!(etcd_squeeze::members::compaction_revision(upstream()).await, Some(rev - 1));
 }
 
 /// A proxy that did not write a key's older bases (another replica did, or it restarted) still
@@ -412,12 +412,22 @@ async fn a_restarted_proxy_collects_bases_it_did_not_write() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await; // the background listing
     c.compact(rev, None).await.unwrap();
-    for v in &versions[12..14] {
-        let r = c.txn(put(v, rev)).await.unwrap();
-        assert!(r.succeeded());
-        rev = r.header().unwrap().revision();
+    // Collection waits until every replica announced a watch floor past the bases (the other
+    // replica learns of the compaction within members' refresh): write until it happened.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut after;
+    loop {
+        for v in &versions[12..14] {
+            let r = c.txn(put(v, rev)).await.unwrap();
+            assert!(r.succeeded());
+            rev = r.header().unwrap().revision();
+        }
+        after = bases(&mut env.direct).await.len();
+        if after <= 2 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    let after = bases(&mut env.direct).await.len();
     assert!(after <= 2, "older bases collected: {before} before, {after} after");
     // Everything readable still reads, through a cold proxy too.
     let cold = Proxy::start_delta(&env.etcd.url).await;

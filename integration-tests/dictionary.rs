@@ -15,9 +15,11 @@ use crate::harness::{decode_errors, free_port, Etcd, Proxy, ProxyConfig, FLYTE};
 
 const DICTS: &str = "/etcd-squeeze/dictionaries/";
 
-/// A proxy config for tests: FlyteWorkflow prefix, small dictionaries, fast election and retraining.
+/// A proxy config for tests: FlyteWorkflow prefix (delta frames off: every version is stored on
+/// its own, with the dictionary), small dictionaries, fast election and retraining.
 fn config(etcd: &Etcd, train: bool) -> Config {
     ProxyConfig::new(&etcd.url)
+        .delta(false)
         .with(|c| {
             let d = &mut c.dictionaries;
             d.train = train;
@@ -373,7 +375,7 @@ async fn delta_bases_use_the_dictionary_and_a_cold_replica_reads_them() {
     let Trained { etcd, proxy: _trainer, mut direct, id, .. } = Trained::start(3).await;
     let delta = |etcd: &Etcd| {
         let mut c = config(etcd, false);
-        c.prefixes[0].delta = true;
+        c.prefixes[0].delta = Some(true.into());
         c
     };
     let writer = Proxy::start_config(delta(&etcd)).await;

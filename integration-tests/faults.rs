@@ -18,11 +18,14 @@ use etcd_squeeze::config::{Config, PrefixConfig};
 use etcd_squeeze::proto::etcdserverpb::kv_client::KvClient;
 use etcd_squeeze::proto::etcdserverpb::RangeRequest;
 
-use crate::harness::{eventually, free_port, rss_kib, Etcd, Proxy, ProxyConfig, FLYTE};
+use crate::harness::{eventually, free_port, rss_kib, Etcd, ProxyConfig, FLYTE};
 use crate::history::{self, Ack};
 use crate::ops::{Binary, BinaryConfig};
 
 const WRITERS: usize = 8;
+/// These tests compare with a direct watch of etcd decoded by [`flyte_codec`], which reads
+/// per-object frames: delta frames off (`crate::robustness` runs the faults with them on).
+const PER_OBJECT: &str = "[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ndelta = false\n";
 const WATCHERS: usize = 3;
 
 /// The codec of a proxy compressing [`FLYTE`] with defaults (to decode what etcd stores).
@@ -93,7 +96,7 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_killed_and_restarted_under_load() {
     let mut etcd = Etcd::start().await;
-    let proxy = Proxy::start(&etcd.url, &[FLYTE]).await;
+    let proxy = ProxyConfig::new(&etcd.url).prefix(FLYTE).delta(false).start().await;
     let load = Load::start(&proxy.url, "etcd-kill");
     tokio::time::sleep(Duration::from_secs(2)).await;
     etcd.kill();
@@ -114,7 +117,7 @@ async fn etcd_killed_and_restarted_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_killed_and_restarted_under_load() {
     let etcd = Etcd::start().await;
-    let config = || BinaryConfig { listen_ip: "127.0.0.1", upstream: &etcd.url, server: "", more: "" };
+    let config = || BinaryConfig { listen_ip: "127.0.0.1", upstream: &etcd.url, server: "", more: PER_OBJECT };
     let proxy = Binary::start(config()).await;
     let (port, metrics) = (proxy.port, proxy.metrics_url.rsplit(':').next().unwrap().parse().unwrap());
     let load = Load::start(&proxy.url, "proxy-kill");

@@ -256,7 +256,7 @@ impl ProxyConfig {
     /// Delta frames on or off for every prefix set so far.
     pub fn delta(mut self, on: bool) -> Self {
         for rule in &mut self.config.prefixes {
-            rule.delta = on;
+            rule.delta = Some(on.into());
         }
         self
     }

@@ -31,6 +31,7 @@ mod ops;
 mod pki;
 mod ports_and_paths_agree;
 mod put_options;
+mod replicas_agree_on_delta_frames;
 mod reserved_keys;
 mod robustness;
 mod several_proxies;

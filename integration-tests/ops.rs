@@ -174,6 +174,15 @@ impl Binary {
 
     /// Starts the binary on the given ports (a restart after a kill reuses the old ones).
     pub async fn start_on(config: BinaryConfig<'_>, port: u16, metrics: u16) -> Binary {
+        Self::start_with(config, port, metrics, &[]).await
+    }
+
+    /// Starts the binary with more `serve` arguments.
+    pub async fn start_args(config: BinaryConfig<'_>, args: &[&str]) -> Binary {
+        Self::start_with(config, free_port(), free_port(), args).await
+    }
+
+    async fn start_with(config: BinaryConfig<'_>, port: u16, metrics: u16, args: &[&str]) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("etcd-squeeze.toml");
         std::fs::write(&path, config.render(port, metrics)).unwrap();
@@ -181,6 +190,7 @@ impl Binary {
         let child = Command::new(env!("CARGO_BIN_EXE_etcd-squeeze"))
             .args(["serve", "--config"])
             .arg(&path)
+            .args(args)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

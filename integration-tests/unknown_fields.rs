@@ -23,7 +23,7 @@ use tonic::server::NamedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::harness::{Etcd, Proxy, FLYTE};
+use crate::harness::{Etcd, ProxyConfig, FLYTE};
 
 /// Field 100, length-delimited, "new": what a newer etcd might add.
 const UNKNOWN: &[u8] = &[0xa2, 0x06, 0x03, b'n', b'e', b'w'];
@@ -133,7 +133,9 @@ fn put(key: &str, value: &Bytes) -> PutRequest {
 async fn unknown_response_fields_reach_the_client_byte_identical() {
     let etcd = Etcd::start().await;
     let fake = start_fake(&etcd).await;
-    let proxy = Proxy::start(&fake, &[FLYTE]).await;
+    // Per-object frames: with delta frames a Put is sent as a Txn, and its answer is built from
+    // the Txn's (src/server/rebuild.rs).
+    let proxy = ProxyConfig::new(&fake).prefix(FLYTE).delta(false).start().await;
     let via = Channel::from_shared(proxy.url.clone()).unwrap().connect().await.unwrap();
     let to_fake = Channel::from_shared(fake.clone()).unwrap().connect().await.unwrap();
     let logical = Bytes::from(format!("{{\"status\":{{\"phase\":\"{}\"}}}}", "Running ".repeat(200)));

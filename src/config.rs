@@ -75,6 +75,10 @@ pub struct Config {
     /// `[dictionaries]`: trained zstd dictionaries shared through etcd.
     #[serde(default)]
     pub dictionaries: DictionariesConfig,
+    /// The frame codecs this replica announces it reads (`serve --announce-codecs`, hidden: a
+    /// test pretending to be an older build); `None`: every codec it reads ([`crate::members::CODECS`]).
+    #[serde(skip)]
+    pub announce_codecs: Option<Vec<String>>,
 }
 
 /// `[server]`
@@ -230,9 +234,12 @@ pub struct PrefixConfig {
     #[serde(default)]
     pub allow_sensitive_dictionary: bool,
     /// `prefixes[].delta`: store each new version of a key as a delta frame against a base (an
-    /// earlier version of the same key kept under `/etcd-squeeze/bases/`). Default false.
-    #[serde(default)]
-    pub delta: bool,
+    /// earlier version of the same key kept under `/etcd-squeeze/bases/`): `true`, `false`, or
+    /// `"auto"`: delta frames while every announced replica reads them ([`crate::members`]),
+    /// per-object frames otherwise. Unset: `"auto"` for the FlyteWorkflow prefix, `false` for
+    /// others ([`PrefixConfig::delta_mode`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaMode>,
     /// `prefixes[].delta_rebase_fraction`: a new base is written when the delta against the current
     /// one is larger than this fraction of the value compressed on its own. Default 0.5.
     #[serde(default = "default_rebase_fraction")]
@@ -241,6 +248,63 @@ pub struct PrefixConfig {
     /// every request (bases are immutable: never stale). Default 64 MiB.
     #[serde(default = "default_base_cache")]
     pub delta_base_cache: ByteSize,
+}
+
+/// `prefixes[].delta`: `true`, `false` or `"auto"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DeltaMode {
+    /// `false`: every version stored on its own.
+    Off,
+    /// `true`: delta frames always (every replica must read them).
+    On,
+    /// `"auto"`: delta frames while every replica announced under `/etcd-squeeze/members/` reads
+    /// them; per-object frames otherwise (and while that is not known).
+    #[default]
+    Auto,
+}
+
+impl DeltaMode {
+    /// True unless `false`: the prefix may hold delta frames and bases.
+    pub fn enabled(self) -> bool {
+        self != DeltaMode::Off
+    }
+}
+
+impl From<bool> for DeltaMode {
+    fn from(on: bool) -> Self {
+        if on {
+            DeltaMode::On
+        } else {
+            DeltaMode::Off
+        }
+    }
+}
+
+impl Serialize for DeltaMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DeltaMode::Off => s.serialize_bool(false),
+            DeltaMode::On => s.serialize_bool(true),
+            DeltaMode::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeltaMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        let accepted = "accepted: true, false or \"auto\"";
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(format!("invalid value; {accepted}")))? {
+            Raw::Bool(on) => Ok(on.into()),
+            Raw::Text(t) if t == "auto" => Ok(DeltaMode::Auto),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!("invalid value \"{t}\"; {accepted}"))),
+        }
+    }
 }
 
 /// `prefixes[].codec`
@@ -373,6 +437,7 @@ impl Default for Config {
             prefixes: default_prefixes(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            announce_codecs: None,
             health: HealthConfig::default(),
             dictionaries: DictionariesConfig::default(),
         }
@@ -380,6 +445,12 @@ impl Default for Config {
 }
 
 impl PrefixConfig {
+    /// `delta` as set, else its default: `"auto"` for the FlyteWorkflow prefix (whose objects are
+    /// rewritten whole on every status change), `false` for other prefixes.
+    pub fn delta_mode(&self) -> DeltaMode {
+        self.delta.unwrap_or(if self.prefix == FLYTEWORKFLOW_PREFIX { DeltaMode::Auto } else { DeltaMode::Off })
+    }
+
     /// A prefix rule with every default (zstd level 3, 256 B minimum, compressing).
     pub fn new(prefix: impl Into<String>) -> Self {
         PrefixConfig {
@@ -390,7 +461,7 @@ impl PrefixConfig {
             compress: true,
             dictionary: None,
             allow_sensitive_dictionary: false,
-            delta: false,
+            delta: None,
             delta_rebase_fraction: default_rebase_fraction(),
             delta_base_cache: default_base_cache(),
         }
@@ -794,9 +865,10 @@ impl From<&PrefixConfig> for PrefixRule {
             compress: p.compress,
             level: p.level,
             min_size: p.min_size.as_u64() as usize,
-            delta: p.delta.then(|| DeltaRule {
+            delta: p.delta_mode().enabled().then(|| DeltaRule {
                 rebase_fraction: p.delta_rebase_fraction,
                 base_cache_bytes: p.delta_base_cache.as_u64(),
+                auto: p.delta_mode() == DeltaMode::Auto,
             }),
         }
     }
@@ -859,7 +931,7 @@ mod tests {
                 compress: true,
                 dictionary: Some(true),
                 allow_sensitive_dictionary: false,
-                delta: true,
+                delta: Some(DeltaMode::On),
                 delta_rebase_fraction: 0.5,
                 delta_base_cache: ByteSize::mib(64),
             }],
@@ -867,6 +939,7 @@ mod tests {
             metrics: MetricsConfig { listen: DEFAULT_METRICS_LISTEN.parse().unwrap() },
             health: HealthConfig { probe_interval: DEFAULT_PROBE_INTERVAL, probe_timeout: DEFAULT_PROBE_TIMEOUT },
             dictionaries: DictionariesConfig::default(),
+            announce_codecs: None,
         }
     }
 

@@ -260,7 +260,7 @@ pub async fn run_delta(etcd: &str, series: Vec<(String, Vec<Generated>)>) -> Res
     config.metrics.listen = "127.0.0.1:0".parse()?;
     config.upstream.endpoints = vec![etcd.to_string()];
     config.dictionaries.enabled = false;
-    config.prefixes[0].delta = true;
+    config.prefixes[0].delta = Some(true.into());
     config.prefixes[0].dictionary = Some(false);
     let proxy = crate::server::spawn(config).await?;
     let mut via = client(&format!("http://{}", proxy.addr)).await?;

@@ -18,6 +18,8 @@
 //! - [`rewrite`]: which fields of which etcd messages carry values, and their rewriting (prost types).
 //! - [`delta`]: delta frames at run time: which base a write uses, the Txn rewrite, the base cache.
 //! - [`dictionary`]: trained zstd dictionaries: store in etcd, shared cache, training.
+//! - [`members`]: replica announcements under `/etcd-squeeze/members/`: which frame codecs every
+//!   replica reads (delta = "auto"), and the watch floors that bound base collection.
 //! - [`codec`]: the frame format and zstd, a pure function over `(key, value)` bytes, handed
 //!   dictionaries and bases.
 //! - [`upstream`]: the HTTP/2 channels to etcd (balance, reconnect, TLS).
@@ -41,6 +43,7 @@ pub mod demo;
 pub mod dictionary;
 pub mod fuzzing;
 pub mod health;
+pub mod members;
 pub mod metrics;
 pub mod ops;
 pub mod rewrite;

@@ -39,6 +39,9 @@ enum Command {
     },
     /// Read a key (or --prefix) directly from etcd: the decoded value, or with --meta the frame metadata.
     Get(ops::get::GetArgs),
+    /// The etcd-squeeze replicas sharing etcd, the frame codecs each reads, and which frames each
+    /// prefix writes now (talks to etcd directly).
+    Status(etcd_squeeze::ops::status::StatusArgs),
     /// Trained dictionaries stored in etcd: list, show, train, gc.
     Dict {
         #[command(subcommand)]
@@ -73,6 +76,10 @@ struct ServeArgs {
     /// Validate the configuration and load its TLS files, print it, and exit.
     #[arg(long)]
     check_config: bool,
+    /// Announce reading only these frame codecs (raw, zstd, delta), as an older build would:
+    /// for upgrade tests.
+    #[arg(long, value_delimiter = ',', hide = true)]
+    announce_codecs: Option<Vec<String>>,
 }
 
 #[derive(Subcommand)]
@@ -125,6 +132,7 @@ fn load_config(args: &ServeArgs) -> Result<Config, etcd_squeeze::config::ConfigE
     if let Some(listen) = args.metrics_listen {
         config.metrics.listen = listen;
     }
+    config.announce_codecs = args.announce_codecs.clone();
     config.validate()?;
     Ok(config)
 }
@@ -319,6 +327,7 @@ async fn main() -> ExitCode {
         Command::Analyze(args) => ops::analyze::cli(args).await,
         Command::Migrate { command } => ops::migrate::cli(command).await,
         Command::Get(args) => ops::get::cli(args).await,
+        Command::Status(args) => etcd_squeeze::ops::status::cli(args).await,
         Command::Dict { command } => etcd_squeeze::ops::dict::run(command).await,
     }
 }

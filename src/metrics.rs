@@ -85,6 +85,19 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     /// `etcd_squeeze_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `etcd_squeeze_replicas_announced`: replicas announced under `/etcd-squeeze/members/`
+    /// (this one included; 0 while the view is not known).
+    pub replicas_announced: IntGauge,
+    /// `etcd_squeeze_replicas_reading{codec}`: announced replicas that read frames of `codec`
+    /// (`raw`, `zstd`, `delta`).
+    pub replicas_reading: IntGaugeVec,
+    /// `etcd_squeeze_delta_writing{prefix}`: 1 while the prefix writes delta frames (`delta =
+    /// true`, or `"auto"` with every replica reading them), else 0.
+    pub delta_writing: IntGaugeVec,
+    /// `etcd_squeeze_bases_swept_total{reason}`: bases the orphan sweep deleted: `key_gone` (the
+    /// key was deleted, compaction passed the deletion) or `superseded` (no readable revision of
+    /// the key uses it).
+    pub bases_swept: IntCounterVec,
 }
 
 /// The decode error kinds of `etcd_squeeze_decode_errors_total{reason}` (see `DecodeReason::kind`).
@@ -195,6 +208,10 @@ impl Metrics {
                 "Client connections that failed the TLS handshake (no or untrusted certificate, timeout).",
             ),
             build_info: gauge_vec("etcd_squeeze_build_info", "Always 1; the version label is the build's.", &["version"]),
+            replicas_announced: gauge("etcd_squeeze_replicas_announced", "etcd-squeeze replicas announced under /etcd-squeeze/members/ (0 while unknown)."),
+            replicas_reading: gauge_vec("etcd_squeeze_replicas_reading", "Announced replicas that read frames of the codec.", &["codec"]),
+            delta_writing: gauge_vec("etcd_squeeze_delta_writing", "1 while the prefix writes delta frames, else 0.", &["prefix"]),
+            bases_swept: counter_vec("etcd_squeeze_bases_swept_total", "Bases the orphan sweep deleted, by reason: key_gone or superseded.", &["reason"]),
             // Last: every metric above is registered by now.
             names: r.names.take(),
             registry: r.registry.clone(),

@@ -58,6 +58,9 @@ pub struct DeltaRule {
     pub rebase_fraction: f64,
     /// Bytes of decompressed bases the prefix's base cache holds (`prefixes[].delta_base_cache`).
     pub base_cache_bytes: u64,
+    /// `delta = "auto"`: written only while every replica reads delta frames (the caller
+    /// decides; the codec reads and writes them either way).
+    pub auto: bool,
 }
 
 /// What happened to one value on the way in; used for counters and the demo.

@@ -140,7 +140,7 @@ mod tests {
             compress: true,
             level: 3,
             min_size: 0,
-            delta: Some(DeltaRule { rebase_fraction: 0.5, base_cache_bytes: 300 }),
+            delta: Some(DeltaRule { rebase_fraction: 0.5, base_cache_bytes: 300, auto: false }),
         };
         let c = BaseCache::for_rules(&[rule]);
         c.insert(base(b"/p/a", 1, 100));

@@ -34,10 +34,9 @@ use tonic::Status;
 use crate::codec::delta::{self, Base, BaseRef};
 use crate::codec::{prefix_end, EncodeError, EncodeOutcome, ValueCodec};
 use crate::proto::etcdserverpb::kv_client::KvClient;
-use crate::proto::etcdserverpb::watch_client::WatchClient;
 use crate::proto::etcdserverpb::{
-    compare, request_op, response_op, watch_request, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
+    compare, request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest, TxnResponse,
 };
 use crate::rewrite::{EncodeStats, KeyValues};
 use crate::upstream::Upstream;
@@ -69,7 +68,8 @@ pub struct Deltas {
     bases: Arc<cache::BaseCache>,
     dictionaries: Arc<crate::dictionary::Dictionaries>,
     kv: KvClient<Upstream>,
-    watch: WatchClient<Upstream>,
+    upstream: Upstream,
+    members: Arc<crate::members::Members>,
     known: DashMap<Bytes, Known>,
     /// The newest compaction revision seen (Compact calls through the proxy, or read from etcd).
     compacted: Arc<AtomicI64>,
@@ -113,16 +113,22 @@ pub struct Rewritten {
 impl Deltas {
     /// Delta state for `codec`'s prefix rules, filling `bases` (the cache `codec` reads) from
     /// `upstream`; `dictionaries` loads the dictionary a base record's frame names.
-    pub fn new(codec: ValueCodec, bases: Arc<cache::BaseCache>, upstream: Upstream, dictionaries: Arc<crate::dictionary::Dictionaries>) -> Arc<Self> {
+    pub fn new(
+        codec: ValueCodec,
+        bases: Arc<cache::BaseCache>,
+        upstream: Upstream,
+        dictionaries: Arc<crate::dictionary::Dictionaries>,
+        members: Arc<crate::members::Members>,
+    ) -> Arc<Self> {
         let enabled = codec.rules().iter().any(|r| r.delta.is_some());
         let kv = KvClient::new(upstream.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-        let watch = WatchClient::new(upstream);
         Arc::new(Deltas {
             dictionaries,
             codec,
             bases,
             kv,
-            watch,
+            upstream,
+            members,
             known: DashMap::new(),
             compacted: Arc::new(AtomicI64::new(0)),
             compaction_read: Mutex::new(None),
@@ -135,9 +141,22 @@ impl Deltas {
         self.enabled
     }
 
-    /// True when a write to `key` is rewritten for delta frames (Put, single-key DeleteRange).
+    /// True when a Put of `key` is written as a delta frame now: its prefix has delta frames
+    /// `true`, or `"auto"` while every announced replica reads them ([`crate::members`]).
     pub fn applies_to(&self, key: &[u8]) -> bool {
+        self.enabled && self.codec.rule_for(key).and_then(|r| r.delta).is_some_and(|d| !d.auto || self.members.all_read("delta"))
+    }
+
+    /// True when `key` may have bases (its prefix has delta frames `true` or `"auto"`, whether
+    /// or not they are written now): a single-key DeleteRange deletes them too, and values read
+    /// back teach which base a version uses.
+    pub fn has_bases(&self, key: &[u8]) -> bool {
         self.enabled && self.codec.rule_for(key).is_some_and(|r| r.delta.is_some())
+    }
+
+    /// The replica view deciding `"auto"` and the collection horizon.
+    pub fn members(&self) -> &Arc<crate::members::Members> {
+        &self.members
     }
 
     /// True when some op of the Txn tree writes or deletes a key with delta frames.
@@ -145,7 +164,7 @@ impl Deltas {
         self.enabled
             && txn.success.iter().chain(txn.failure.iter()).any(|op| match &op.request {
                 Some(request_op::Request::RequestPut(p)) => self.applies_to(&p.key),
-                Some(request_op::Request::RequestDeleteRange(d)) => self.applies_to(&d.key),
+                Some(request_op::Request::RequestDeleteRange(d)) => self.has_bases(&d.key),
                 Some(request_op::Request::RequestTxn(inner)) => self.touches(inner),
                 _ => false,
             })
@@ -154,6 +173,7 @@ impl Deltas {
     /// A compaction at `revision` passed through the proxy (etcd's `Compact` succeeded).
     pub fn observe_compaction(&self, revision: i64) {
         self.compacted.fetch_max(revision, Ordering::Relaxed);
+        self.members.observe_compaction(revision);
     }
 
     /// The compare that makes a top-level Put of `key` a delta against its known base:
@@ -184,13 +204,15 @@ impl Deltas {
         // nested Txns) gets no delta: the added delete of its bases could remove the new base.
         let mut deleted = Vec::new();
         single_key_deletes(&txn, &mut |key| {
-            if self.applies_to(key) {
+            if self.has_bases(key) {
                 deleted.push(Bytes::copy_from_slice(key));
             }
         });
         let shape = txn.clone();
         let mut txn = txn;
-        let mut ctx = Ctx { pinned, effects: Vec::new(), path: Vec::new(), deleted, compacted: self.compacted.load(Ordering::Relaxed), stats };
+        // Superseded bases are collected below the horizon: compaction, and every replica's watches.
+        let horizon = self.compacted.load(Ordering::Relaxed).min(self.members.horizon());
+        let mut ctx = Ctx { pinned, effects: Vec::new(), path: Vec::new(), deleted, horizon, stats };
         self.rewrite_node(&mut txn, budget, &[], &mut ctx).map_err(RewriteError::Encode)?;
         Ok(Rewritten { txn, shape, effects: ctx.effects, pinned: ctx.pinned })
     }
@@ -247,7 +269,7 @@ impl Deltas {
 
     /// Learns from a value read back: K at `mod_revision` is a delta against `r`.
     fn learn(&self, key: &[u8], mod_revision: i64, r: BaseRef) {
-        if self.applies_to(key) && mod_revision > 0 {
+        if self.has_bases(key) && mod_revision > 0 {
             self.advance(key, mod_revision, r, &[]);
         }
     }
@@ -335,7 +357,7 @@ impl Deltas {
                             ctx.effects.push(Effect::Wrote { path, key: put.key.clone(), base, rebased, collected });
                         }
                     }
-                    Some(request_op::Request::RequestDeleteRange(d)) if d.range_end.is_empty() && self.applies_to(&d.key) && room > 0 => {
+                    Some(request_op::Request::RequestDeleteRange(d)) if d.range_end.is_empty() && self.has_bases(&d.key) && room > 0 => {
                         room -= 1;
                         let dir = delta::bases_dir(&d.key);
                         let end = prefix_end(&dir).expect("a bases directory ends in '/'");
@@ -412,7 +434,7 @@ impl Deltas {
         let mut collected = Vec::new();
         if let Some(k) = self.known.get(&put.key) {
             for &(id, at) in &k.superseded {
-                if *room == 0 || ctx.compacted <= at || id == base.id || id == k.base.id {
+                if *room == 0 || ctx.horizon <= at || id == base.id || id == k.base.id {
                     continue;
                 }
                 *room -= 1;
@@ -540,41 +562,14 @@ impl Deltas {
             }
             *last = Some(Instant::now());
         }
-        let (watch, compacted) = (self.watch.clone(), self.compacted.clone());
+        let (upstream, compacted, members) = (self.upstream.clone(), self.compacted.clone(), self.members.clone());
         tokio::spawn(async move {
-            if let Some(revision) = read_compaction(watch).await {
+            if let Some(revision) = crate::members::compaction_revision(upstream).await {
                 compacted.fetch_max(revision, Ordering::Relaxed);
+                members.observe_compaction(revision);
             }
         });
     }
-}
-
-/// etcd's compaction revision, read from etcd itself (see [`read_compaction`]): how a proxy
-/// learns of compactions that did not pass through it (another apiserver's proxy, etcdctl, a restart).
-pub async fn compaction_revision(upstream: Upstream) -> Option<i64> {
-    read_compaction(WatchClient::new(upstream)).await
-}
-
-/// etcd's compaction revision, from a watch on a key that never exists starting at revision 1:
-/// etcd cancels it with `compact_revision` when revision 1 is compacted away. `None` when etcd
-/// says nothing within two seconds (nothing compacted, or unreachable).
-async fn read_compaction(mut watch: WatchClient<Upstream>) -> Option<i64> {
-    let create = WatchCreateRequest { key: Bytes::from_static(b"/etcd-squeeze/compaction-probe"), start_revision: 1, ..Default::default() };
-    let request = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(request).await.ok()?;
-    let probe = async move {
-        let mut stream = watch.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.ok()?.into_inner();
-        while let Some(resp) = stream.message().await.ok()? {
-            if resp.compact_revision > 0 {
-                return Some(resp.compact_revision);
-            }
-        }
-        None
-    };
-    let found = tokio::time::timeout(Duration::from_secs(2), probe).await.ok().flatten();
-    drop(tx);
-    found
 }
 
 /// The state of one Txn rewrite, shared by every level of the Txn tree.
@@ -586,8 +581,9 @@ struct Ctx<'a> {
     path: Path,
     /// Delta keys a single-key DeleteRange of this Txn deletes: their Puts get no delta.
     deleted: Vec<Bytes>,
-    /// The compaction revision when the rewrite began.
-    compacted: i64,
+    /// Below this revision no read can need a base (compaction, and every replica's watch
+    /// floor: [`crate::members::Members::horizon`]), when the rewrite began.
+    horizon: i64,
     stats: &'a mut EncodeStats,
 }
 

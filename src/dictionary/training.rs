@@ -10,14 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
 use crate::config::MIN_SAMPLES;
 use crate::upstream::Upstream;
 
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::lease_client::LeaseClient;
 use crate::proto::etcdserverpb::{
-    compare, request_op, Compare, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest,
+    compare, request_op, Compare, LeaseGrantRequest, LeaseRevokeRequest, PutRequest,
     RangeRequest, RequestOp, TxnRequest,
 };
 
@@ -235,39 +234,9 @@ impl Election {
         }
         let create_revision = resp.header.map_or(0, |h| h.revision);
         let (lost_tx, lost) = watch::channel(false);
-        let keepalive = tokio::spawn(keep_alive(self.lease.clone(), lease, self.ttl, lost_tx));
+        let keepalive = tokio::spawn(crate::members::keep_alive(self.lease.clone(), lease, self.ttl, lost_tx, "trainer election"));
         Ok(Some(Leadership { lease, create_revision, key: self.key.clone(), lost, keepalive, client: self.lease.clone() }))
     }
-}
-
-/// Sends a keepalive every third of the TTL; on any failure, or an expired lease, reports the
-/// leadership lost and stops.
-async fn keep_alive(mut client: LeaseClient<Upstream>, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    // The first request goes out with the call: etcd (grpc-go) sends the stream's response
-    // headers with its first response, so the call only returns once a request was answered.
-    if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-        return;
-    }
-    let mut responses = match client.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(_) => {
-            let _ = lost.send(true);
-            return;
-        }
-    };
-    loop {
-        match tokio::time::timeout(ttl, responses.next()).await {
-            Ok(Some(Ok(r))) if r.ttl > 0 => {}
-            _ => break,
-        }
-        tokio::time::sleep(ttl / 3).await;
-        if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-            break;
-        }
-    }
-    tracing::warn!(lease = id, "trainer lease lost");
-    let _ = lost.send(true);
 }
 
 impl Leadership {

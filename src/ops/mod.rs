@@ -15,6 +15,7 @@ pub mod analyze;
 pub mod dict;
 pub mod get;
 pub mod migrate;
+pub mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -297,9 +298,16 @@ impl Etcd {
         let base_cache = std::sync::Arc::new(BaseCache::for_rules(decoder.rules()));
         let decoder = decoder.with_bases(base_cache.clone());
         let dictionaries = crate::dictionary::Dictionaries::new(&config, decoder.clone(), dictionary_cache, upstream.clone());
-        let deltas = crate::delta::Deltas::new(decoder.clone(), base_cache, upstream.clone(), dictionaries.clone());
+        // Operator commands announce nothing: a prefix with delta = "auto" writes per-object frames.
+        let members = crate::members::Members::new(dictionaries.identity().to_string(), Vec::new(), Vec::new());
+        let deltas = crate::delta::Deltas::new(decoder.clone(), base_cache, upstream.clone(), dictionaries.clone(), members);
         let kv = KvClient::new(upstream.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         Ok(Etcd { config, codec, decoder, dictionaries, deltas, pinned: Default::default(), kv, upstream })
+    }
+
+    /// The connections to etcd.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     /// A KV client on the shared connections.

@@ -115,6 +115,9 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let shared = Shared::new(config, upstream.clone());
     // Dictionary store follower and trainer: they run while the server serves.
     let dictionary_tasks = shared.dictionaries.spawn();
+    // The replica announcement (delta = "auto", base collection): revoked at shutdown.
+    let (members_stop, members_stop_rx) = tokio::sync::watch::channel(false);
+    let members_task = shared.deltas.members().spawn(upstream.own(), members_stop_rx);
     let metrics = crate::metrics::get();
     metrics.init_prefixes(shared.config.prefixes.iter().map(|p| p.prefix.as_str()));
 
@@ -168,7 +171,9 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         // At shutdown a leading dictionary trainer resigns at once, while the calls drain.
         let resign = tokio::spawn(async move {
             let _ = resign_on.wait_for(|s| *s).await;
+            let _ = members_stop.send(true);
             dictionary_tasks.stop().await;
+            let _ = members_task.await;
         });
         let (admin_done_tx, admin_done_rx) = tokio::sync::oneshot::channel::<()>();
         let admin = tokio::spawn(crate::health::serve(metrics_listener, readiness.clone(), async move {

@@ -380,7 +380,7 @@ impl Kv for Rebuild {
         if reserved::touches(&r.key, &r.range_end) {
             return self.delete_without_reserved(request).await;
         }
-        if r.range_end.is_empty() && self.shared.deltas.applies_to(&r.key) {
+        if r.range_end.is_empty() && self.shared.deltas.has_bases(&r.key) {
             let (metadata, _, delete) = request.into_parts();
             return self.delete_as_txn(&metadata, delete).await;
         }

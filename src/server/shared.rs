@@ -35,7 +35,10 @@ impl Shared {
         let base_cache = Arc::new(BaseCache::for_rules(codec.rules()));
         let codec = codec.with_bases(base_cache.clone());
         let dictionaries = Dictionaries::new(&config, codec.clone(), dictionary_cache, upstream.clone());
-        let deltas = crate::delta::Deltas::new(codec.clone(), base_cache, upstream, dictionaries.clone());
+        let codecs = config.announce_codecs.clone().unwrap_or_else(|| crate::members::CODECS.iter().map(|c| c.to_string()).collect());
+        let prefixes = config.prefixes.iter().map(|p| (p.prefix.clone(), p.delta_mode())).collect();
+        let members = crate::members::Members::new(dictionaries.identity().to_string(), codecs, prefixes);
+        let deltas = crate::delta::Deltas::new(codec.clone(), base_cache, upstream, dictionaries.clone(), members);
         let scope = Scope::new(codec.rules().iter().map(|r| (r.prefix.clone(), r.delta.is_some())));
         Arc::new(Shared { config, codec, dictionaries, deltas, scope })
     }

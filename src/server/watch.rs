@@ -82,11 +82,15 @@ impl tower::Service<http::Request<Body>> for WatchService {
 }
 
 /// What one client stream knows of its watches.
-#[derive(Default)]
 struct StreamState {
     /// For each create request sent upstream and not yet answered: can its watch carry framed
-    /// values, and can it see the proxy's own keys?
-    pending_creates: VecDeque<(bool, bool)>,
+    /// values, can it see the proxy's own keys, and its start_revision?
+    pending_creates: VecDeque<(bool, bool, i64)>,
+    /// For each watch whose events are decoded: the lowest revision an event of it can still
+    /// have (after its last event, or its start). Their minimum is this stream's entry in the
+    /// replica's watch floors ([`crate::members`]): bases such events need are not collected.
+    floors: std::collections::HashMap<i64, i64>,
+    floor: crate::members::FloorEntry,
     /// Watch IDs whose events are decoded.
     involved: HashSet<i64>,
     /// Watch IDs whose range reaches into `/etcd-squeeze/` (their events of those keys are dropped).
@@ -127,7 +131,14 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
 
     fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
         let this = self.clone();
-        let state = Arc::new(Mutex::new(StreamState::default()));
+        let state = Arc::new(Mutex::new(StreamState {
+            pending_creates: VecDeque::new(),
+            floors: Default::default(),
+            floor: this.shared.deltas.members().floors.register(),
+            involved: HashSet::new(),
+            sees_reserved: HashSet::new(),
+            canceled_here: HashSet::new(),
+        }));
         let (metadata, _, inbound) = request.into_parts();
         // A client-side stream error (or half-close) ends what the client sends upstream; etcd
         // keeps the stream open for responses exactly as it does for a client that half-closes.
@@ -137,7 +148,7 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
             if let Some(create) = create_request(&request) {
                 let route = classify(Call::WatchCreate, create, &shared.scope);
                 let reserved = matches!(route, Route::Rewrite(needs) if needs.reserved);
-                lock(&creates).pending_creates.push_back((route != Route::Forward, reserved));
+                lock(&creates).pending_creates.push_back((route != Route::Forward, reserved, varint_field(create, 3).unwrap_or(0) as i64));
             }
             request
         });
@@ -178,6 +189,48 @@ fn create_request(request: &[u8]) -> Option<&[u8]> {
     create.map(|r| &request[r])
 }
 
+impl StreamState {
+    /// Sets (or clears) a watch's floor and republishes the stream's lowest.
+    fn set_floor(&mut self, watch_id: i64, floor: Option<i64>) {
+        match floor {
+            Some(f) => self.floors.insert(watch_id, f),
+            None => self.floors.remove(&watch_id),
+        };
+        self.floor.set(self.floors.values().copied().min());
+    }
+}
+
+/// The varint field `number` of a message, if present and readable.
+fn varint_field(msg: &[u8], number: u32) -> Option<u64> {
+    wire::fields(msg).filter_map(Result::ok).find_map(|f| match (f.number == number, f.value) {
+        (true, Value::Varint(v)) => Some(v),
+        _ => None,
+    })
+}
+
+/// The sub-message field `number` of a message (the last one, as protobuf merges).
+fn message_field(msg: &[u8], number: u32) -> Option<&[u8]> {
+    let mut out = None;
+    for f in wire::fields(msg) {
+        if let Ok(wire::Field { number: n, value: Value::Bytes(r), .. }) = f {
+            if n == number {
+                out = Some(&msg[r]);
+            }
+        }
+    }
+    out
+}
+
+/// A WatchResponse's `header.revision` (field 1, then 3).
+fn header_revision(msg: &[u8]) -> Option<i64> {
+    message_field(msg, 1).and_then(|h| varint_field(h, 3)).map(|r| r as i64)
+}
+
+/// The `kv.mod_revision` of a WatchResponse's last event (events = 11, kv = 2, mod_revision = 3).
+fn last_event_revision(msg: &[u8]) -> Option<i64> {
+    message_field(msg, 11).and_then(|e| message_field(e, 2)).and_then(|kv| varint_field(kv, 3)).map(|r| r as i64)
+}
+
 fn lock(state: &Mutex<StreamState>) -> std::sync::MutexGuard<'_, StreamState> {
     // A std Mutex: nothing awaits while it is held. A poisoned one still holds consistent sets.
     state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -203,9 +256,12 @@ async fn respond(
         let mut st = lock(&state);
         if top.created {
             // No pending create (not expected): decode and filter, to be safe.
-            let (involved, reserved) = st.pending_creates.pop_front().unwrap_or((true, true));
-            if involved {
+            let (involved, reserved, start) = st.pending_creates.pop_front().unwrap_or((true, true, 0));
+            if involved && !top.canceled {
                 st.involved.insert(top.watch_id);
+                // A watch from "now" starts after the revision its created response carries.
+                let floor = if start > 0 { start } else { header_revision(&bytes).map_or(0, |r| r + 1) };
+                st.set_floor(top.watch_id, Some(floor));
             }
             if reserved {
                 st.sees_reserved.insert(top.watch_id);
@@ -226,6 +282,18 @@ async fn respond(
         if top.canceled && !top.created {
             st.involved.remove(&top.watch_id);
             st.sees_reserved.remove(&top.watch_id);
+            st.set_floor(top.watch_id, None);
+        } else if decode {
+            if let Some(last) = last_event_revision(&bytes) {
+                st.set_floor(top.watch_id, Some(last + 1));
+            }
+        } else if top.events == 0 && !top.created && st.involved.contains(&top.watch_id) {
+            // A timed progress notification of this watch: every event up to its revision was
+            // sent. (Requested ones, watch ID -1, are not used: before etcd 3.4.25 and 3.5.8 they
+            // could overtake events, etcd-io/etcd#15220.)
+            if let Some(r) = header_revision(&bytes) {
+                st.set_floor(top.watch_id, Some(r + 1));
+            }
         }
         (decode, reserved)
     };
@@ -248,7 +316,10 @@ async fn respond(
         Ok(decoded) => Some(Ok(decoded)),
         Err(Failure::Decode(e)) => {
             let reason = decode_status(e).message().to_string();
-            lock(&state).canceled_here.insert(top.watch_id);
+            let mut st = lock(&state);
+            st.canceled_here.insert(top.watch_id);
+            st.set_floor(top.watch_id, None);
+            drop(st);
             let cancel = watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: top.watch_id });
             let _ = cancel_tx.send(Bytes::from(WatchRequest { request_union: Some(cancel) }.encode_to_vec()));
             let header = wire::bytes_field(&bytes, 1).ok().and_then(|h| ResponseHeader::decode(h).ok());
