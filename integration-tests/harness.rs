@@ -201,7 +201,18 @@ impl Proxy {
             config.metrics.listen = "127.0.0.1:0".parse().unwrap();
         }
         config.validate().unwrap();
+        let auto = config.announce && config.prefixes.iter().any(|p| p.delta_mode() == etcd_squeeze::config::DeltaMode::Auto);
         let running = etcd_squeeze::server::spawn(config).await.unwrap();
+        if auto {
+            // delta = "auto" writes delta frames once the replica has announced itself and seen
+            // every other replica: tests of the default configuration start from there.
+            let members = running.members.clone();
+            eventually(Duration::from_secs(10), "the proxy to announce itself (delta = \"auto\")", || {
+                let members = members.clone();
+                async move { members.all_read("delta") }
+            })
+            .await;
+        }
         Proxy { url: format!("http://{}", running.addr), metrics_url: format!("http://{}", running.metrics_addr), stop: Some(running.stop) }
     }
 
@@ -289,6 +300,13 @@ impl ProxyConfig {
     pub fn probe(mut self, interval: Duration, timeout: Duration) -> Self {
         self.config.health.probe_interval = interval;
         self.config.health.probe_timeout = timeout;
+        self
+    }
+
+    /// Announce the replica under `/etcd-squeeze/members/` (default on; off for tests comparing
+    /// revisions with a second etcd: the announcement is a write).
+    pub fn announce(mut self, on: bool) -> Self {
+        self.config.announce = on;
         self
     }
 
@@ -391,7 +409,16 @@ impl Env {
         Env { proxy, etcd, via, direct, prefix: FLYTE, proxy_upstream, _files: Some(files) }
     }
 
-    /// etcd + proxy compressing `prefix` with delta frames on.
+    /// etcd + proxy compressing `prefix` with delta frames off (every version on its own).
+    pub async fn per_object(prefix: &'static str) -> Env {
+        let etcd = Etcd::start().await;
+        let proxy = ProxyConfig::new(&etcd.url).prefix(prefix).delta(false).start().await;
+        let via = proxy.client().await;
+        let direct = etcd.client().await;
+        Env { proxy, etcd, via, direct, prefix, proxy_upstream: None, _files: None }
+    }
+
+    /// etcd and a proxy with delta frames on (`true`) for `prefix`, dictionaries off ([`delta_config`]).
     pub async fn with_delta(prefix: &'static str) -> Env {
         let etcd = Etcd::start().await;
         let proxy = Proxy::start_config(delta_config(&etcd.url, prefix)).await;

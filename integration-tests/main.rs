@@ -1,7 +1,9 @@
 //! Integration tests: a real etcd, the proxy on loopback, real clients (`etcd-client`, `etcdctl`).
 //!
-//! Every case of [`suite!`] runs three times: with the default FlyteWorkflow prefix, with a proxy
-//! that compresses every key (prefix ""), and with delta frames on for the FlyteWorkflow prefix.
+//! Every case of [`suite!`] runs five times: with the default configuration (the FlyteWorkflow
+//! prefix, `delta = "auto"`: delta frames once the replica has announced itself), with delta
+//! frames off for it, with a proxy that compresses every key (prefix ""), with delta frames on
+//! (`true`, dictionaries off), and behind etcd authentication.
 
 mod alerts;
 mod auth;
@@ -59,6 +61,15 @@ macro_rules! suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(crate::harness::Env::new("").await).await;
+                }
+            )*
+        }
+        /// The FlyteWorkflow prefix with delta frames off: every version stored on its own.
+        mod delta_off {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::harness::Env::per_object(crate::harness::FLYTE).await).await;
                 }
             )*
         }

@@ -13,7 +13,7 @@ use etcd_squeeze::ops::get::{self, GetArgs};
 use etcd_squeeze::ops::migrate::{self, Direction, MigrateArgs, Summary};
 use etcd_squeeze::ops::{Etcd as Target, EtcdArgs};
 
-use crate::harness::{Env, Etcd, Proxy, FLYTE};
+use crate::harness::{Env, Etcd, ProxyConfig, FLYTE};
 
 /// Parses command-line arguments into one of the commands' argument structs.
 fn parse<T: clap::Args>(args: &[&str]) -> T {
@@ -80,7 +80,7 @@ fn json(i: usize, version: usize, size: usize) -> Vec<u8> {
 /// keys outside the prefix: every count and size of the report is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analyze_counts_raw_framed_and_foreign_keys() {
-    let mut env = Env::new(FLYTE).await;
+    let mut env = Env::per_object(FLYTE).await;
     let objects = etcd_squeeze::corpus::small_set(7);
     let mut originals: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
     for (i, obj) in objects.iter().enumerate() {
@@ -166,7 +166,7 @@ async fn analyze_counts_raw_framed_and_foreign_keys() {
 /// outside the prefix never written; a dry run writes nothing; a second run has nothing to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_compress_then_decompress_round_trip() {
-    let mut env = Env::new(FLYTE).await;
+    let mut env = Env::per_object(FLYTE).await;
     let url = env.etcd.url.clone();
     let lease = env.direct.lease_grant(600, None).await.unwrap().id();
     for (i, obj) in etcd_squeeze::corpus::small_set(11).iter().enumerate() {
@@ -246,7 +246,7 @@ async fn migrate_compress_then_decompress_round_trip() {
 /// etcd and a proxy, with `n` compressible raw values (`wf(i)` = `json(i, 0, 3000)`) written
 /// directly to etcd, as before adoption.
 async fn with_raw_keys(n: usize) -> Env {
-    let mut env = Env::new(FLYTE).await;
+    let mut env = Env::per_object(FLYTE).await;
     for i in 0..n {
         env.direct.put(wf(i), json(i, 0, 3000), None).await.unwrap();
     }
@@ -340,7 +340,7 @@ fn rewritten_so_far(state: &Path) -> u64 {
 /// `get`: the decoded value, `--meta`, `--prefix`, a missing key, an undecodable frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_prints_values_and_frame_metadata() {
-    let mut env = Env::new(FLYTE).await;
+    let mut env = Env::per_object(FLYTE).await;
     let url = env.etcd.url.clone();
     let value = json(1, 0, 20_000);
     env.via.put(wf(1), value.clone(), None).await.unwrap();
@@ -381,7 +381,7 @@ async fn get_prints_values_and_frame_metadata() {
 /// to a new etcd that, behind a proxy, serves the original bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_through_the_proxy_restores_behind_a_proxy() {
-    let mut env = Env::new(FLYTE).await;
+    let mut env = Env::per_object(FLYTE).await;
     for (i, obj) in etcd_squeeze::corpus::small_set(3).iter().enumerate() {
         env.via.put(wf(i), obj.json.clone(), None).await.unwrap();
     }
@@ -392,7 +392,7 @@ async fn snapshot_through_the_proxy_restores_behind_a_proxy() {
     env.etcdctl(&["snapshot", "save", snapshot.to_str().unwrap()], None);
 
     let restored = Etcd::restore(&snapshot).await;
-    let proxy = Proxy::start(&restored.url, &[FLYTE]).await;
+    let proxy = ProxyConfig::new(&restored.url).prefix(FLYTE).delta(false).start().await;
     let mut via = proxy.client().await;
     let served = dump(&mut via, "").await;
     assert_eq!(served.len(), logical.len());

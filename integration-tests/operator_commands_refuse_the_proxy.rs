@@ -17,7 +17,7 @@ async fn dump(c: &mut etcd_client::Client) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operator_command_refuses_to_run_against_the_proxy() {
-    let mut env = Env::new(FLYTE).await;
+    let mut env = Env::per_object(FLYTE).await;
     for (i, obj) in etcd_squeeze::corpus::small_set(3).iter().enumerate() {
         env.via.put(env.wf_key(&format!("wf-{i}")), obj.json.clone(), None).await.unwrap();
     }

@@ -19,7 +19,7 @@ fn kvs(list: &[etcd_client::KeyValue]) -> Vec<(String, Vec<u8>, i64, i64, i64)> 
 async fn the_proxys_keys_are_invisible_and_safe() {
     let (etcd_a, etcd_b) = (Etcd::start().await, Etcd::start().await);
     // Delta frames write bases under /etcd-squeeze/bases/ (in the clients' Txns); no trainer.
-    let proxy = ProxyConfig::new(&etcd_a.url).prefix(FLYTE).delta(true).dictionaries(false).start().await;
+    let proxy = ProxyConfig::new(&etcd_a.url).prefix(FLYTE).delta(true).dictionaries(false).announce(false).start().await;
     let (mut via, mut direct_a, mut b) = (proxy.client().await, etcd_a.client().await, etcd_b.client().await);
     let series = steady_series(3);
     let mut first_rev = 0;

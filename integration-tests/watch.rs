@@ -155,11 +155,11 @@ async fn fragmented_watch_responses_are_decoded() {
     use etcd_squeeze::proto::etcdserverpb::{watch_client::WatchClient, watch_request, WatchCreateRequest, WatchRequest};
     use futures::StreamExt;
     use rand::{Rng, SeedableRng};
-    use crate::harness::{Etcd, Proxy, FLYTE};
+    use crate::harness::{Etcd, ProxyConfig, FLYTE};
 
     // A small --max-request-bytes makes the fragment threshold (limit + 512 KiB) small too.
     let etcd = Etcd::start_with(&["--max-request-bytes", "65536"]).await;
-    let proxy = Proxy::start(&etcd.url, &[FLYTE]).await;
+    let proxy = ProxyConfig::new(&etcd.url).prefix(FLYTE).delta(false).start().await;
     let mut via = proxy.client().await;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let prefix = format!("{FLYTE}frag/");

@@ -79,6 +79,16 @@ pub struct Config {
     /// test pretending to be an older build); `None`: every codec it reads ([`crate::members::CODECS`]).
     #[serde(skip)]
     pub announce_codecs: Option<Vec<String>>,
+    /// Announce this replica under `/etcd-squeeze/members/` (default true). Off only in tests
+    /// that compare revisions with a second etcd given the same writes: the announcement is a
+    /// write of its own. Off, `delta = "auto"` writes per-object frames and no superseded base is
+    /// collected.
+    #[serde(skip, default = "announce_default")]
+    pub announce: bool,
+}
+
+fn announce_default() -> bool {
+    true
 }
 
 /// `[server]`
@@ -438,6 +448,7 @@ impl Default for Config {
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             announce_codecs: None,
+            announce: true,
             health: HealthConfig::default(),
             dictionaries: DictionariesConfig::default(),
         }
@@ -940,6 +951,7 @@ mod tests {
             health: HealthConfig { probe_interval: DEFAULT_PROBE_INTERVAL, probe_timeout: DEFAULT_PROBE_TIMEOUT },
             dictionaries: DictionariesConfig::default(),
             announce_codecs: None,
+            announce: true,
         }
     }
 

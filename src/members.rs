@@ -47,8 +47,12 @@ use crate::upstream::Upstream;
 pub const MEMBERS_PREFIX: &str = "/etcd-squeeze/members/";
 /// The announcement lease's TTL: a killed replica disappears from the view this long after.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
-/// How often the watch floor is re-announced (when it changed).
+/// How often the announcement is checked: re-announced at once when the compaction revision
+/// known changed (that is when collection becomes possible), else when the watch floor changed
+/// and [`FLOOR_REFRESH`] passed (each announcement is a write to etcd).
 const REFRESH: Duration = Duration::from_secs(2);
+/// The least time between two announcements for a watch floor change alone.
+const FLOOR_REFRESH: Duration = Duration::from_secs(30);
 /// How often the compaction revision is read from etcd (a watch create and cancel): a replica
 /// that has not seen a compaction blocks the collection of bases it passed.
 const COMPACTION_REFRESH: Duration = Duration::from_secs(5);
@@ -253,6 +257,7 @@ impl Members {
         let _keepalive = AbortOnDrop(tokio::spawn(keep_alive(leases, lease, LEASE_TTL, lost_tx, "replica announcement")));
         let key = Bytes::from(format!("{MEMBERS_PREFIX}{}", self.id));
         let mut announced = self.announcement();
+        let (mut announced_at, mut announced_compaction) = (Instant::now(), self.compacted());
         let put = |a: &Announcement| PutRequest { key: key.clone(), value: Bytes::from(serde_json::to_vec(a).expect("JSON")), lease, ..Default::default() };
         kv.put(put(&announced)).await?;
         // List, then watch from the listed revision on.
@@ -306,9 +311,10 @@ impl Members {
                         }
                     }
                     let now = self.announcement();
-                    if now != announced {
+                    let compaction_moved = self.compacted() != announced_compaction;
+                    if now != announced && (compaction_moved || announced_at.elapsed() >= FLOOR_REFRESH) {
                         kv.put(put(&now)).await?;
-                        announced = now;
+                        (announced, announced_at, announced_compaction) = (now, Instant::now(), self.compacted());
                     }
                 }
             }

@@ -66,6 +66,8 @@ pub struct Running {
     pub metrics_addr: SocketAddr,
     /// Serves until the shutdown signal, then drains (see [`start`]) and resolves.
     pub serve: Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send>>,
+    /// This replica's view of the replicas sharing etcd (`delta = "auto"`).
+    pub members: Arc<crate::members::Members>,
 }
 
 /// A proxy serving in the background of the current tokio runtime (tests, benchmarks, the demo):
@@ -77,6 +79,8 @@ pub struct Background {
     pub metrics_addr: SocketAddr,
     /// Dropping it (or sending) starts the graceful shutdown of [`start`].
     pub stop: tokio::sync::oneshot::Sender<()>,
+    /// This replica's view of the replicas sharing etcd (`delta = "auto"`).
+    pub members: Arc<crate::members::Members>,
 }
 
 /// [`start`], spawned on the current runtime; shuts down when the returned handle is dropped.
@@ -87,7 +91,7 @@ pub async fn spawn(config: Config) -> Result<Background, ServeError> {
     })
     .await?;
     tokio::spawn(running.serve);
-    Ok(Background { addr: running.addr, metrics_addr: running.metrics_addr, stop })
+    Ok(Background { addr: running.addr, metrics_addr: running.metrics_addr, stop, members: running.members })
 }
 
 /// Binds `server.listen` and `metrics.listen`, loads the TLS files, probes etcd once, and
@@ -117,7 +121,8 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let dictionary_tasks = shared.dictionaries.spawn();
     // The replica announcement (delta = "auto", base collection): revoked at shutdown.
     let (members_stop, members_stop_rx) = tokio::sync::watch::channel(false);
-    let members_task = shared.deltas.members().spawn(upstream.own(), members_stop_rx);
+    let members = shared.deltas.members().clone();
+    let members_task = if shared.config.announce { members.spawn(upstream.own(), members_stop_rx) } else { tokio::spawn(async {}) };
     let metrics = crate::metrics::get();
     metrics.init_prefixes(shared.config.prefixes.iter().map(|p| p.prefix.as_str()));
 
@@ -214,7 +219,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         tracing::info!("stopped");
         result
     };
-    Ok(Running { addr: local, metrics_addr, serve: Box::pin(serve) })
+    Ok(Running { addr: local, metrics_addr, serve: Box::pin(serve), members })
 }
 
 /// Serves each accepted connection with `front` until `signal`; then closes the listener at
