@@ -104,6 +104,8 @@ async fn rebase_and_compaction_with_a_lagging_watcher() {
     // Compact through the proxy in the middle of the history, then keep writing.
     let compact_at = first[6];
     env.via.compact(compact_at, None).await.unwrap();
+    // Collection waits for a listing of the replicas read after the compaction (every 2 s).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let mut rev = *first.last().unwrap();
     let mut revs = first.clone();
     for v in &versions[10..] {

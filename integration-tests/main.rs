@@ -29,6 +29,7 @@ mod migration;
 mod module_layers;
 mod odd_values;
 mod operator_commands_refuse_the_proxy;
+mod orphaned_bases_are_swept;
 mod ops;
 mod pki;
 mod ports_and_paths_agree;

@@ -85,10 +85,21 @@ pub struct Config {
     /// collected.
     #[serde(skip, default = "announce_default")]
     pub announce: bool,
+    /// How often the elected replica sweeps orphaned delta-frame bases ([`crate::delta::sweep`];
+    /// default [`DEFAULT_SWEEP_INTERVAL`]; shorter in tests).
+    #[serde(skip, default = "sweep_interval_default")]
+    pub sweep_interval: Duration,
 }
 
 fn announce_default() -> bool {
     true
+}
+
+/// The default of [`Config::sweep_interval`].
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+fn sweep_interval_default() -> Duration {
+    DEFAULT_SWEEP_INTERVAL
 }
 
 /// `[server]`
@@ -449,6 +460,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             announce_codecs: None,
             announce: true,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
             health: HealthConfig::default(),
             dictionaries: DictionariesConfig::default(),
         }
@@ -952,6 +964,7 @@ mod tests {
             dictionaries: DictionariesConfig::default(),
             announce_codecs: None,
             announce: true,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
         }
     }
 

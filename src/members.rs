@@ -136,6 +136,14 @@ pub struct Members {
     fresh: AtomicBool,
     /// The newest compaction revision known.
     compacted: AtomicI64,
+    /// The collection bound the last listing of [`MEMBERS_PREFIX`] proved: the compaction
+    /// revision known before the listing, lowered by every other listed replica's floor (0: none
+    /// yet). A replica that announced at or before that compaction is in the listing; one that
+    /// announced later opened its watches later, at or above it (see [`Members::horizon`]).
+    listed_floor: AtomicI64,
+    /// Incremented when an announcement this replica made may be gone (its round failed after
+    /// announcing): watch streams that decode delta frames end then ([`Members::lost_signal`]).
+    lost: watch::Sender<u64>,
     /// The lease of the announcement, to revoke at stop (0: none).
     lease: AtomicI64,
     /// Watches of this replica that decode delta frames.
@@ -154,6 +162,8 @@ impl Members {
             view: RwLock::new(BTreeMap::new()),
             fresh: AtomicBool::new(false),
             compacted: AtomicI64::new(0),
+            listed_floor: AtomicI64::new(0),
+            lost: watch::channel(0).0,
             lease: AtomicI64::new(0),
             floors: Arc::new(WatchFloors::default()),
         })
@@ -182,7 +192,38 @@ impl Members {
         }
         let view = self.view.read().unwrap_or_else(|p| p.into_inner());
         let others = view.iter().filter(|(id, _)| **id != self.id).map(|(_, a)| a.watch_floor).min().unwrap_or(i64::MAX);
-        others.min(self.own_floor())
+        self.listed_floor.load(Ordering::Acquire).min(others).min(self.own_floor())
+    }
+
+    /// Replaces the view with a listing of [`MEMBERS_PREFIX`] read after the compaction
+    /// revision `compacted_before` was known, and records the collection bound it proves.
+    fn install_listing(&self, listed: impl IntoIterator<Item = (String, Announcement)>, compacted_before: i64) {
+        let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
+        view.clear();
+        view.extend(listed);
+        let others = view.iter().filter(|(id, _)| **id != self.id).map(|(_, a)| a.watch_floor).min().unwrap_or(i64::MAX);
+        self.listed_floor.store(compacted_before.min(others), Ordering::Release);
+    }
+
+    /// Changes each time an announcement of this replica may have expired (its round failed
+    /// after announcing): another replica may then collect bases below this one's watch floor,
+    /// so the watch streams that decode delta frames end (UNAVAILABLE) and their clients
+    /// re-watch, from a revision etcd still serves.
+    pub fn lost_signal(&self) -> watch::Receiver<u64> {
+        self.lost.subscribe()
+    }
+
+    /// Waits until this replica is announced and follows the others (at most `timeout`);
+    /// false on timeout.
+    pub async fn wait_announced(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.fresh.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// A compaction at `revision` (seen through the proxy, or read from etcd).
@@ -222,7 +263,12 @@ impl Members {
                 let mut attempt = 0;
                 loop {
                     let started = Instant::now();
-                    if let Err(e) = this.round(&upstream).await {
+                    let result = this.round(&upstream).await;
+                    if this.lease.swap(0, Ordering::Relaxed) != 0 {
+                        // This round announced: its key may expire before the next one.
+                        this.lost.send_modify(|g| *g += 1);
+                    }
+                    if let Err(e) = result {
                         static WARN: crate::throttle::Throttle = crate::throttle::Throttle::new(Duration::from_secs(60));
                         if let Some(left_out) = WARN.allow() {
                             tracing::warn!(error = %e, left_out, "replica announcement: cannot follow /etcd-squeeze/members/ (delta = \"auto\" writes per-object frames meanwhile)");
@@ -248,11 +294,10 @@ impl Members {
     }
 
     /// One announcement: lease, put, list, watch; returns when anything fails.
-    async fn round(&self, upstream: &Upstream) -> Result<(), tonic::Status> {
+    async fn round(self: &Arc<Self>, upstream: &Upstream) -> Result<(), tonic::Status> {
         let mut kv = KvClient::new(upstream.clone());
         let mut leases = LeaseClient::new(upstream.clone());
         let lease = leases.lease_grant(LeaseGrantRequest { ttl: LEASE_TTL.as_secs() as i64, id: 0 }).await?.into_inner().id;
-        self.lease.store(lease, Ordering::Relaxed);
         let (lost_tx, mut lost) = watch::channel(false);
         let _keepalive = AbortOnDrop(tokio::spawn(keep_alive(leases, lease, LEASE_TTL, lost_tx, "replica announcement")));
         let key = Bytes::from(format!("{MEMBERS_PREFIX}{}", self.id));
@@ -260,28 +305,22 @@ impl Members {
         let (mut announced_at, mut announced_compaction) = (Instant::now(), self.compacted());
         let put = |a: &Announcement| PutRequest { key: key.clone(), value: Bytes::from(serde_json::to_vec(a).expect("JSON")), lease, ..Default::default() };
         kv.put(put(&announced)).await?;
+        self.lease.store(lease, Ordering::Relaxed);
         // List, then watch from the listed revision on.
+        let mut view_revision = self.list(&mut kv).await?;
         let end = Bytes::from(crate::codec::prefix_end(MEMBERS_PREFIX.as_bytes()).expect("a prefix"));
-        let listed = kv.range(RangeRequest { key: Bytes::from_static(MEMBERS_PREFIX.as_bytes()), range_end: end.clone(), ..Default::default() }).await?.into_inner();
-        let revision = listed.header.map_or(0, |h| h.revision);
-        {
-            let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
-            view.clear();
-            for kv in &listed.kvs {
-                if let Some(a) = parse(&kv.key, &kv.value) {
-                    view.insert(a.0, a.1);
-                }
-            }
-        }
-        let create = WatchCreateRequest { key: Bytes::from_static(MEMBERS_PREFIX.as_bytes()), range_end: end, start_revision: revision + 1, ..Default::default() };
+        let create = WatchCreateRequest { key: Bytes::from_static(MEMBERS_PREFIX.as_bytes()), range_end: end, start_revision: view_revision + 1, ..Default::default() };
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
         let mut events = WatchClient::new(upstream.clone()).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         self.fresh.store(true, Ordering::Release);
         self.update_metrics();
         let mut tick = tokio::time::interval(REFRESH);
-        // The compaction revision is read on the first tick (at once), then every COMPACTION_REFRESH.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The compaction revision is read in the background (a probe may wait two seconds), at
+        // once and then every COMPACTION_REFRESH.
         let mut compaction_read: Option<Instant> = None;
+        let mut probe: Option<AbortOnDrop> = None;
         loop {
             tokio::select! {
                 _ = lost.changed() => return Err(tonic::Status::unavailable("the announcement lease was lost")),
@@ -293,6 +332,10 @@ impl Members {
                     let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
                     for ev in resp.events {
                         let Some(kv) = ev.kv else { continue };
+                        // A relisting already holds what happened up to its revision.
+                        if kv.mod_revision <= view_revision {
+                            continue;
+                        }
                         let id = String::from_utf8_lossy(&kv.key[MEMBERS_PREFIX.len().min(kv.key.len())..]).into_owned();
                         if ev.r#type == 1 {
                             view.remove(&id);
@@ -304,11 +347,14 @@ impl Members {
                     self.update_metrics();
                 }
                 _ = tick.tick() => {
-                    if compaction_read.is_none_or(|t| t.elapsed() > COMPACTION_REFRESH) {
+                    if compaction_read.is_none_or(|t| t.elapsed() > COMPACTION_REFRESH) && probe.as_ref().is_none_or(|p| p.0.is_finished()) {
                         compaction_read = Some(Instant::now());
-                        if let Some(c) = compaction_revision(upstream.clone()).await {
-                            self.observe_compaction(c);
-                        }
+                        let (this, upstream) = (self.clone(), upstream.clone());
+                        probe = Some(AbortOnDrop(tokio::spawn(async move {
+                            if let Some(c) = compaction_revision(upstream).await {
+                                this.observe_compaction(c);
+                            }
+                        })));
                     }
                     let now = self.announcement();
                     let compaction_moved = self.compacted() != announced_compaction;
@@ -316,9 +362,23 @@ impl Members {
                         kv.put(put(&now)).await?;
                         (announced, announced_at, announced_compaction) = (now, Instant::now(), self.compacted());
                     }
+                    // Relisted on every tick: the collection bound needs a listing read after
+                    // the compaction it is capped by (watch events can lag behind).
+                    view_revision = view_revision.max(self.list(&mut kv).await?);
+                    self.update_metrics();
                 }
             }
         }
+    }
+
+    /// Lists [`MEMBERS_PREFIX`] into the view ([`Members::install_listing`]); returns the
+    /// listing's revision.
+    async fn list(&self, kv: &mut KvClient<Upstream>) -> Result<i64, tonic::Status> {
+        let compacted_before = self.compacted();
+        let end = Bytes::from(crate::codec::prefix_end(MEMBERS_PREFIX.as_bytes()).expect("a prefix"));
+        let listed = kv.range(RangeRequest { key: Bytes::from_static(MEMBERS_PREFIX.as_bytes()), range_end: end, ..Default::default() }).await?.into_inner();
+        self.install_listing(listed.kvs.iter().filter_map(|kv| parse(&kv.key, &kv.value)), compacted_before);
+        Ok(listed.header.map_or(0, |h| h.revision))
     }
 
     /// True when a prefix with this `delta` setting writes delta frames now.
@@ -428,7 +488,7 @@ mod tests {
 
     fn members(view: &[Announcement]) -> Arc<Members> {
         let m = Members::new("me".into(), CODECS.iter().map(|c| c.to_string()).collect(), Vec::new());
-        m.view.write().unwrap().extend(view.iter().map(|a| (a.id.clone(), a.clone())));
+        m.install_listing(view.iter().map(|a| (a.id.clone(), a.clone())), i64::MAX);
         m.fresh.store(true, Ordering::Release);
         m
     }
@@ -460,5 +520,23 @@ mod tests {
         let m = members(&[a("me", &CODECS, 0), a("b", &CODECS, 0)]);
         m.observe_compaction(200);
         assert_eq!(m.horizon(), 0, "a replica that knows no compaction yet blocks collection");
+    }
+
+    #[test]
+    fn the_horizon_waits_for_a_listing_read_after_the_compaction() {
+        // Listed before compaction 200 was known: a replica announced since (not in the view,
+        // its watch opened before the compaction) may need anything; the bound stays at the
+        // compaction known then (none).
+        let m = Members::new("me".into(), CODECS.iter().map(|c| c.to_string()).collect(), Vec::new());
+        m.install_listing([("me".to_string(), a("me", &CODECS, 0))], 0);
+        m.fresh.store(true, Ordering::Release);
+        m.observe_compaction(200);
+        assert_eq!(m.horizon(), 0);
+        // Relisted after it: the bound is the compaction, lowered by the listed replicas.
+        m.install_listing([("me".to_string(), a("me", &CODECS, 0)), ("b".to_string(), a("b", &CODECS, 150))], m.compacted());
+        assert_eq!(m.horizon(), 150);
+        // A floor lowered by a watch event since lowers the horizon at once.
+        m.view.write().unwrap().insert("c".into(), a("c", &CODECS, 120));
+        assert_eq!(m.horizon(), 120);
     }
 }

@@ -22,6 +22,7 @@
 //!   in etcd's history until compaction passes that revision).
 
 pub mod cache;
+pub mod sweep;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -152,6 +153,11 @@ impl Deltas {
     /// back teach which base a version uses.
     pub fn has_bases(&self, key: &[u8]) -> bool {
         self.enabled && self.codec.rule_for(key).is_some_and(|r| r.delta.is_some())
+    }
+
+    /// The prefixes that may hold delta frames and bases (`delta` not `false`).
+    pub fn base_prefixes(&self) -> Vec<Bytes> {
+        self.codec.rules().iter().filter(|r| r.delta.is_some()).map(|r| r.prefix.clone()).collect()
     }
 
     /// The replica view deciding `"auto"` and the collection horizon.

@@ -72,8 +72,24 @@ pub struct Report {
     pub max_request_bytes: u64,
     /// One section per configured prefix, in configuration order.
     pub prefixes: Vec<PrefixReport>,
+    /// Delta-frame bases no value needs once compaction passes them (src/delta/sweep.rs).
+    pub orphans: Orphans,
     /// How long the scan took, in seconds.
     pub seconds: f64,
+}
+
+/// What the orphan sweep's survey finds under `/etcd-squeeze/bases/` (at its own revision, just
+/// after the scan's): the bases a replica's sweep deletes once compaction passes them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Orphans {
+    /// Base keys listed.
+    pub bases: u64,
+    /// Bases of existing keys that a newer base of the same key superseded.
+    pub superseded: u64,
+    /// Bases of keys that no longer exist (deleted by a range, a lease, or directly in etcd).
+    pub key_gone: u64,
+    /// Base directories whose key could not be resolved (left alone).
+    pub unresolved: u64,
 }
 
 /// What one prefix holds and what it would hold behind the proxy.
@@ -256,11 +272,18 @@ pub async fn run(etcd: &Etcd, args: &AnalyzeArgs) -> Result<Report, OpsError> {
     }
     bar.finish_and_clear();
 
+    let mut kv = etcd.kv();
+    let survey = crate::delta::sweep::survey(&mut kv, &etcd.prefixes(), &mut HashMap::new())
+        .await
+        .map_err(|e| OpsError::Rpc { call: e.call, status: e.status })?;
+    let orphans = Orphans { bases: survey.bases, superseded: survey.superseded.len() as u64, key_gone: survey.gone_bases(), unresolved: survey.unresolved };
+
     Ok(Report {
         endpoints: etcd.config.upstream.endpoints.clone(),
         revision,
         max_request_bytes: limit,
         prefixes: tallies.into_iter().map(Tally::finish).collect(),
+        orphans,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -530,6 +553,17 @@ impl Report {
                     );
                 }
             }
+        }
+        let o = &self.orphans;
+        if o.bases > 0 {
+            let _ = writeln!(
+                out,
+                "\ndelta bases        {:>10}   superseded {} and of deleted keys {}: the sweep deletes them once compaction passes them{}",
+                o.bases,
+                o.superseded,
+                o.key_gone,
+                if o.unresolved > 0 { format!("; {} directories unresolved", o.unresolved) } else { String::new() }
+            );
         }
         out
     }

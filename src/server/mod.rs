@@ -70,6 +70,9 @@ pub struct Running {
     pub members: Arc<crate::members::Members>,
 }
 
+/// How long [`start`] waits for this replica's first announcement when etcd answers.
+const ANNOUNCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A proxy serving in the background of the current tokio runtime (tests, benchmarks, the demo):
 /// its addresses, and a handle whose drop shuts it down.
 pub struct Background {
@@ -122,7 +125,16 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     // The replica announcement (delta = "auto", base collection): revoked at shutdown.
     let (members_stop, members_stop_rx) = tokio::sync::watch::channel(false);
     let members = shared.deltas.members().clone();
-    let members_task = if shared.config.announce { members.spawn(upstream.own(), members_stop_rx) } else { tokio::spawn(async {}) };
+    let (members_task, sweep_task) = if shared.config.announce {
+        // The orphan sweep (one replica at a time) needs the horizon the announcements give.
+        let sweep = shared.deltas.enabled().then(|| {
+            let prefixes = shared.deltas.base_prefixes();
+            tokio::spawn(crate::delta::sweep::run(upstream.own(), members.id().to_string(), prefixes, members.clone(), shared.config.sweep_interval, members_stop_rx.clone()))
+        });
+        (members.spawn(upstream.own(), members_stop_rx), sweep)
+    } else {
+        (tokio::spawn(async {}), None)
+    };
     let metrics = crate::metrics::get();
     metrics.init_prefixes(shared.config.prefixes.iter().map(|p| p.prefix.as_str()));
 
@@ -136,6 +148,12 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let readiness = crate::health::Readiness::new(upstream.own(), health_reporter, shared.config.health.clone(), &shared.config.dictionaries.key_prefix);
     readiness.probe().await;
     tokio::spawn(readiness.clone().run(stop_rx.clone()));
+    // A replica whose watches decode delta frames is announced before it serves: a watch opened
+    // by an unannounced replica could start below a compaction the others collect up to.
+    if shared.config.announce && shared.deltas.enabled() && readiness.is_ready() && !members.wait_announced(ANNOUNCE_WAIT).await {
+        tracing::warn!(wait = ?ANNOUNCE_WAIT, "serving before this replica is announced under /etcd-squeeze/members/ (see the warnings above): \
+            delta = \"auto\" writes per-object frames until it is");
+    }
 
     // Each service applies limits.max_request_bytes to the requests it decodes.
     let routes = tonic::service::Routes::new(kv::KvService::new(shared.clone(), upstream.clone()))
@@ -179,6 +197,9 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
             let _ = members_stop.send(true);
             dictionary_tasks.stop().await;
             let _ = members_task.await;
+            if let Some(sweep) = sweep_task {
+                let _ = sweep.await;
+            }
         });
         let (admin_done_tx, admin_done_rx) = tokio::sync::oneshot::channel::<()>();
         let admin = tokio::spawn(crate::health::serve(metrics_listener, readiness.clone(), async move {

@@ -162,17 +162,42 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
             let (md, responses, ext) = upstream.streaming(request, path, RawCodec).await?.into_parts();
             let open = OpenStream::new();
             let shared = this.shared.clone();
+            let (lapsed, ended) = announcement_lapsed(this.shared.deltas.members().lost_signal(), state.clone());
             let responses = responses
                 .then(move |item| {
                     // Both live as long as the response stream, and are dropped with it.
                     let _guards = (&open, &end_requests);
                     respond(shared.clone(), state.clone(), cancel_tx.clone(), item)
                 })
-                .filter_map(std::future::ready)
-                .boxed();
-            Ok(Response::from_parts(md, responses, ext))
+                .filter_map(std::future::ready);
+            // Cut when the announcement lapses, then that status; else as etcd ends it.
+            let responses = responses.take_until(lapsed).chain(futures::stream::once(async move { ended.lock().unwrap_or_else(|p| p.into_inner()).take().map(Err) }).filter_map(std::future::ready));
+            Ok(Response::from_parts(md, responses.boxed(), ext))
         })
     }
+}
+
+/// Ends a stream whose watches decode delta frames with UNAVAILABLE when this replica's
+/// announcement may have lapsed ([`crate::members::Members::lost_signal`]): other replicas may
+/// then collect bases below its watch floor. The client re-watches (kube-apiserver does, from
+/// its last resourceVersion), at a revision etcd still serves. Returns the future that resolves
+/// then, and the status to end with once it did.
+fn announcement_lapsed(mut lost: tokio::sync::watch::Receiver<u64>, state: Arc<Mutex<StreamState>>) -> (BoxFuture<'static, ()>, Arc<Mutex<Option<Status>>>) {
+    let ended = Arc::new(Mutex::new(None));
+    let status = ended.clone();
+    let lapsed = async move {
+        loop {
+            if lost.changed().await.is_err() {
+                return futures::future::pending().await;
+            }
+            if !lock(&state).floors.is_empty() {
+                let message = "etcd-squeeze: this replica's announcement to the other replicas lapsed; watches of delta-frame prefixes restart";
+                *status.lock().unwrap_or_else(|p| p.into_inner()) = Some(Status::unavailable(message));
+                return;
+            }
+        }
+    };
+    (Box::pin(lapsed), ended)
 }
 
 /// The `create_request` (field 1) of a WatchRequest, if it is one. A request that cannot be read
@@ -284,9 +309,7 @@ async fn respond(
             st.sees_reserved.remove(&top.watch_id);
             st.set_floor(top.watch_id, None);
         } else if decode {
-            if let Some(last) = last_event_revision(&bytes) {
-                st.set_floor(top.watch_id, Some(last + 1));
-            }
+            // The floor moves past these events once they are decoded (below).
         } else if top.events == 0 && !top.created && st.involved.contains(&top.watch_id) {
             // A timed progress notification of this watch: every event up to its revision was
             // sent. (Requested ones, watch ID -1, are not used: before etcd 3.4.25 and 3.5.8 they
@@ -312,8 +335,18 @@ async fn respond(
     } else {
         bytes
     };
+    let last = last_event_revision(&bytes);
     match values::decode_watch_response(&shared, bytes.clone()).await {
-        Ok(decoded) => Some(Ok(decoded)),
+        Ok(decoded) => {
+            // Decoded: no event of this watch below `last + 1` needs a base any more.
+            if let Some(last) = last {
+                let mut st = lock(&state);
+                if st.floors.contains_key(&top.watch_id) {
+                    st.set_floor(top.watch_id, Some(last + 1));
+                }
+            }
+            Some(Ok(decoded))
+        }
         Err(Failure::Decode(e)) => {
             let reason = decode_status(e).message().to_string();
             let mut st = lock(&state);
