@@ -444,3 +444,22 @@ async fn trainer_keeps_its_election_and_resigns_when_stopped() {
     }
     eprintln!("second replica leads {:?} after the first stopped", stopped.elapsed());
 }
+
+/// `dict train` samples what etcd stores. Under the default configuration (`delta = "auto"`)
+/// every FlyteWorkflow is a delta frame: its base, a whole version of the same key, is the sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dict_train_samples_delta_frames_through_their_bases() {
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start_config(ProxyConfig::new(&etcd.url).with(|c| c.dictionaries.train = false).build()).await;
+    let (mut via, mut direct) = (proxy.client().await, etcd.client().await);
+    for (i, v) in population(40, 5).into_iter().enumerate() {
+        via.put(key(&format!("train-{i:02}")), v, None).await.unwrap();
+    }
+    let stored = direct.get(key("train-00"), None).await.unwrap().kvs()[0].value().to_vec();
+    assert_eq!(frame::parse(&stored).unwrap().codec, frame::Codec::Delta, "the default writes delta frames");
+    let mut config = Config::default();
+    config.upstream.endpoints = vec![etcd.url.clone()];
+    let report = etcd_squeeze::ops::dict::train_report(&config, FLYTE).await.unwrap();
+    assert!(report.candidate_samples >= 30, "{} samples of 40", report.candidate_samples);
+    assert!(report.published.is_some(), "a dictionary is published");
+}

@@ -272,7 +272,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
                 ("dynamic-n20000-consecutive".to_string(), corpus::consecutive_writes(&corpus::Scenario::new(corpus::Topology::Dynamic { children: 20000 }, 500, 40), 20, args.seed)),
                 ("dynamic-n2000-create-to-done".to_string(), corpus::update_series(&corpus::Scenario::new(corpus::Topology::Dynamic { children: 2000 }, 100, 0), 20, args.seed)),
             ];
-            println!("\ndelta frames (prefixes[].delta = true, off by default): the same kind of history written through a second proxy \
+            println!("\ndelta frames alone (prefixes[].delta = true, dictionaries off): the same kind of history written through a second proxy \
                 that stores each version as a delta against a base, 20 versions per series, every version read back byte-identical \
                 at its own revision; bytes read directly from etcd (bases: count in parentheses):\n");
             match demo::run_delta(&args.etcd, delta_series).await {

@@ -535,7 +535,15 @@ impl Dictionaries {
                 if self.codec.rule_for(&item.key).is_none_or(|r| r.prefix != p.prefix) {
                     continue;
                 }
-                let Ok(v) = self.codec.decode(&item.key, &item.value) else { continue };
+                let v = match self.codec.decode(&item.key, &item.value) {
+                    Ok(v) => v,
+                    // A delta frame (the FlyteWorkflow default): its base is a whole version of
+                    // the same key, as good a sample.
+                    Err(_) => match self.base_content(&item.key, &item.value, revision).await {
+                        Some(v) => v,
+                        None => continue,
+                    },
+                };
                 if v.len() >= p.min_size.max(1) && !v.starts_with(K8S_ENCRYPTED_PREFIX) {
                     reservoir.offer(&v, &mut rand::rng());
                 }
@@ -550,6 +558,21 @@ impl Dictionaries {
             }
         }
         Ok(reservoir.samples())
+    }
+}
+
+impl Dictionaries {
+    /// The content of the base a delta frame `value` of `key` names, read at `revision`;
+    /// `None` when it is not a delta frame or its base cannot be read.
+    async fn base_content(&self, key: &Bytes, value: &[u8], revision: i64) -> Option<Bytes> {
+        let base = frame::parse(value).ok()?.base?;
+        let base_key = crate::codec::delta::base_key(key, base.id);
+        let read = RangeRequest { key: base_key.clone(), revision, ..Default::default() };
+        let resp = self.store.kv().range(read).await.ok()?.into_inner();
+        let record = &resp.kvs.first()?.value;
+        self.ensure(key, crate::codec::delta::record_frame(record)?).await.ok()?;
+        let decoded = crate::codec::decode_base(&base_key, record, self.codec.max_value_bytes(), &**self.codec.dictionaries()).ok()?;
+        Some(decoded.content)
     }
 }
 
