@@ -60,6 +60,9 @@ pub struct Metrics {
     pub base_cache_misses: IntCounter,
     /// `etcd_squeeze_base_fetches_total`: base records read from etcd.
     pub base_fetches: IntCounter,
+    /// `etcd_squeeze_base_fetched_bytes_total`: bytes of the base records read from etcd (what a
+    /// base cache miss costs etcd).
+    pub base_fetched_bytes: IntCounter,
     /// `etcd_squeeze_base_cache_bytes`: decompressed bases held in memory (bounded per prefix by
     /// `prefixes[].delta_base_cache`).
     pub base_cache_bytes: IntGauge,
@@ -174,6 +177,7 @@ impl Metrics {
             base_cache_hits: counter("etcd_squeeze_base_cache_hits_total", "Delta frames whose base was in memory."),
             base_cache_misses: counter("etcd_squeeze_base_cache_misses_total", "Delta frames whose base had to be read from etcd."),
             base_fetches: counter("etcd_squeeze_base_fetches_total", "Base records read from etcd."),
+            base_fetched_bytes: counter("etcd_squeeze_base_fetched_bytes_total", "Bytes of the base records read from etcd."),
             base_cache_bytes: gauge("etcd_squeeze_base_cache_bytes", "Decompressed delta-frame bases held in memory, bounded per prefix by delta_base_cache."),
             watch_streams_active: gauge("etcd_squeeze_watch_streams_active", "Client Watch streams open."),
             watch_events: counter("etcd_squeeze_watch_events_total", "Watch events passed to clients."),

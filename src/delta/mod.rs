@@ -522,6 +522,7 @@ impl Deltas {
             };
             let Some(kv) = resp.kvs.first() else { continue };
             metrics.base_fetches.inc();
+            metrics.base_fetched_bytes.inc_by(kv.value.len() as u64);
             let refused = |why: String| format!("the record at {} is refused: {why}", crate::codec::KeyDisplay(&base_key));
             // The dictionary the base's own frame may name, loaded first as for any value.
             if let Some(frame) = delta::record_frame(&kv.value) {

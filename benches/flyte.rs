@@ -1,0 +1,413 @@
+//! A Flyte-shaped write stream (issue 15), side by side in one run, on a real etcd per front.
+//!
+//! ```text
+//! cargo bench --bench flyte -- [--workflows 200] [--versions 12] [--compact-every 10] [--clients 8]
+//!                              [--memory-keys 1000] [--markdown FILE]
+//! ```
+//!
+//! A. **Workflows in flight.** `--workflows` FlyteWorkflows progress concurrently (propeller
+//!    round-robins over them), each through `--versions` status changes (the same work on every
+//!    front): each status change is kube-apiserver's GuaranteedUpdate of the whole object (Txn `MOD(K) == rev` → Put, else Range), the versions from the realistic
+//!    generator (`corpus::update_series`, dynamic fan-outs of 300 to 10,000 children: ~20 KB to
+//!    ~250 KB). Two watchers follow the prefix with prev_kv (the apiserver's watch cache and one
+//!    more); etcd is compacted every `--compact-every` seconds (kube-apiserver: every 5 minutes;
+//!    scaled to the run). Fronts: etcd directly; etcd-squeeze with its default configuration
+//!    (FlyteWorkflow prefix, `delta = "auto"`, dictionaries); etcd-squeeze per-object zstd
+//!    (`delta = false`). Reported: etcd's DB size at the end (and in use), bytes etcd received
+//!    from its clients (its `etcd_network_client_grpc_received_bytes_total`), updates/s, p50/p99,
+//!    the proxy's CPU seconds and peak RSS (/proc).
+//! B. **The base cache at scale.** `--memory-keys` keys of ~200 KB–900 KB updated in turn, twice
+//!    (a create, then an update of each), through the default configuration: the proxy's peak RSS
+//!    against its budgets, and what base cache misses cost etcd per update (base records read and
+//!    their bytes, `etcd_squeeze_base_fetch*`).
+//!
+//! Under `cargo test --all-targets` (no `--bench` argument) a seconds-long smoke run with a few
+//! small workflows checks that every front runs and every value reads back.
+
+use std::path::Path;
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_squeeze::corpus::{update_series, Scenario, Topology};
+use hdrhistogram::Histogram;
+
+mod common;
+use common::{ms, Etcd};
+
+const PREFIX: &str = "/registry/flyte.lyft.com/flyteworkflows/bench/";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Front {
+    Direct,
+    Default,
+    PerObject,
+}
+
+impl Front {
+    fn name(self) -> &'static str {
+        match self {
+            Front::Direct => "etcd directly",
+            Front::Default => "etcd-squeeze, default (delta \"auto\")",
+            Front::PerObject => "etcd-squeeze, per-object zstd (delta = false)",
+        }
+    }
+}
+
+struct Args {
+    workflows: usize,
+    versions: usize,
+    compact_every: u64,
+    clients: usize,
+    memory_keys: usize,
+    markdown: Option<String>,
+    smoke: bool,
+}
+
+fn parse_args() -> Args {
+    let argv: Vec<String> = std::env::args().collect();
+    let smoke = !argv.iter().any(|a| a == "--bench");
+    let value = |name: &str| argv.iter().position(|a| a == name).and_then(|i| argv.get(i + 1)).cloned();
+    let num = |name: &str, full: u64, quick: u64| value(name).and_then(|v| v.parse().ok()).unwrap_or(if smoke { quick } else { full });
+    Args {
+        workflows: num("--workflows", 200, 6) as usize,
+        versions: num("--versions", 12, 4) as usize,
+        compact_every: num("--compact-every", 10, 1),
+        clients: num("--clients", 8, 2) as usize,
+        memory_keys: num("--memory-keys", 1000, 6) as usize,
+        markdown: value("--markdown"),
+        smoke,
+    }
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The proxy for `front` on `etcd` (None: etcd directly): its process, client URL and metrics URL.
+async fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String, String)> {
+    let (port, metrics) = (common::free_port(), common::free_port());
+    let prefixes = match front {
+        Front::Direct => return None,
+        Front::Default => "",
+        Front::PerObject => "[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ndelta = false\n",
+    };
+    let config = dir.join("squeeze.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{etcd}\"]\n{prefixes}[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[log]\nlevel = \"warn\"\n"),
+    )
+    .unwrap();
+    let child = common::squeeze(Path::new(env!("CARGO_BIN_EXE_etcd-squeeze")), &config);
+    let url = format!("http://127.0.0.1:{port}");
+    common::connect(&url, Duration::from_secs(30)).await;
+    Some((Proc(child), url, format!("http://127.0.0.1:{metrics}/metrics")))
+}
+
+/// CPU seconds (user + system) and peak RSS in bytes of a process, from /proc.
+fn cpu_and_rss(pid: u32) -> (f64, u64) {
+    let (user, system) = common::cpu_ticks(pid);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()).unwrap_or(0) * 1024;
+    ((user + system) as f64 / 100.0, rss)
+}
+
+/// A Prometheus text exposition's sum of the samples of `name` (every label set).
+async fn scrape(url: &str, name: &str) -> f64 {
+    let Ok(resp) = reqwest_like_get(url).await else { return 0.0 };
+    resp.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// GET `url` (plain HTTP/1.1 on loopback) and return the body.
+async fn reqwest_like_get(url: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    Ok(text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+}
+
+/// Update series of the realistic generator: `n` series of `versions` versions, dynamic fan-outs
+/// with `children` cycling through the given sizes.
+fn pool(n: usize, versions: usize, children: &[usize]) -> Vec<Vec<Vec<u8>>> {
+    (0..n)
+        .map(|i| {
+            let scenario = Scenario::new(Topology::Dynamic { children: children[i % children.len()] }, 100, 0);
+            update_series(&scenario, versions, 1000 + i as u64).into_iter().map(|g| g.json).collect()
+        })
+        .collect()
+}
+
+/// kube-apiserver's GuaranteedUpdate: `MOD(K) == rev` → Put, else Range (the current version).
+/// Returns the new mod_revision (or the current one after a conflict) and whether it applied.
+async fn guaranteed_update(c: &mut Client, key: &str, rev: i64, value: &[u8]) -> (i64, bool) {
+    let txn = Txn::new().when([Compare::mod_revision(key, CompareOp::Equal, rev)]).and_then([TxnOp::put(key, value.to_vec(), None)]).or_else([TxnOp::get(key, None)]);
+    let resp = c.txn(txn).await.unwrap();
+    if resp.succeeded() {
+        return (resp.header().unwrap().revision(), true);
+    }
+    let current = match resp.op_responses().into_iter().next() {
+        Some(etcd_client::TxnOpResponse::Get(g)) => g.kvs().first().map_or(0, |kv| kv.mod_revision()),
+        _ => 0,
+    };
+    (current, false)
+}
+
+#[derive(Default)]
+struct Row {
+    front: String,
+    updates: u64,
+    seconds: f64,
+    p50: f64,
+    p99: f64,
+    db_size: i64,
+    db_in_use: i64,
+    received: f64,
+    cpu: f64,
+    rss: u64,
+    watch_events: u64,
+    compactions: u64,
+}
+
+async fn run_front(front: Front, series: &[Vec<Vec<u8>>], args: &Args) -> Row {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_front(front, &etcd.url, dir.path()).await;
+    let url = proxy.as_ref().map_or(etcd.url.clone(), |(_, u, _)| u.clone());
+    let etcd_metrics = format!("{}/metrics", etcd.url);
+    let received_before = scrape(&etcd_metrics, "etcd_network_client_grpc_received_bytes_total").await;
+    let cpu_before = proxy.as_ref().map_or(0.0, |(p, _, _)| cpu_and_rss(p.0.id()).0);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Watchers on the prefix with prev_kv.
+    let events = Arc::new(AtomicU64::new(0));
+    let mut watchers = Vec::new();
+    for _ in 0..2 {
+        let mut c = common::connect(&url, Duration::from_secs(10)).await;
+        let (events, stop) = (events.clone(), stop.clone());
+        watchers.push(tokio::spawn(async move {
+            let mut stream = c.watch(PREFIX, Some(WatchOptions::new().with_prefix().with_prev_key())).await.unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
+                    Ok(Ok(Some(r))) => {
+                        events.fetch_add(r.events().len() as u64, Ordering::Relaxed);
+                    }
+                    Ok(_) => break,
+                    Err(_) => {}
+                }
+            }
+        }));
+    }
+    // The compactor.
+    let compactions = Arc::new(AtomicU64::new(0));
+    let compactor = {
+        let (mut c, stop, n, every) = (common::connect(&url, Duration::from_secs(10)).await, stop.clone(), compactions.clone(), args.compact_every);
+        tokio::spawn(async move {
+            let mut last = 0;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(every)).await;
+                let rev = c.get("/compaction-tick", None).await.unwrap().header().unwrap().revision();
+                if rev > last && c.compact(rev, None).await.is_ok() {
+                    last = rev;
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Clients, each round-robin over its share of the workflows.
+    let started = Instant::now();
+    let rounds = args.versions;
+    let mut tasks = Vec::new();
+    for t in 0..args.clients {
+        let mut c = common::connect(&url, Duration::from_secs(10)).await;
+        let mine: Vec<usize> = (0..args.workflows).filter(|w| w % args.clients == t).collect();
+        let series: Vec<Vec<Vec<u8>>> = mine.iter().map(|w| series[w % series.len()].clone()).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            let mut state: Vec<(i64, usize)> = vec![(0, 0); mine.len()];
+            let mut updates = 0u64;
+            for _ in 0..rounds {
+                for (j, w) in mine.iter().enumerate() {
+                    let key = format!("{PREFIX}wf-{w:04}");
+                    let (rev, next) = state[j];
+                    let versions = &series[j];
+                    let t0 = Instant::now();
+                    let (rev, applied) = guaranteed_update(&mut c, &key, rev, &versions[next % versions.len()]).await;
+                    hist.record(t0.elapsed().as_micros() as u64).unwrap();
+                    assert!(applied, "{key}: nobody else writes it");
+                    state[j] = (rev, next + 1);
+                    updates += 1;
+                }
+            }
+            // Every workflow reads back as its last version.
+            for (j, w) in mine.iter().enumerate() {
+                let (_, next) = state[j];
+                if next == 0 {
+                    continue;
+                }
+                let key = format!("{PREFIX}wf-{w:04}");
+                let got = c.get(key.as_str(), None).await.unwrap();
+                let versions = &series[j];
+                assert!(got.kvs()[0].value() == &versions[(next - 1) % versions.len()][..], "{key} reads back as written");
+            }
+            (hist, updates)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3).unwrap();
+    let mut updates = 0;
+    for t in tasks {
+        let (h, n) = t.await.unwrap();
+        hist.add(h).unwrap();
+        updates += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = compactor.await;
+    for w in watchers {
+        let _ = w.await;
+    }
+    let (cpu, rss) = proxy.as_ref().map_or((0.0, 0), |(p, _, _)| cpu_and_rss(p.0.id()));
+    let received = scrape(&etcd_metrics, "etcd_network_client_grpc_received_bytes_total").await - received_before;
+    let db_size = etcd.db_size().await;
+    let db_in_use = etcd.client().await.status().await.unwrap().raft_used_db_size();
+    Row {
+        front: front.name().to_string(),
+        updates,
+        seconds,
+        p50: ms(&hist, 0.5),
+        p99: ms(&hist, 0.99),
+        db_size,
+        db_in_use,
+        received,
+        cpu: cpu - cpu_before,
+        rss,
+        watch_events: events.load(Ordering::Relaxed),
+        compactions: compactions.load(Ordering::Relaxed),
+    }
+}
+
+fn mib(b: f64) -> String {
+    format!("{:.1} MiB", b / (1u64 << 20) as f64)
+}
+
+fn table(rows: &[Row], args: &Args) -> String {
+    let mut out = format!(
+        "{} workflows of {} versions each, {} clients, compaction every {} s, 2 watchers with prev_kv:\n\n\
+         | front | updates | updates/s | p50 ms | p99 ms | etcd DB (in use) | DB vs direct | received by etcd | vs direct | proxy CPU s | proxy peak RSS | watch events | compactions |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        args.workflows, args.versions, args.clients, args.compact_every
+    );
+    let (direct, direct_db) = rows.first().map_or((1.0, 1.0), |r| (r.received, r.db_size as f64));
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} ({}) | {:.1}x smaller | {} | {:.1}x smaller | {:.1} | {} | {} | {} |\n",
+            r.front,
+            r.updates,
+            r.updates as f64 / r.seconds,
+            r.p50,
+            r.p99,
+            mib(r.db_size as f64),
+            mib(r.db_in_use as f64),
+            direct_db / (r.db_size as f64).max(1.0),
+            mib(r.received),
+            direct / r.received.max(1.0),
+            r.cpu,
+            if r.rss > 0 { mib(r.rss as f64) } else { "-".into() },
+            r.watch_events,
+            r.compactions,
+        ));
+    }
+    out
+}
+
+/// B: `--memory-keys` large keys updated in turn, twice, through the default configuration.
+async fn memory(args: &Args) -> String {
+    let children: &[usize] = if args.smoke { &[200, 400] } else { &[8000, 12000, 16000, 20000] };
+    let series = pool(8, 4, children);
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, url, metrics) = start_front(Front::Default, &etcd.url, dir.path()).await.unwrap();
+    let clients = 4;
+    let keys = args.memory_keys;
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for t in 0..clients {
+        let mut c = common::connect(&url, Duration::from_secs(10)).await;
+        let series = series.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut revs = vec![0i64; keys];
+            let (mut bytes, mut n) = (0u64, 0u64);
+            for round in 0..2 {
+                for k in (t..keys).step_by(clients) {
+                    let key = format!("{PREFIX}mem-{k:04}");
+                    let v = series[k % series.len()].get(round).expect("4 versions");
+                    let (rev, applied) = guaranteed_update(&mut c, &key, revs[k], v).await;
+                    assert!(applied, "{key}");
+                    revs[k] = rev;
+                    bytes += v.len() as u64;
+                    n += 1;
+                }
+            }
+            let check = format!("{PREFIX}mem-{t:04}");
+            let got = c.get(check.as_str(), Some(GetOptions::new())).await.unwrap();
+            assert!(got.kvs()[0].value() == &series[t % series.len()][1][..]);
+            (bytes, n)
+        }));
+    }
+    let (mut bytes, mut updates) = (0, 0);
+    for t in tasks {
+        let (b, n) = t.await.unwrap();
+        bytes += b;
+        updates += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let (_, rss) = cpu_and_rss(proxy.0.id());
+    let (misses, hits) = (scrape(&metrics, "etcd_squeeze_base_cache_misses_total").await, scrape(&metrics, "etcd_squeeze_base_cache_hits_total").await);
+    let (fetches, fetched) = (scrape(&metrics, "etcd_squeeze_base_fetches_total").await, scrape(&metrics, "etcd_squeeze_base_fetched_bytes_total").await);
+    let cache = scrape(&metrics, "etcd_squeeze_base_cache_bytes").await;
+    let updates_only = (updates / 2).max(1) as f64;
+    format!(
+        "{keys} keys, {} average JSON per version, each created then updated once, in turn ({clients} clients, {seconds:.0} s, \
+         {:.1} updates/s): proxy peak RSS {}, base cache {} at the end (default budget 64 MiB); base cache hits {hits}, misses {misses}; \
+         base records read from etcd {fetches} ({} in all): {:.2} reads and {} per update\n",
+        mib((bytes / updates.max(1)) as f64),
+        updates as f64 / seconds,
+        mib(rss as f64),
+        mib(cache),
+        mib(fetched),
+        fetches / updates_only,
+        mib(fetched / updates_only),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    let children: &[usize] = if args.smoke { &[50, 100] } else { &[300, 1000, 3000, 10000] };
+    let series = pool(if args.smoke { 2 } else { 16 }, if args.smoke { 4 } else { 12 }, children);
+    let mut rows = Vec::new();
+    for front in [Front::Direct, Front::Default, Front::PerObject] {
+        eprintln!("running {} ...", front.name());
+        rows.push(run_front(front, &series, &args).await);
+    }
+    let mut out = table(&rows, &args);
+    out.push('\n');
+    eprintln!("running the base cache at scale ...");
+    out.push_str(&memory(&args).await);
+    print!("{out}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &out).unwrap();
+    }
+}
