@@ -377,10 +377,11 @@ async fn memory(args: &Args) -> String {
     let (misses, hits) = (scrape(&metrics, "etcd_squeeze_base_cache_misses_total").await, scrape(&metrics, "etcd_squeeze_base_cache_hits_total").await);
     let (fetches, fetched) = (scrape(&metrics, "etcd_squeeze_base_fetches_total").await, scrape(&metrics, "etcd_squeeze_base_fetched_bytes_total").await);
     let cache = scrape(&metrics, "etcd_squeeze_base_cache_bytes").await;
+    let record_hits = scrape(&metrics, "etcd_squeeze_base_cache_record_hits_total").await;
     let updates_only = (updates / 2).max(1) as f64;
     format!(
         "{keys} keys, {} average JSON per version, each created then updated once, in turn ({clients} clients, {seconds:.0} s, \
-         {:.1} updates/s): proxy peak RSS {}, base cache {} at the end (default budget 64 MiB); base cache hits {hits}, misses {misses}; \
+         {:.1} updates/s): proxy peak RSS {}, base cache {} at the end (default budget 64 MiB); decompressed bases: hits {hits}, misses {misses}, of which served from a cached base record {record_hits}; \
          base records read from etcd {fetches} ({} in all): {:.2} reads and {} per update\n",
         mib((bytes / updates.max(1)) as f64),
         updates as f64 / seconds,

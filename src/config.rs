@@ -265,8 +265,9 @@ pub struct PrefixConfig {
     /// one is larger than this fraction of the value compressed on its own. Default 0.5.
     #[serde(default = "default_rebase_fraction")]
     pub delta_rebase_fraction: f64,
-    /// `prefixes[].delta_base_cache`: decompressed bases kept in memory for this prefix, shared by
-    /// every request (bases are immutable: never stale). Default 64 MiB.
+    /// `prefixes[].delta_base_cache`: bases kept in memory for this prefix, shared by every
+    /// request (bases are immutable: never stale): a quarter decompressed, the rest as base
+    /// records ([`crate::delta::cache`]). Default 64 MiB.
     #[serde(default = "default_base_cache")]
     pub delta_base_cache: ByteSize,
 }

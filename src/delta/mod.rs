@@ -431,6 +431,7 @@ impl Deltas {
             let (record, base) = delta::encode_base(&put.key, id, &put.value, &alone);
             let base = Arc::new(base);
             let frame = self.codec.encode_delta(&put.key, &put.value, &base)?.expect("a delta candidate");
+            self.bases.insert_record(&put.key, id, record.clone());
             added.push(op_put(delta::base_key(&put.key, id), record));
             ctx.pinned.push(base.clone());
             chosen = Some((frame, base, true));
@@ -507,6 +508,20 @@ impl Deltas {
         }
         metrics.base_cache_misses.inc();
         let base_key = delta::base_key(key, r.id);
+        // The record, compressed, may still be cached: decompressed without asking etcd.
+        if let Some(record) = self.bases.get_record(key, r.id) {
+            if let Some(frame) = delta::record_frame(&record) {
+                self.dictionaries.ensure(key, frame).await?;
+            }
+            if let Ok(base) = crate::codec::decode_base(&base_key, &record, self.codec.max_value_bytes(), &**self.codec.dictionaries()) {
+                if base.checksum == r.checksum {
+                    metrics.base_cache_record_hits.inc();
+                    let base = Arc::new(base);
+                    self.bases.insert(base.clone());
+                    return Ok(Some(base));
+                }
+            }
+        }
         let mut tried = Vec::new();
         for &revision in std::iter::once(&0).chain(revisions.iter().filter(|&&rev| rev > 0)) {
             if tried.contains(&revision) {
@@ -532,6 +547,7 @@ impl Deltas {
                 Ok(base) if base.checksum == r.checksum => {
                     let base = Arc::new(base);
                     self.bases.insert(base.clone());
+                    self.bases.insert_record(key, r.id, kv.value.clone());
                     return Ok(Some(base));
                 }
                 Ok(_) => self.bases.mark_unavailable(key, r.id, refused("its content has another checksum than the frame names".into())),
