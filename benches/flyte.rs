@@ -16,7 +16,8 @@
 //!    (`delta = false`). Reported: etcd's DB size at the end (and in use), bytes etcd received
 //!    from its clients (its `etcd_network_client_grpc_received_bytes_total`), updates/s, p50/p99,
 //!    the proxy's CPU seconds and peak RSS (/proc).
-//! B. **The base cache at scale.** `--memory-keys` keys of ~200 KB–900 KB updated in turn, twice
+//! B. **The base cache at scale.** `--memory-keys` keys of ~180 KB–900 KB (running dynamic fan-outs,
+//!    consecutive propeller rounds) updated in turn, twice
 //!    (a create, then an update of each), through the default configuration: the proxy's peak RSS
 //!    against its budgets, and what base cache misses cost etcd per update (base records read and
 //!    their bytes, `etcd_squeeze_base_fetch*`).
@@ -31,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
-use etcd_squeeze::corpus::{update_series, Scenario, Topology};
+use etcd_squeeze::corpus::{consecutive_writes, update_series, Scenario, Topology};
 use hdrhistogram::Histogram;
 
 mod common;
@@ -334,8 +335,14 @@ fn table(rows: &[Row], args: &Args) -> String {
 
 /// B: `--memory-keys` large keys updated in turn, twice, through the default configuration.
 async fn memory(args: &Args) -> String {
-    let children: &[usize] = if args.smoke { &[200, 400] } else { &[8000, 12000, 16000, 20000] };
-    let series = pool(8, 4, children);
+    // Consecutive propeller rounds of running fan-outs (~180 KB to ~900 KB of JSON).
+    let children: &[usize] = if args.smoke { &[200, 400] } else { &[4000, 8000, 12000, 16000, 20000] };
+    let series: Vec<Vec<Vec<u8>>> = (0..10)
+        .map(|i| {
+            let scenario = Scenario::new(Topology::Dynamic { children: children[i % children.len()] }, 500, 40);
+            consecutive_writes(&scenario, 2, 2000 + i as u64).into_iter().map(|g| g.json).collect()
+        })
+        .collect();
     let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (proxy, url, metrics) = start_front(Front::Default, &etcd.url, dir.path()).await.unwrap();
@@ -352,7 +359,7 @@ async fn memory(args: &Args) -> String {
             for round in 0..2 {
                 for k in (t..keys).step_by(clients) {
                     let key = format!("{PREFIX}mem-{k:04}");
-                    let v = series[k % series.len()].get(round).expect("4 versions");
+                    let v = series[k % series.len()].get(round).expect("2 versions");
                     let (rev, applied) = guaranteed_update(&mut c, &key, revs[k], v).await;
                     assert!(applied, "{key}");
                     revs[k] = rev;

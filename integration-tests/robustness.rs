@@ -50,7 +50,8 @@ fn seconds() -> u64 {
 
 /// The proxy configuration under test: delta frames on for the FlyteWorkflow prefix, every
 /// other setting its default (trained dictionaries on: their publication is a writer the
-/// clients cannot see). `SQUEEZE_ROBUSTNESS_CONFIG=default` runs the plain defaults instead.
+/// clients cannot see). `SQUEEZE_ROBUSTNESS_CONFIG=default` runs the defaults instead (the
+/// FlyteWorkflow prefix with `delta = "auto"`: delta frames once both replicas announced).
 fn proxy_config(endpoints: &[String]) -> Config {
     let base = ProxyConfig::endpoints(endpoints).connect_timeout(Duration::from_secs(1)).probe(Duration::from_millis(500), Duration::from_millis(500));
     match std::env::var("SQUEEZE_ROBUSTNESS_CONFIG").as_deref() {
@@ -64,7 +65,7 @@ const BINARY_PREFIXES: &str = "[[prefixes]]\nprefix = \"/registry/flyte.lyft.com
 
 fn config_name() -> &'static str {
     match std::env::var("SQUEEZE_ROBUSTNESS_CONFIG").as_deref() {
-        Ok("default") => "defaults",
+        Ok("default") => "default (delta \"auto\")",
         _ => "delta frames on",
     }
 }
@@ -617,7 +618,7 @@ async fn etcd_stalled_past_the_deadline() {
 async fn proxy_replica_killed_mid_traffic() {
     let etcd = Etcd::start_with(&[PROGRESS_NOTIFY]).await;
     let a = Proxy::start_config(proxy_config(std::slice::from_ref(&etcd.url))).await;
-    let more = if config_name() == "defaults" { "" } else { BINARY_PREFIXES };
+    let more = if config_name() != "delta frames on" { "" } else { BINARY_PREFIXES };
     let config = || BinaryConfig { listen_ip: "127.0.0.1", upstream: &etcd.url, server: "", more };
     let b = Binary::start(config()).await;
     let (port, metrics) = (b.port, b.metrics_url.rsplit(':').next().unwrap().parse::<u16>().unwrap());

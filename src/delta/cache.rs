@@ -16,9 +16,13 @@ use bytes::Bytes;
 use crate::codec::delta::Base;
 use crate::codec::{BaseSource, PrefixRule};
 
-/// Least recently used entries by base ID within a byte budget.
+/// Entries by base ID within a byte budget. Evicts the least recently used one, or (`scan`) a
+/// pseudo-random one: propeller updates every running workflow in turn, and under such a cyclic
+/// scan over more keys than fit, LRU evicts each entry just before it is needed again (no hit at
+/// all) while a random victim keeps about budget / working set of them.
 #[derive(Debug)]
 struct Lru<V> {
+    scan: bool,
     capacity: u64,
     bytes: u64,
     tick: u64,
@@ -28,8 +32,8 @@ struct Lru<V> {
 }
 
 impl<V: Clone> Lru<V> {
-    fn new(capacity: u64) -> Self {
-        Lru { capacity, bytes: 0, tick: 0, entries: HashMap::new() }
+    fn new(capacity: u64, scan: bool) -> Self {
+        Lru { scan, capacity, bytes: 0, tick: 0, entries: HashMap::new() }
     }
 
     fn get(&mut self, key: &[u8], id: u64) -> Option<V> {
@@ -50,8 +54,18 @@ impl<V: Clone> Lru<V> {
         }
         self.bytes += size;
         while self.bytes > self.capacity {
-            let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.3).map(|(k, _)| *k) else { break };
-            if let Some((_, _, gone, _)) = self.entries.remove(&oldest) {
+            let victim = if self.scan {
+                // splitmix64 of the tick: a different victim each time, never the entry just added.
+                let mut z = self.tick.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                let others = self.entries.len().saturating_sub(1).max(1);
+                self.entries.iter().filter(|(k, _)| **k != id).nth((z ^ (z >> 31)) as usize % others).map(|(k, _)| *k)
+            } else {
+                self.entries.iter().min_by_key(|(_, e)| e.3).map(|(k, _)| *k)
+            };
+            let Some(victim) = victim else { break };
+            if let Some((_, _, gone, _)) = self.entries.remove(&victim) {
                 self.bytes -= gone;
             }
         }
@@ -68,7 +82,7 @@ struct Shelf {
 impl Shelf {
     /// A shelf of `capacity` bytes: a quarter for decompressed bases, the rest for records.
     fn new(capacity: u64) -> Self {
-        Shelf { bases: Lru::new(capacity / 4), records: Lru::new(capacity - capacity / 4) }
+        Shelf { bases: Lru::new(capacity / 4, false), records: Lru::new(capacity - capacity / 4, true) }
     }
 
     fn bytes(&self) -> u64 {
@@ -127,11 +141,13 @@ impl BaseCache {
         self.shelf(key)?.lock().expect("base cache lock").records.get(key, id)
     }
 
-    /// Caches the base record of base `id` of `key` (written, or read from etcd).
-    pub fn insert_record(&self, key: &Bytes, id: u64, record: Bytes) {
+    /// Caches the base record of base `id` of `key` (written, or read from etcd). Both are
+    /// copied: as slices they would keep alive the whole message they came in (a Txn with a
+    /// 1 MB value, a Range response), which the budget does not count.
+    pub fn insert_record(&self, key: &[u8], id: u64, record: &[u8]) {
         if let Some(shelf) = self.shelf(key) {
             let size = record.len() as u64;
-            shelf.lock().expect("base cache lock").records.insert(key.clone(), id, record, size);
+            shelf.lock().expect("base cache lock").records.insert(Bytes::copy_from_slice(key), id, Bytes::copy_from_slice(record), size);
             crate::metrics::get().base_cache_bytes.set(self.bytes() as i64);
         }
     }
@@ -199,11 +215,12 @@ mod tests {
         assert!(c.get(b"/q/a", 6).is_none(), "no rule: no shelf");
         // Records: three quarters of the budget (900 bytes).
         for id in 10..19 {
-            c.insert_record(&Bytes::from_static(b"/p/r"), id, Bytes::from(vec![b'r'; 100]));
+            c.insert_record(b"/p/r", id, &[b'r'; 100]);
         }
         assert!(c.get_record(b"/p/r", 10).is_some() && c.get_record(b"/p/x", 10).is_none());
-        c.insert_record(&Bytes::from_static(b"/p/r"), 19, Bytes::from(vec![b'r'; 100]));
-        assert!(c.get_record(b"/p/r", 11).is_none(), "the least recently used record went");
+        c.insert_record(b"/p/r", 19, &[b'r'; 100]);
+        assert!(c.get_record(b"/p/r", 19).is_some(), "the record just added stays");
+        assert_eq!((10..19).filter(|&id| c.get_record(b"/p/r", id).is_some()).count(), 8, "one other record went");
         assert_eq!(c.bytes(), 300 + 900);
     }
 }

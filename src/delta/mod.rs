@@ -431,7 +431,7 @@ impl Deltas {
             let (record, base) = delta::encode_base(&put.key, id, &put.value, &alone);
             let base = Arc::new(base);
             let frame = self.codec.encode_delta(&put.key, &put.value, &base)?.expect("a delta candidate");
-            self.bases.insert_record(&put.key, id, record.clone());
+            self.bases.insert_record(&put.key, id, &record);
             added.push(op_put(delta::base_key(&put.key, id), record));
             ctx.pinned.push(base.clone());
             chosen = Some((frame, base, true));
@@ -547,7 +547,7 @@ impl Deltas {
                 Ok(base) if base.checksum == r.checksum => {
                     let base = Arc::new(base);
                     self.bases.insert(base.clone());
-                    self.bases.insert_record(key, r.id, kv.value.clone());
+                    self.bases.insert_record(key, r.id, &kv.value);
                     return Ok(Some(base));
                 }
                 Ok(_) => self.bases.mark_unavailable(key, r.id, refused("its content has another checksum than the frame names".into())),
