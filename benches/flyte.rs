@@ -122,8 +122,9 @@ fn cpu_and_rss(pid: u32) -> (f64, u64) {
 /// A Prometheus text exposition's sum of the samples of `name` (every label set).
 async fn scrape(url: &str, name: &str) -> f64 {
     let Ok(resp) = reqwest_like_get(url).await else { return 0.0 };
+    // `name` alone sums every label set; `name{label="v"` (no closing brace) picks one.
     resp.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter(|l| l.starts_with(name) && (name.contains('{') || l[name.len()..].starts_with([' ', '{'])))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -181,6 +182,9 @@ struct Row {
     rss: u64,
     watch_events: u64,
     compactions: u64,
+    /// Writes stored as delta frames, and of those, rebases (a new base in the same Txn).
+    deltas: f64,
+    rebases: f64,
 }
 
 async fn run_front(front: Front, series: &[Vec<Vec<u8>>], args: &Args) -> Row {
@@ -280,6 +284,11 @@ async fn run_front(front: Front, series: &[Vec<Vec<u8>>], args: &Args) -> Row {
         let _ = w.await;
     }
     let (cpu, rss) = proxy.as_ref().map_or((0.0, 0), |(p, _, _)| cpu_and_rss(p.0.id()));
+    let (mut deltas, mut rebases) = (0.0, 0.0);
+    if let Some((_, _, metrics)) = &proxy {
+        deltas = scrape(metrics, "etcd_squeeze_delta_writes_total").await;
+        rebases = scrape(metrics, "etcd_squeeze_delta_writes_total{kind=\"rebase\"").await;
+    }
     let received = scrape(&etcd_metrics, "etcd_network_client_grpc_received_bytes_total").await - received_before;
     let db_size = etcd.db_size().await;
     let db_in_use = etcd.client().await.status().await.unwrap().raft_used_db_size();
@@ -296,6 +305,8 @@ async fn run_front(front: Front, series: &[Vec<Vec<u8>>], args: &Args) -> Row {
         rss,
         watch_events: events.load(Ordering::Relaxed),
         compactions: compactions.load(Ordering::Relaxed),
+        deltas,
+        rebases,
     }
 }
 
@@ -306,14 +317,14 @@ fn mib(b: f64) -> String {
 fn table(rows: &[Row], args: &Args) -> String {
     let mut out = format!(
         "{} workflows of {} versions each, {} clients, compaction every {} s, 2 watchers with prev_kv:\n\n\
-         | front | updates | updates/s | p50 ms | p99 ms | etcd DB (in use) | DB vs direct | received by etcd | vs direct | proxy CPU s | proxy peak RSS | watch events | compactions |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | front | updates | updates/s | p50 ms | p99 ms | etcd DB (in use) | DB vs direct | received by etcd | vs direct | proxy CPU s | proxy peak RSS | delta frames (rebases) | watch events | compactions |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         args.workflows, args.versions, args.clients, args.compact_every
     );
     let (direct, direct_db) = rows.first().map_or((1.0, 1.0), |r| (r.received, r.db_size as f64));
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {} ({}) | {:.1}x smaller | {} | {:.1}x smaller | {:.1} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {} ({}) | {:.1}x smaller | {} | {:.1}x smaller | {:.1} | {} | {} | {} | {} |\n",
             r.front,
             r.updates,
             r.updates as f64 / r.seconds,
@@ -326,6 +337,7 @@ fn table(rows: &[Row], args: &Args) -> String {
             direct / r.received.max(1.0),
             r.cpu,
             if r.rss > 0 { mib(r.rss as f64) } else { "-".into() },
+            if r.deltas > 0.0 { format!("{} ({})", r.deltas, r.rebases) } else { "-".into() },
             r.watch_events,
             r.compactions,
         ));

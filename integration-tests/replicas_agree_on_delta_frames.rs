@@ -1,7 +1,8 @@
 //! `delta = "auto"` (the default for the FlyteWorkflow prefix) with two real proxy processes on
 //! one etcd: delta frames while every announced replica reads them, per-object frames within one
 //! lease TTL of a replica that cannot joining (`--announce-codecs raw,zstd` pretends to be an
-//! older build), delta frames again once it leaves; `etcd-squeeze status` and the metrics say so.
+//! older build), delta frames again once it leaves; `etcd-squeeze status` and the metrics say so;
+//! a replica whose announcement lapses ends the watches that decode delta frames.
 
 use std::time::Duration;
 
@@ -77,4 +78,52 @@ async fn delta_frames_only_while_every_replica_reads_them() {
     eprintln!("delta frames again {:?} after the old replica was killed", t.elapsed());
     next(&mut via, &mut direct).await;
     assert_eq!(next(&mut via, &mut direct).await, Codec::Delta);
+}
+
+/// A replica whose announcement lapses (here: its lease revoked behind its back) may be collected
+/// past by the others: its watch streams on delta prefixes end with UNAVAILABLE (the client
+/// re-watches, as after an etcd restart), streams that decode nothing keep going, and the
+/// replica announces itself again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_announcement_ends_the_watches_that_decode_delta_frames() {
+    use etcd_client::{GetOptions, WatchOptions};
+    let etcd = Etcd::start().await;
+    let proxy = crate::harness::Proxy::start_config(crate::harness::delta_config(&etcd.url, FLYTE)).await;
+    let (mut via, mut direct) = (proxy.client().await, etcd.client().await);
+    let mut decoding = via.watch(FLYTE, Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let mut plain = via.watch("/registry/pods/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let members = || async { etcd.client().await.get("/etcd-squeeze/members/", Some(GetOptions::new().with_prefix())).await.unwrap() };
+    let announced = members().await;
+    let (key, lease) = (announced.kvs()[0].key().to_vec(), announced.kvs()[0].lease());
+    direct.lease_revoke(lease).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match decoding.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the decoding watch stream ends");
+    let status = ended.expect_err("ended with a status");
+    assert!(status.to_string().contains("announcement"), "{status}");
+    // The other stream still delivers.
+    direct.put("/registry/pods/p", "x", None).await.unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let resp = plain.message().await.expect("the other stream goes on").expect("open");
+            if !resp.events().is_empty() {
+                return resp.events().len();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(events, 1);
+    // Announced again, on a new lease.
+    eventually(Duration::from_secs(15), "the replica to announce itself again", || async {
+        members().await.kvs().iter().any(|kv| kv.key() == &key[..] && kv.lease() != lease)
+    })
+    .await;
 }
