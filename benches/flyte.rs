@@ -1,15 +1,16 @@
 //! A Flyte-shaped write stream (issue 15), side by side in one run, on a real etcd per front.
 //!
 //! ```text
-//! cargo bench --bench flyte -- [--workflows 200] [--versions 12] [--compact-every 10] [--clients 8]
+//! cargo bench --bench flyte -- [--workflows 200] [--versions 12] [--life] [--compact-every 10] [--clients 8]
 //!                              [--memory-keys 1000] [--markdown FILE]
 //! ```
 //!
 //! A. **Workflows in flight.** `--workflows` FlyteWorkflows progress concurrently (propeller
-//!    round-robins over them), each through `--versions` status changes (the same work on every
-//!    front): each status change is kube-apiserver's GuaranteedUpdate of the whole object (Txn `MOD(K) == rev` → Put, else Range), the versions from the realistic
-//!    generator (`corpus::update_series`, dynamic fan-outs of 300 to 10,000 children: ~20 KB to
-//!    ~250 KB). Two watchers follow the prefix with prev_kv (the apiserver's watch cache and one
+//!    round-robins over them), each through `--versions` consecutive status changes from a point
+//!    of its life between 0 and 90 % done (`--life`: versions spread over the whole life instead),
+//!    the same work on every front: each status change is kube-apiserver's GuaranteedUpdate of the
+//!    whole object (Txn `MOD(K) == rev` → Put, else Range), the versions from the realistic
+//!    generator (`src/corpus`, dynamic fan-outs of 300 to 10,000 children: ~20 KB to ~250 KB). Two watchers follow the prefix with prev_kv (the apiserver's watch cache and one
 //!    more); etcd is compacted every `--compact-every` seconds (kube-apiserver: every 5 minutes;
 //!    scaled to the run). Fronts: etcd directly; etcd-squeeze with its default configuration
 //!    (FlyteWorkflow prefix, `delta = "auto"`, dictionaries); etcd-squeeze per-object zstd
@@ -63,6 +64,8 @@ struct Args {
     compact_every: u64,
     clients: usize,
     memory_keys: usize,
+    /// `--life`: versions spread over each workflow's whole life instead of consecutive status changes.
+    life: bool,
     markdown: Option<String>,
     smoke: bool,
 }
@@ -78,6 +81,7 @@ fn parse_args() -> Args {
         compact_every: num("--compact-every", 10, 1),
         clients: num("--clients", 8, 2) as usize,
         memory_keys: num("--memory-keys", 1000, 6) as usize,
+        life: argv.iter().any(|a| a == "--life"),
         markdown: value("--markdown"),
         smoke,
     }
@@ -142,13 +146,22 @@ async fn reqwest_like_get(url: &str) -> std::io::Result<String> {
     Ok(text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
 }
 
-/// Update series of the realistic generator: `n` series of `versions` versions, dynamic fan-outs
-/// with `children` cycling through the given sizes.
-fn pool(n: usize, versions: usize, children: &[usize]) -> Vec<Vec<Vec<u8>>> {
+/// Version sequences of the realistic generator: `n` workflows of `versions` versions each,
+/// dynamic fan-outs with `children` cycling through the given sizes. `life`: spread evenly from
+/// creation to completion (`corpus::update_series`: far apart); else consecutive status changes
+/// (propeller rounds, `corpus::consecutive_writes`) from a point of each workflow's life between
+/// 0 and 90 % done.
+fn pool(n: usize, versions: usize, children: &[usize], life: bool) -> Vec<Vec<Vec<u8>>> {
     (0..n)
         .map(|i| {
-            let scenario = Scenario::new(Topology::Dynamic { children: children[i % children.len()] }, 100, 0);
-            update_series(&scenario, versions, 1000 + i as u64).into_iter().map(|g| g.json).collect()
+            let topology = Topology::Dynamic { children: children[i % children.len()] };
+            let seed = 1000 + i as u64;
+            let versions = if life {
+                update_series(&Scenario::new(topology, 100, 0), versions, seed)
+            } else {
+                consecutive_writes(&Scenario::new(topology, 100, ((i * 37) % 91) as u8), versions, seed)
+            };
+            versions.into_iter().map(|g| g.json).collect()
         })
         .collect()
 }
@@ -316,10 +329,14 @@ fn mib(b: f64) -> String {
 
 fn table(rows: &[Row], args: &Args) -> String {
     let mut out = format!(
-        "{} workflows of {} versions each, {} clients, compaction every {} s, 2 watchers with prev_kv:\n\n\
+        "{} workflows of {} versions each ({}), {} clients, compaction every {} s, 2 watchers with prev_kv:\n\n\
          | front | updates | updates/s | p50 ms | p99 ms | etcd DB (in use) | DB vs direct | received by etcd | vs direct | proxy CPU s | proxy peak RSS | delta frames (rebases) | watch events | compactions |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        args.workflows, args.versions, args.clients, args.compact_every
+        args.workflows,
+        args.versions,
+        if args.life { "spread over each workflow's life" } else { "consecutive status changes" },
+        args.clients,
+        args.compact_every
     );
     let (direct, direct_db) = rows.first().map_or((1.0, 1.0), |r| (r.received, r.db_size as f64));
     for r in rows {
@@ -416,7 +433,7 @@ async fn memory(args: &Args) -> String {
 async fn main() {
     let args = parse_args();
     let children: &[usize] = if args.smoke { &[50, 100] } else { &[300, 1000, 3000, 10000] };
-    let series = pool(if args.smoke { 2 } else { 16 }, if args.smoke { 4 } else { 12 }, children);
+    let series = pool(if args.smoke { 2 } else { 50 }, args.versions, children, args.life);
     let mut rows = Vec::new();
     for front in [Front::Direct, Front::Default, Front::PerObject] {
         eprintln!("running {} ...", front.name());

@@ -143,7 +143,7 @@ async fn rebase_and_compaction_with_a_lagging_watcher() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_carries_prev_kv_and_takes_the_bases() {
+async fn delete_carries_prev_kv_and_the_sweep_takes_the_bases() {
     let mut env = Env::with_delta(FLYTE).await;
     let (a, b) = (env.wf_key("del-a"), env.wf_key("del-b"));
     let versions = series();
@@ -172,6 +172,7 @@ async fn delete_carries_prev_kv_and_takes_the_bases() {
         }
     }
     assert_eq!(deletes, vec![versions[4].clone(), versions[2].clone()]);
+    crate::harness::sweep_now(&env.etcd.url).await;
     assert!(bases(&mut env.direct).await.is_empty(), "no base remains once its key is deleted");
     // A cold proxy decodes the DELETE event's prev_kv from the base's history.
     let cold = Proxy::start_delta(&env.etcd.url).await;
@@ -229,11 +230,12 @@ async fn two_proxies_update_one_key_concurrently() {
     let v2 = c2.get(key.as_str(), None).await.unwrap().kvs()[0].value().to_vec();
     assert_eq!(v1, v2);
     assert!(versions.contains(&v1));
-    // No orphan: deleting the key leaves no base behind.
+    // No orphan: once the key is deleted, the sweep leaves no base behind.
     let mut direct = etcd.client().await;
     assert!(!bases(&mut direct).await.is_empty());
     c2.delete(key.as_str(), None).await.unwrap();
-    assert!(bases(&mut direct).await.is_empty(), "no base left once the key is deleted");
+    crate::harness::sweep_now(&etcd.url).await;
+    assert!(bases(&mut direct).await.is_empty(), "no base left once the key is deleted and swept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

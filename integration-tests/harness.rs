@@ -662,3 +662,22 @@ pub async fn decode_errors_total(metrics_url: &str) -> f64 {
     let (_, scrape) = http_get(metrics_url, "/metrics").await.unwrap();
     scrape.lines().filter(|l| l.starts_with("etcd_squeeze_decode_errors_total{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
+
+/// Runs one round of the orphan sweep (src/delta/sweep.rs) on the etcd at `url` as if compaction
+/// and every replica's watches were past everything: the bases of deleted keys, and superseded
+/// ones, go. A deleted key's bases are left to the sweep (a lagging watch may still need them).
+pub async fn sweep_now(url: &str) {
+    use etcd_squeeze::proto::etcdserverpb::{compare, Compare};
+    let config = etcd_squeeze::config::UpstreamConfig { endpoints: vec![url.to_string()], ..Default::default() };
+    let mut kv = etcd_squeeze::proto::etcdserverpb::kv_client::KvClient::new(etcd_squeeze::upstream::Upstream::new(&config).unwrap());
+    // Holds always: no leadership to lose here.
+    let guard = Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Create as i32,
+        key: bytes::Bytes::from_static(b"/etcd-squeeze/no-such-key"),
+        target_union: Some(compare::TargetUnion::CreateRevision(0)),
+        ..Default::default()
+    };
+    let mut sweeper = etcd_squeeze::delta::sweep::Sweeper::default();
+    sweeper.round(&mut kv, &[bytes::Bytes::new()], i64::MAX, &guard).await.unwrap();
+}

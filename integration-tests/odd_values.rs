@@ -57,5 +57,6 @@ async fn odd_values_on_one_key() {
         assert_eq!(get_value(&mut cold, &key, *r).await.unwrap().unwrap(), *x, "value {i} at {r}");
     }
     env.via.delete(key.as_str(), None).await.unwrap();
+    crate::harness::sweep_now(&env.etcd.url).await;
     assert!(bases_of(&mut env.direct, &key).await.is_empty());
 }

@@ -67,6 +67,7 @@ async fn stale_proxy_after_another_rebased_and_compacted() {
     assert_eq!(get_value(&mut cold, &key, 0).await.unwrap().unwrap(), *v.last().unwrap());
     assert_eq!(get_value(&mut b, &key, 0).await.unwrap().unwrap(), *v.last().unwrap());
     b.delete(key.as_str(), None).await.unwrap();
+    crate::harness::sweep_now(&etcd.url).await;
     assert!(bases_of(&mut direct, &key).await.is_empty());
 }
 
@@ -97,6 +98,7 @@ async fn proxy_restart_between_writes() {
     assert_eq!(get_value(&mut c, &key, 0).await.unwrap().unwrap(), v[8]);
     current_base_exists(&mut direct, &key).await;
     c.delete(key.as_str(), None).await.unwrap();
+    crate::harness::sweep_now(&etcd.url).await;
     assert!(bases_of(&mut direct, &key).await.is_empty());
 }
 

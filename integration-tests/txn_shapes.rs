@@ -182,6 +182,7 @@ async fn txn_shapes_match_etcd_with_both_branches_and_nesting() {
     // Deleting both keys leaves no base.
     for key in [k.clone(), format!("{FLYTE}shape-via/k2")] {
         env.via.delete(key.as_str(), None).await.unwrap();
+        crate::harness::sweep_now(&env.etcd.url).await;
         assert!(bases_of(&mut env.direct, &key).await.is_empty(), "orphans of {key}");
     }
 }
@@ -216,6 +217,7 @@ async fn put_and_delete_of_the_same_key_in_one_txn() {
     }
     assert_eq!(results[0], results[1], "etcd vs proxy");
     let k = format!("{FLYTE}dup-via/k");
+    crate::harness::sweep_now(&env.etcd.url).await;
     assert!(bases_of(&mut env.direct, &k).await.is_empty(), "bases left behind: {:?}", bases_of(&mut env.direct, &k).await);
 }
 
@@ -265,6 +267,7 @@ async fn put_then_delete_in_sibling_nested_txns_keeps_the_watch_decodable() {
         let show = |s: &[(String, Vec<u8>)]| s.iter().map(|(t, v)| format!("{t}:{}", String::from_utf8_lossy(&v[..v.len().min(200)]))).collect::<Vec<_>>();
         outcomes.push((guarded, show(&seen)));
         expected.push((guarded, show(&[("Put".to_string(), v2), ("Delete".to_string(), Vec::new())])));
+        crate::harness::sweep_now(&env.etcd.url).await;
         assert!(bases_of(&mut env.direct, &k).await.is_empty());
     }
     assert_eq!(outcomes, expected, "watch through another proxy vs etcd's events");

@@ -51,6 +51,8 @@ pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// known changed (that is when collection becomes possible), else when the watch floor changed
 /// and [`FLOOR_REFRESH`] passed (each announcement is a write to etcd).
 const REFRESH: Duration = Duration::from_secs(2);
+/// The longest an announcement or a listing may take (the loop does not see a lost lease meanwhile).
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The least time between two announcements for a watch floor change alone.
 const FLOOR_REFRESH: Duration = Duration::from_secs(30);
 /// How often the compaction revision is read from etcd (a watch create and cancel): a replica
@@ -141,6 +143,9 @@ pub struct Members {
     /// yet). A replica that announced at or before that compaction is in the listing; one that
     /// announced later opened its watches later, at or above it (see [`Members::horizon`]).
     listed_floor: AtomicI64,
+    /// The announcement task runs (`spawn` was called): while it is not fresh, this replica is
+    /// not visible to the others.
+    spawned: AtomicBool,
     /// Incremented when an announcement this replica made may be gone (its round failed after
     /// announcing): watch streams that decode delta frames end then ([`Members::lost_signal`]).
     lost: watch::Sender<u64>,
@@ -163,6 +168,7 @@ impl Members {
             fresh: AtomicBool::new(false),
             compacted: AtomicI64::new(0),
             listed_floor: AtomicI64::new(0),
+            spawned: AtomicBool::new(false),
             lost: watch::channel(0).0,
             lease: AtomicI64::new(0),
             floors: Arc::new(WatchFloors::default()),
@@ -213,6 +219,12 @@ impl Members {
         self.lost.subscribe()
     }
 
+    /// True while this replica announces itself but is not announced and following now (between
+    /// two rounds, or before the first): the others cannot see its watch floors.
+    pub fn unannounced(&self) -> bool {
+        self.spawned.load(Ordering::Acquire) && !self.fresh.load(Ordering::Acquire)
+    }
+
     /// Waits until this replica is announced and follows the others (at most `timeout`);
     /// false on timeout.
     pub async fn wait_announced(&self, timeout: Duration) -> bool {
@@ -257,6 +269,7 @@ impl Members {
     /// Announces and follows in the background until `stop` turns true; then revokes the lease
     /// (the key goes at once).
     pub fn spawn(self: &Arc<Self>, upstream: Upstream, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        self.spawned.store(true, Ordering::Release);
         let this = self.clone();
         tokio::spawn(async move {
             let run = async {
@@ -359,12 +372,13 @@ impl Members {
                     let now = self.announcement();
                     let compaction_moved = self.compacted() != announced_compaction;
                     if now != announced && (compaction_moved || announced_at.elapsed() >= FLOOR_REFRESH) {
-                        kv.put(put(&now)).await?;
+                        tokio::time::timeout(CALL_TIMEOUT, kv.put(put(&now))).await.map_err(|_| tonic::Status::deadline_exceeded("announcement put"))??;
                         (announced, announced_at, announced_compaction) = (now, Instant::now(), self.compacted());
                     }
                     // Relisted on every tick: the collection bound needs a listing read after
                     // the compaction it is capped by (watch events can lag behind).
-                    view_revision = view_revision.max(self.list(&mut kv).await?);
+                    let listed = tokio::time::timeout(CALL_TIMEOUT, self.list(&mut kv)).await.map_err(|_| tonic::Status::deadline_exceeded("members listing"))??;
+                    view_revision = view_revision.max(listed);
                     self.update_metrics();
                 }
             }
@@ -440,7 +454,10 @@ pub async fn keep_alive(mut client: LeaseClient<Upstream>, id: i64, ttl: Duratio
         }
     };
     loop {
-        match tokio::time::timeout(ttl, responses.next()).await {
+        // An answer within half the TTL, or the lease counts as lost: declared at most five
+        // sixths of the TTL after the last answer, before etcd can expire it (the announcement's
+        // watch streams end first, src/server/watch.rs).
+        match tokio::time::timeout(ttl / 2, responses.next()).await {
             Ok(Some(Ok(r))) if r.ttl > 0 => {}
             _ => break,
         }

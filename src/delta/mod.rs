@@ -12,8 +12,8 @@
 //!   a new base record to the same branch of the same Txn (one Txn is one revision, so no
 //!   revision of its own) and stores K as a delta against it. Responses to the added operations
 //!   are removed before the client sees the response.
-//! - **Delete.** A single-key DeleteRange of K gets a DeleteRange of K's whole base directory in
-//!   the same branch.
+//! - **Delete.** A DeleteRange leaves K's bases: events before it may still be on their way to a
+//!   lagging watcher; the orphan sweep ([`sweep`]) deletes them once the horizon is past it.
 //! - **History.** A base superseded at revision R (the next base's first revision) is deleted in
 //!   a later write Txn of K once the compaction revision is past R: no readable revision of K
 //!   needs it then. Until then every older revision of K still decodes.
@@ -363,11 +363,10 @@ impl Deltas {
                             ctx.effects.push(Effect::Wrote { path, key: put.key.clone(), base, rebased, collected });
                         }
                     }
-                    Some(request_op::Request::RequestDeleteRange(d)) if d.range_end.is_empty() && self.has_bases(&d.key) && room > 0 => {
-                        room -= 1;
-                        let dir = delta::bases_dir(&d.key);
-                        let end = prefix_end(&dir).expect("a bases directory ends in '/'");
-                        added.push(op_delete(Bytes::from(dir), Bytes::from(end)));
+                    // The key's bases stay: a watch event before the delete (or the DELETE
+                    // event's prev_kv) may still be on its way to a lagging watcher; the sweep
+                    // deletes them once the horizon is past the delete ([`sweep`]).
+                    Some(request_op::Request::RequestDeleteRange(d)) if d.range_end.is_empty() && self.has_bases(&d.key) => {
                         ctx.effects.push(Effect::Deleted { path: ctx.path.clone(), key: d.key.clone() });
                     }
                     Some(request_op::Request::RequestTxn(inner)) => self.rewrite_node(inner, nested_budget, guards, ctx)?,

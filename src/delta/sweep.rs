@@ -131,7 +131,8 @@ fn dir_of(base_key: &[u8]) -> Option<&[u8]> {
 /// pins the rest), keys only, in pages: (key, mod_revision) pairs and the revision read at.
 async fn list_keys(kv: &mut KvClient<Upstream>, key: &[u8], range_end: &[u8], mut revision: i64) -> Result<(Vec<(Bytes, i64)>, i64), SweepError> {
     let mut out = Vec::new();
-    let mut start = Bytes::copy_from_slice(key);
+    // etcd refuses an empty key: the prefix "" (every key) starts at "\0".
+    let mut start = if key.is_empty() { Bytes::from_static(b"\0") } else { Bytes::copy_from_slice(key) };
     loop {
         let request = RangeRequest {
             key: start.clone(),
@@ -277,6 +278,11 @@ impl Sweeper {
                     self.keys.remove(&gone.dir);
                     continue;
                 }
+                // Bases of a later incarnation of the key, gone again by this survey: from now.
+                if gone_since.len() < MAX_PENDING {
+                    gone_since.insert(gone.dir.clone(), survey.revision);
+                }
+                continue;
             }
             if gone_since.len() < MAX_PENDING {
                 gone_since.insert(gone.dir.clone(), since);

@@ -85,7 +85,10 @@ impl tower::Service<http::Request<Body>> for WatchService {
 struct StreamState {
     /// For each create request sent upstream and not yet answered: can its watch carry framed
     /// values, can it see the proxy's own keys, and its start_revision?
-    pending_creates: VecDeque<(bool, bool, i64)>,
+    /// Involved ones hold a provisional floor until answered (their start, or the compaction
+    /// known when sent: etcd starts a watch from "now" no lower), so that no base their first
+    /// events need is collected meanwhile.
+    pending_creates: VecDeque<(bool, bool, i64, i64)>,
     /// For each watch whose events are decoded: the lowest revision an event of it can still
     /// have (after its last event, or its start). Their minimum is this stream's entry in the
     /// replica's watch floors ([`crate::members`]): bases such events need are not collected.
@@ -148,7 +151,11 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
             if let Some(create) = create_request(&request) {
                 let route = classify(Call::WatchCreate, create, &shared.scope);
                 let reserved = matches!(route, Route::Rewrite(needs) if needs.reserved);
-                lock(&creates).pending_creates.push_back((route != Route::Forward, reserved, varint_field(create, 3).unwrap_or(0) as i64));
+                let start = varint_field(create, 3).unwrap_or(0) as i64;
+                let provisional = if start > 0 { start } else { shared.deltas.members().compacted() };
+                let mut st = lock(&creates);
+                st.pending_creates.push_back((route != Route::Forward, reserved, start, provisional));
+                st.republish();
             }
             request
         });
@@ -162,7 +169,7 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
             let (md, responses, ext) = upstream.streaming(request, path, RawCodec).await?.into_parts();
             let open = OpenStream::new();
             let shared = this.shared.clone();
-            let (lapsed, ended) = announcement_lapsed(this.shared.deltas.members().lost_signal(), state.clone());
+            let (lapsed, ended) = announcement_lapsed(this.shared.deltas.members().clone(), state.clone());
             let responses = responses
                 .then(move |item| {
                     // Both live as long as the response stream, and are dropped with it.
@@ -182,15 +189,19 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
 /// then collect bases below its watch floor. The client re-watches (kube-apiserver does, from
 /// its last resourceVersion), at a revision etcd still serves. Returns the future that resolves
 /// then, and the status to end with once it did.
-fn announcement_lapsed(mut lost: tokio::sync::watch::Receiver<u64>, state: Arc<Mutex<StreamState>>) -> (BoxFuture<'static, ()>, Arc<Mutex<Option<Status>>>) {
+fn announcement_lapsed(members: Arc<crate::members::Members>, state: Arc<Mutex<StreamState>>) -> (BoxFuture<'static, ()>, Arc<Mutex<Option<Status>>>) {
     let ended = Arc::new(Mutex::new(None));
     let status = ended.clone();
+    let mut lost = members.lost_signal();
     let lapsed = async move {
         loop {
-            if lost.changed().await.is_err() {
-                return futures::future::pending().await;
-            }
-            if !lock(&state).floors.is_empty() {
+            // A lapse signalled, or (checked every second) not announced now: between two
+            // rounds of the announcement, the others cannot see this stream's floor either.
+            let signalled = tokio::select! {
+                changed = lost.changed() => changed.is_ok(),
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+            };
+            if (signalled || members.unannounced()) && lock(&state).decodes() {
                 let message = "etcd-squeeze: this replica's announcement to the other replicas lapsed; watches of delta-frame prefixes restart";
                 *status.lock().unwrap_or_else(|p| p.into_inner()) = Some(Status::unavailable(message));
                 return;
@@ -221,7 +232,18 @@ impl StreamState {
             Some(f) => self.floors.insert(watch_id, f),
             None => self.floors.remove(&watch_id),
         };
-        self.floor.set(self.floors.values().copied().min());
+        self.republish();
+    }
+
+    /// True when some watch of the stream decodes delta frames, or a create that may is unanswered.
+    fn decodes(&self) -> bool {
+        !self.floors.is_empty() || self.pending_creates.iter().any(|c| c.0)
+    }
+
+    /// Publishes the stream's lowest floor: its watches', and its unanswered creates'.
+    fn republish(&mut self) {
+        let pending = self.pending_creates.iter().filter(|c| c.0).map(|c| c.3);
+        self.floor.set(self.floors.values().copied().chain(pending).min());
     }
 }
 
@@ -281,7 +303,8 @@ async fn respond(
         let mut st = lock(&state);
         if top.created {
             // No pending create (not expected): decode and filter, to be safe.
-            let (involved, reserved, start) = st.pending_creates.pop_front().unwrap_or((true, true, 0));
+            let (involved, reserved, start, _) = st.pending_creates.pop_front().unwrap_or((true, true, 0, 0));
+            st.republish();
             if involved && !top.canceled {
                 st.involved.insert(top.watch_id);
                 // A watch from "now" starts after the revision its created response carries.
