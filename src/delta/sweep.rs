@@ -1,10 +1,10 @@
 //! The orphan sweep: deletes delta-frame bases that no value etcd can still serve needs.
 //!
 //! Bases are collected on the write path (a later write of the same key deletes the bases it
-//! superseded, once the horizon is past them) and with the key (a single-key DeleteRange through
-//! the proxy deletes the key's base directory). What that leaves behind: the bases of a key
-//! deleted by a DeleteRange over a range, by a lease that ended, or directly in etcd; and the
-//! superseded bases of a key that is never written again. One replica at a time (elected on
+//! superseded, once the horizon is past them). What that leaves behind: the bases of a deleted
+//! key (however it went: a DeleteRange through the proxy, of one key or a range, a lease that
+//! ended, a delete directly in etcd; a delete Txn cannot take them, events before it may still
+//! be on their way to a lagging watcher), and the superseded bases of a key never written again. One replica at a time (elected on
 //! [`ELECTION_KEY`] as the dictionary trainer is) sweeps them every [`crate::config::Config`]
 //! `sweep_interval`:
 //!
