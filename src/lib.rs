@@ -16,7 +16,8 @@
 //! - [`classify`]: which road a KV or Watch call takes (forward bytes, or rewrite), from its bytes.
 //! - [`wire`]: etcd's messages in their protobuf wire bytes: read fields, splice sub-messages.
 //! - [`rewrite`]: which fields of which etcd messages carry values, and their rewriting (prost types).
-//! - [`delta`]: delta frames at run time: which base a write uses, the Txn rewrite, the base cache.
+//! - [`delta`]: delta frames at run time: which base a write uses, the Txn rewrite, the base cache,
+//!   the orphan sweep.
 //! - [`dictionary`]: trained zstd dictionaries: store in etcd, shared cache, training.
 //! - [`members`]: replica announcements under `/etcd-squeeze/members/`: which frame codecs every
 //!   replica reads (delta = "auto"), and the watch floors that bound base collection.
@@ -26,7 +27,7 @@
 //! - [`tls`]: certificates and keys from PEM files, reloaded when they change.
 //! - [`metrics`]: the Prometheus registry and metric types.
 //! - [`health`]: the readiness probe and the `/metrics`, `/healthz`, `/readyz` listener.
-//! - [`ops`]: the operator commands (`analyze`, `migrate`, `get`, `dict`), talking to etcd directly.
+//! - [`ops`]: the operator commands (`analyze`, `migrate`, `get`, `dict`, `status`), talking to etcd directly.
 //! - [`corpus`]: a generator of realistic FlyteWorkflow objects for tests, demo and benchmarks.
 //! - [`demo`]: the driver behind `scripts/demo`.
 //! - [`fuzzing`]: the fuzz targets' entry points (frame decoder, request and response rewriters, wire splice).
