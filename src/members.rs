@@ -51,6 +51,8 @@ pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// known changed (that is when collection becomes possible), else when the watch floor changed
 /// and [`FLOOR_REFRESH`] passed (each announcement is a write to etcd).
 const REFRESH: Duration = Duration::from_secs(2);
+/// The error of a round whose lease was lost (the only one that ends decoding watch streams).
+const LEASE_LOST: &str = "the announcement lease was lost";
 /// The longest an announcement or a listing may take (the loop does not see a lost lease meanwhile).
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The least time between two announcements for a watch floor change alone.
@@ -277,8 +279,9 @@ impl Members {
                 loop {
                     let started = Instant::now();
                     let result = this.round(&upstream).await;
-                    if this.lease.swap(0, Ordering::Relaxed) != 0 {
-                        // This round announced: its key may expire before the next one.
+                    // Another error leaves the key to the next round, which puts it again (on a
+                    // new lease) before the old one can expire; a lost lease may already have.
+                    if this.lease.swap(0, Ordering::Relaxed) != 0 && result.as_ref().is_err_and(|e| e.message() == LEASE_LOST) {
                         this.lost.send_modify(|g| *g += 1);
                     }
                     if let Err(e) = result {
@@ -336,7 +339,7 @@ impl Members {
         let mut probe: Option<AbortOnDrop> = None;
         loop {
             tokio::select! {
-                _ = lost.changed() => return Err(tonic::Status::unavailable("the announcement lease was lost")),
+                _ = lost.changed() => return Err(tonic::Status::unavailable(LEASE_LOST)),
                 message = events.message() => {
                     let Some(resp) = message? else { return Err(tonic::Status::unavailable("the members watch ended")) };
                     if resp.canceled {

@@ -195,13 +195,10 @@ fn announcement_lapsed(members: Arc<crate::members::Members>, state: Arc<Mutex<S
     let mut lost = members.lost_signal();
     let lapsed = async move {
         loop {
-            // A lapse signalled, or (checked every second) not announced now: between two
-            // rounds of the announcement, the others cannot see this stream's floor either.
-            let signalled = tokio::select! {
-                changed = lost.changed() => changed.is_ok(),
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
-            };
-            if (signalled || members.unannounced()) && lock(&state).decodes() {
+            if lost.changed().await.is_err() {
+                return futures::future::pending().await;
+            }
+            if lock(&state).decodes() {
                 let message = "etcd-squeeze: this replica's announcement to the other replicas lapsed; watches of delta-frame prefixes restart";
                 *status.lock().unwrap_or_else(|p| p.into_inner()) = Some(Status::unavailable(message));
                 return;
