@@ -262,16 +262,7 @@ async fn a_watcher_held_back_across_two_compactions_on_another_replica_never_mis
         }
     }
     // Held back no more: once etcd compacts again, the superseded bases go (the newest stays).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    loop {
-        let rev = writer.put("/tick", "x", None).await.unwrap().header().unwrap().revision();
-        writer.compact(rev, None).await.unwrap();
-        if all_bases(&mut etcd.client().await).await == 1 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "superseded bases still there: {}", all_bases(&mut etcd.client().await).await);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    crate::harness::compact_until(&mut writer, Duration::from_secs(40), "the superseded bases to go", || async { all_bases(&mut etcd.client().await).await == 1 }).await;
     assert_eq!(get_value(&mut reader, &key, 0).await.unwrap().unwrap(), versions[47]);
 }
 
@@ -328,14 +319,5 @@ async fn a_delete_read_by_a_held_back_watcher_after_compaction_keeps_its_prev_kv
     // every 10 minutes by default): this one ends.
     drop(watch);
     drop(reader);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    loop {
-        let rev = writer.put("/tick", "x", None).await.unwrap().header().unwrap().revision();
-        writer.compact(rev, None).await.unwrap();
-        if all_bases(&mut etcd.client().await).await == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "bases of the deleted key still there: {}", all_bases(&mut etcd.client().await).await);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    crate::harness::compact_until(&mut writer, Duration::from_secs(40), "the bases of the deleted key to go", || async { all_bases(&mut etcd.client().await).await == 0 }).await;
 }

@@ -681,3 +681,22 @@ pub async fn sweep_now(url: &str) {
     let mut sweeper = etcd_squeeze::delta::sweep::Sweeper::default();
     sweeper.round(&mut kv, &[bytes::Bytes::new()], i64::MAX, &guard).await.unwrap();
 }
+
+/// Compacts at the current revision (a write first, so the revision moves) every 300 ms, as
+/// kube-apiserver does every 5 minutes, until `done` holds (at most `timeout`).
+pub async fn compact_until<F, Fut>(via: &mut etcd_client::Client, timeout: Duration, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let rev = via.put("/tick", "x", None).await.unwrap().header().unwrap().revision();
+        via.compact(rev, None).await.unwrap();
+        if done().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -31,25 +31,6 @@ async fn swept(proxy: &Proxy, reason: &str) -> f64 {
     sample(&scrape, &format!("etcd_squeeze_bases_swept_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
 }
 
-/// Compacts at the current revision (a write first, so the revision moves) every 300 ms, as
-/// kube-apiserver does every 5 minutes, until `done` holds (at most 30 s).
-async fn compact_until<F, Fut>(via: &mut etcd_client::Client, what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let rev = via.put("/tick", "x", None).await.unwrap().header().unwrap().revision();
-        via.compact(rev, None).await.unwrap();
-        if done().await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after 30s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 async fn no_bases_left(etcd: &Etcd) -> bool {
     let mut direct = etcd.client().await;
     all_bases(&mut direct).await == 0
@@ -87,7 +68,7 @@ async fn bases_of_keys_deleted_by_a_range_a_lease_or_etcd_itself_are_swept() {
     // A live key with a single base keeps it.
     let live = format!("{FLYTE}live");
     let value = write_versions(&mut via, &live, 1).await;
-    compact_until(&mut via, "the orphaned bases to be swept", || async { all_bases(&mut etcd.client().await).await == 1 }).await;
+    crate::harness::compact_until(&mut via, Duration::from_secs(30), "the orphaned bases to be swept", || async { all_bases(&mut etcd.client().await).await == 1 }).await;
     assert!(swept(&proxy, "key_gone").await >= written as f64, "{}", swept(&proxy, "key_gone").await);
     assert_eq!(get_value(&mut via, &live, 0).await.unwrap().unwrap(), value);
 }
@@ -116,7 +97,7 @@ async fn superseded_bases_of_a_key_never_written_again_are_swept_and_every_revis
             assert_eq!(get_value(&mut via, &key, *r).await.unwrap().unwrap(), versions[i], "revision {r}");
         }
     }
-    compact_until(&mut via, "every superseded base to be swept", || async { all_bases(&mut etcd.client().await).await == 1 }).await;
+    crate::harness::compact_until(&mut via, Duration::from_secs(30), "every superseded base to be swept", || async { all_bases(&mut etcd.client().await).await == 1 }).await;
     assert!(swept(&proxy, "superseded").await >= (written - 1) as f64);
     assert_eq!(get_value(&mut via, &key, 0).await.unwrap().unwrap(), versions[7]);
 }
@@ -163,7 +144,7 @@ async fn a_proxy_killed_mid_write_leaves_nothing_for_ever() {
     }
     // Deleted directly: the sweep takes every base.
     direct.delete(format!("{FLYTE}killed/"), Some(DeleteOptions::new().with_prefix())).await.unwrap();
-    compact_until(&mut via, "every base to be swept", || no_bases_left(&etcd)).await;
+    crate::harness::compact_until(&mut via, Duration::from_secs(30), "every base to be swept", || no_bases_left(&etcd)).await;
 }
 
 /// The sweep races GuaranteedUpdates on keys that rebase, compaction every 300 ms, and a watcher

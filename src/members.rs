@@ -145,9 +145,6 @@ pub struct Members {
     /// yet). A replica that announced at or before that compaction is in the listing; one that
     /// announced later opened its watches later, at or above it (see [`Members::horizon`]).
     listed_floor: AtomicI64,
-    /// The announcement task runs (`spawn` was called): while it is not fresh, this replica is
-    /// not visible to the others.
-    spawned: AtomicBool,
     /// Incremented when an announcement this replica made may be gone (its round failed after
     /// announcing): watch streams that decode delta frames end then ([`Members::lost_signal`]).
     lost: watch::Sender<u64>,
@@ -170,7 +167,6 @@ impl Members {
             fresh: AtomicBool::new(false),
             compacted: AtomicI64::new(0),
             listed_floor: AtomicI64::new(0),
-            spawned: AtomicBool::new(false),
             lost: watch::channel(0).0,
             lease: AtomicI64::new(0),
             floors: Arc::new(WatchFloors::default()),
@@ -221,12 +217,6 @@ impl Members {
         self.lost.subscribe()
     }
 
-    /// True while this replica announces itself but is not announced and following now (between
-    /// two rounds, or before the first): the others cannot see its watch floors.
-    pub fn unannounced(&self) -> bool {
-        self.spawned.load(Ordering::Acquire) && !self.fresh.load(Ordering::Acquire)
-    }
-
     /// Waits until this replica is announced and follows the others (at most `timeout`);
     /// false on timeout.
     pub async fn wait_announced(&self, timeout: Duration) -> bool {
@@ -271,7 +261,6 @@ impl Members {
     /// Announces and follows in the background until `stop` turns true; then revokes the lease
     /// (the key goes at once).
     pub fn spawn(self: &Arc<Self>, upstream: Upstream, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
-        self.spawned.store(true, Ordering::Release);
         let this = self.clone();
         tokio::spawn(async move {
             let run = async {

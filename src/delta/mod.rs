@@ -509,16 +509,9 @@ impl Deltas {
         let base_key = delta::base_key(key, r.id);
         // The record, compressed, may still be cached: decompressed without asking etcd.
         if let Some(record) = self.bases.get_record(key, r.id) {
-            if let Some(frame) = delta::record_frame(&record) {
-                self.dictionaries.ensure(key, frame).await?;
-            }
-            if let Ok(base) = crate::codec::decode_base(&base_key, &record, self.codec.max_value_bytes(), &**self.codec.dictionaries()) {
-                if base.checksum == r.checksum {
-                    metrics.base_cache_record_hits.inc();
-                    let base = Arc::new(base);
-                    self.bases.insert(base.clone());
-                    return Ok(Some(base));
-                }
+            if let Ok(base) = self.decode_record(key, r, &base_key, &record).await? {
+                metrics.base_cache_record_hits.inc();
+                return Ok(Some(base));
             }
         }
         let mut tried = Vec::new();
@@ -538,19 +531,12 @@ impl Deltas {
             metrics.base_fetches.inc();
             metrics.base_fetched_bytes.inc_by(kv.value.len() as u64);
             let refused = |why: String| format!("the record at {} is refused: {why}", crate::codec::KeyDisplay(&base_key));
-            // The dictionary the base's own frame may name, loaded first as for any value.
-            if let Some(frame) = delta::record_frame(&kv.value) {
-                self.dictionaries.ensure(key, frame).await?;
-            }
-            match crate::codec::decode_base(&base_key, &kv.value, self.codec.max_value_bytes(), &**self.codec.dictionaries()) {
-                Ok(base) if base.checksum == r.checksum => {
-                    let base = Arc::new(base);
-                    self.bases.insert(base.clone());
+            match self.decode_record(key, r, &base_key, &kv.value).await? {
+                Ok(base) => {
                     self.bases.insert_record(key, r.id, &kv.value);
                     return Ok(Some(base));
                 }
-                Ok(_) => self.bases.mark_unavailable(key, r.id, refused("its content has another checksum than the frame names".into())),
-                Err(e) => self.bases.mark_unavailable(key, r.id, refused(e.to_string())),
+                Err(why) => self.bases.mark_unavailable(key, r.id, refused(why)),
             }
             tracing::error!(key = %crate::codec::KeyDisplay(key), base = %format_args!("{:016x}", r.id), "refused a stored base");
             return Ok(None);
@@ -559,6 +545,24 @@ impl Deltas {
             if tried.len() > 1 { format!(" nor at revisions {:?} (deleted, or compacted away)", &tried[1..]) } else { String::new() });
         self.bases.mark_unavailable(key, r.id, detail);
         Ok(None)
+    }
+
+    /// Decodes base record `record` (stored at `base_key`) of base `r` of `key`, loading the
+    /// dictionary its frame names first, and caches the base: `Ok(Err(why))` when the record is
+    /// refused (corrupt, or not the content the frame names); `Err` only when etcd cannot be asked.
+    async fn decode_record(&self, key: &Bytes, r: BaseRef, base_key: &[u8], record: &[u8]) -> Result<Result<Arc<Base>, String>, Status> {
+        if let Some(frame) = delta::record_frame(record) {
+            self.dictionaries.ensure(key, frame).await?;
+        }
+        Ok(match crate::codec::decode_base(base_key, record, self.codec.max_value_bytes(), &**self.codec.dictionaries()) {
+            Ok(base) if base.checksum == r.checksum => {
+                let base = Arc::new(base);
+                self.bases.insert(base.clone());
+                Ok(base)
+            }
+            Ok(_) => Err("its content has another checksum than the frame names".into()),
+            Err(e) => Err(e.to_string()),
+        })
     }
 
     /// Learns which base each delta-framed value in `msg` uses (after a successful decode).

@@ -169,7 +169,7 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
             let (md, responses, ext) = upstream.streaming(request, path, RawCodec).await?.into_parts();
             let open = OpenStream::new();
             let shared = this.shared.clone();
-            let (lapsed, ended) = announcement_lapsed(this.shared.deltas.members().clone(), state.clone());
+            let (lapsed, ended) = announcement_lapsed(this.shared.deltas.members().lost_signal(), state.clone());
             let responses = responses
                 .then(move |item| {
                     // Both live as long as the response stream, and are dropped with it.
@@ -189,10 +189,9 @@ impl tonic::server::StreamingService<Bytes> for WatchService {
 /// then collect bases below its watch floor. The client re-watches (kube-apiserver does, from
 /// its last resourceVersion), at a revision etcd still serves. Returns the future that resolves
 /// then, and the status to end with once it did.
-fn announcement_lapsed(members: Arc<crate::members::Members>, state: Arc<Mutex<StreamState>>) -> (BoxFuture<'static, ()>, Arc<Mutex<Option<Status>>>) {
+fn announcement_lapsed(mut lost: tokio::sync::watch::Receiver<u64>, state: Arc<Mutex<StreamState>>) -> (BoxFuture<'static, ()>, Arc<Mutex<Option<Status>>>) {
     let ended = Arc::new(Mutex::new(None));
     let status = ended.clone();
-    let mut lost = members.lost_signal();
     let lapsed = async move {
         loop {
             if lost.changed().await.is_err() {
