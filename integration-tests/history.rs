@@ -15,7 +15,7 @@ use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, TxnOpResponse, Watc
 use etcd_squeeze::codec::ValueCodec;
 use tokio::sync::Mutex;
 
-use crate::linearizability::{hash, Change, Hash, Kv};
+use crate::linearizability::{hash, Change, Hash, Kv, Watched};
 
 /// One event as seen by a watcher.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -324,6 +324,11 @@ pub fn seen_states(record: &Record) -> Vec<Kv> {
         }
     }
     out
+}
+
+/// The changes `record`'s events showed, for [`crate::linearizability::check`].
+pub fn watched_changes(record: &Record) -> Vec<Watched> {
+    record.responses.iter().flatten().map(|e| Watched { revision: e.revision, key: e.key.clone(), value: e.put.then(|| hash(&e.value)) }).collect()
 }
 
 /// An acknowledged write: etcd (through the proxy) said `key` = `value` at `revision`.

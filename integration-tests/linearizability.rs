@@ -190,6 +190,19 @@ pub struct Linearization {
     pub writes: usize,
 }
 
+/// A change a watcher was shown: `key` became `value` (`None`: deleted) at `revision`. The
+/// linearization must make this change at that revision: it decides which of several
+/// unknown-outcome deletes was applied, which no value can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watched {
+    /// The event's revision.
+    pub revision: i64,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The new value's hash (`None`: a DELETE).
+    pub value: Option<Hash>,
+}
+
 /// Why a history is not linearizable (or could not be decided within the budget).
 #[derive(Debug)]
 pub struct Violation(pub String);
@@ -457,9 +470,10 @@ enum Maker {
 }
 
 /// Checks `ops` (all calls of all clients, any order), starting from a state with none of their
-/// keys at revision `start`; `seen` are key states the clients saw outside `ops` (watch events).
+/// keys at revision `start`; `seen` are key states the clients saw outside `ops` (watch events'
+/// values and prev_kvs) and `watched` the changes watch events showed at their revisions.
 /// Returns the linearization, or the first violation found.
-pub fn check(ops: &[Operation], start: i64, seen: &[Kv]) -> Result<Linearization, Violation> {
+pub fn check(ops: &[Operation], start: i64, seen: &[Kv], watched: &[Watched]) -> Result<Linearization, Violation> {
     let fail = |s: String| Err(Violation(s));
     // 1. Revisions claimed by acknowledged writes are unique and after `start`.
     let mut claimed: HashMap<i64, usize> = HashMap::new();
@@ -532,6 +546,19 @@ pub fn check(ops: &[Operation], start: i64, seen: &[Kv]) -> Result<Linearization
         }
     }
     let forced_ops: HashSet<usize> = forced.values().copied().collect();
+    let mut watched_at: HashMap<i64, Vec<&Watched>> = HashMap::new();
+    for w in watched {
+        watched_at.entry(w.revision).or_default().push(w);
+    }
+    // Every change a watcher saw at `rev` is among the changes made there.
+    let check_watched = |rev: i64, changes: &[Change]| -> Result<(), String> {
+        for w in watched_at.get(&rev).into_iter().flatten() {
+            if !changes.iter().any(|c| c.key == w.key && c.kv.map(|kv| kv.value) == w.value) {
+                return Err(format!("a watcher saw {:?} {} at revision {rev}, which this order does not make", String::from_utf8_lossy(&w.key), if w.value.is_some() { "put" } else { "deleted" }));
+            }
+        }
+        Ok(())
+    };
     // Calls that change nothing are checked at their header revision; LeaseRevokes may have made it.
     let mut reads_at: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
     let mut revokes_at: HashMap<i64, Vec<usize>> = HashMap::new();
@@ -640,7 +667,7 @@ pub fn check(ops: &[Operation], start: i64, seen: &[Kv]) -> Result<Linearization
                 }
                 Ok(changes) => {
                     made.push(maker);
-                    if let Err(why) = check_reads(&store, rev, &made) {
+                    if let Err(why) = check_watched(rev, &changes).and_then(|()| check_reads(&store, rev, &made)) {
                         made.pop();
                         store.unapply();
                         if rev >= deepest {
@@ -737,7 +764,7 @@ mod self_tests {
             op(1, 25, 35, plain(get("a")), ok(2, vec![read(vec![("a", kv(1, 2, 2, 1))])])), // concurrent with the update
             op(1, 50, 60, plain(get("a")), ok(3, vec![read(vec![("a", kv(2, 2, 3, 2))])])),
         ];
-        let l = check(&ops, 1, &[]).unwrap();
+        let l = check(&ops, 1, &[], &[]).unwrap();
         assert_eq!(l.changes.len(), 2);
     }
 
@@ -749,12 +776,12 @@ mod self_tests {
             // Started after the second put returned, yet reads revision 2's state.
             op(1, 40, 50, plain(get("a")), ok(2, vec![read(vec![("a", kv(1, 2, 2, 1))])])),
         ];
-        let e = check(&ops, 1, &[]).unwrap_err();
+        let e = check(&ops, 1, &[], &[]).unwrap_err();
         assert!(e.0.contains("real-time order"), "{e}");
         // The same stale value under a fresh header revision: the state check catches it.
         let mut ops = ops;
         ops[2].outcome = ok(3, vec![read(vec![("a", kv(1, 2, 2, 1))])]);
-        let e = check(&ops, 1, &[]).unwrap_err();
+        let e = check(&ops, 1, &[], &[]).unwrap_err();
         assert!(e.0.contains("does not match"), "{e}");
     }
 
@@ -766,7 +793,7 @@ mod self_tests {
             op(0, 20, 30, update("a", 2, 2), ok(3, vec![Response::Put { prev: None }])),
             op(1, 20, 40, update("a", 2, 3), ok(4, vec![Response::Put { prev: None }])),
         ];
-        let e = check(&ops, 1, &[]).unwrap_err();
+        let e = check(&ops, 1, &[], &[]).unwrap_err();
         assert!(e.0.contains("does not match the state at revision 3"), "{e}");
     }
 
@@ -777,13 +804,13 @@ mod self_tests {
             op(1, 0, 10, plain(get("a")), ok(2, vec![read(vec![("a", kv(7, 2, 2, 1))])])),
             op(0, 20, 30, plain(put("a", 7)), ok(2, vec![Response::Put { prev: None }])),
         ];
-        let e = check(&ops, 1, &[]).unwrap_err();
+        let e = check(&ops, 1, &[], &[]).unwrap_err();
         assert!(e.0.contains("real-time order"), "{e}");
         // The same with an unknown outcome: the value fixes it at revision 2, before it started.
         let mut ops = ops;
         ops[1].outcome = Outcome::Unknown;
         ops[1].ret = u64::MAX;
-        let e = check(&ops, 1, &[]).unwrap_err();
+        let e = check(&ops, 1, &[], &[]).unwrap_err();
         assert!(e.0.contains("not linearizable"), "{e}");
     }
 
@@ -794,14 +821,14 @@ mod self_tests {
             op(0, 0, 10, plain(put("a", 1)), ok(3, vec![Response::Put { prev: None }])),
             op(1, 20, 30, plain(put("b", 2)), ok(2, vec![Response::Put { prev: None }])),
         ];
-        let e = check(&ops, 1, &[]).unwrap_err();
+        let e = check(&ops, 1, &[], &[]).unwrap_err();
         assert!(e.0.contains("real-time order"), "{e}");
         // Two writes claiming one revision.
         let ops = vec![
             op(0, 0, 10, plain(put("a", 1)), ok(2, vec![Response::Put { prev: None }])),
             op(1, 0, 10, plain(put("b", 2)), ok(2, vec![Response::Put { prev: None }])),
         ];
-        assert!(check(&ops, 1, &[]).unwrap_err().0.contains("claimed twice"));
+        assert!(check(&ops, 1, &[], &[]).unwrap_err().0.contains("claimed twice"));
     }
 
     #[test]
@@ -810,7 +837,7 @@ mod self_tests {
             op(0, 0, 10, plain(put("a", 1)), ok(2, vec![Response::Put { prev: None }])),
             op(1, 20, 30, plain(get("a")), ok(2, vec![read(vec![("a", kv(99, 2, 2, 1))])])),
         ];
-        assert!(check(&ops, 1, &[]).is_err());
+        assert!(check(&ops, 1, &[], &[]).is_err());
         assert_eq!(altered_values(&ops, &[]), 1);
     }
 
@@ -829,12 +856,33 @@ mod self_tests {
             op(1, 220, 230, plain(get("c")), ok(6, vec![read(vec![("c", kv(5, 5, 6, 2))])])),
             op(1, 240, 250, plain(get("b")), ok(6, vec![read(vec![])])),
         ];
-        let l = check(&ops, 1, &[]).unwrap();
+        let l = check(&ops, 1, &[], &[]).unwrap();
         assert_eq!((l.unknown_applied, l.invisible), (2, 1), "{l:?}");
         // Without the unknown put of `c`, version 2 is unexplained.
         let mut bad = ops.clone();
         bad.remove(3);
-        assert!(check(&bad, 1, &[]).is_err());
+        assert!(check(&bad, 1, &[], &[]).is_err());
+    }
+
+    #[test]
+    fn watch_events_decide_which_unknown_delete_was_applied() {
+        let del = |key: &str| plain(Request::Delete { key: k(key), range_end: Vec::new(), prev_kv: false });
+        let ops = vec![
+            op(0, 0, 10, plain(put("a", 1)), ok(2, vec![Response::Put { prev: None }])),
+            op(0, 20, 30, plain(put("b", 2)), ok(3, vec![Response::Put { prev: None }])),
+            // Both timed out; one of them made revision 4, and only a watcher can tell which.
+            op(0, 40, u64::MAX, del("a"), Outcome::Unknown),
+            op(1, 40, u64::MAX, del("b"), Outcome::Unknown),
+            op(1, 100, 110, plain(put("c", 3)), ok(5, vec![Response::Put { prev: None }])),
+        ];
+        let deleted = |l: &Linearization| l.changes.iter().filter(|c| c.kv.is_none()).map(|c| c.key.clone()).collect::<Vec<_>>();
+        // Without the watcher an invisible writer explains revision 4 as well as either delete.
+        assert_eq!(deleted(&check(&ops, 1, &[], &[]).unwrap()), Vec::<Vec<u8>>::new());
+        let saw_b = [Watched { revision: 4, key: k("b"), value: None }];
+        assert_eq!(deleted(&check(&ops, 1, &[], &saw_b).unwrap()), vec![k("b")]);
+        // A watcher shown a change no call can make at that revision.
+        let saw_c = [Watched { revision: 4, key: k("c"), value: Some(3) }];
+        assert!(check(&ops, 1, &[], &saw_c).is_err());
     }
 
     #[test]
@@ -846,12 +894,12 @@ mod self_tests {
             op(0, 40, 50, Call::LeaseRevoke(8), ok(3, vec![])),
             op(1, 60, 70, plain(get("a")), ok(3, vec![read(vec![])])),
         ];
-        let l = check(&ops, 1, &[]).unwrap();
+        let l = check(&ops, 1, &[], &[]).unwrap();
         assert_eq!(l.changes.last().unwrap().kv, None);
         // A read after the revoke that still sees the key.
         let mut bad = ops.clone();
         bad[3].outcome = ok(3, vec![read(vec![("a", Kv { lease: 7, ..kv(1, 2, 2, 1) })])]);
-        assert!(check(&bad, 1, &[]).is_err());
+        assert!(check(&bad, 1, &[], &[]).is_err());
     }
 
     #[test]
@@ -868,10 +916,10 @@ mod self_tests {
                 ok(4, vec![Response::Range { kvs: vec![(k("p/a"), kv(1, 2, 2, 1))], count: 2, more: true }]),
             ),
         ];
-        check(&ops, 1, &[]).unwrap();
+        check(&ops, 1, &[], &[]).unwrap();
         let mut bad = ops.clone();
         bad[3].outcome = ok(4, vec![Response::Range { kvs: vec![(k("p/a"), kv(3, 2, 4, 2))], count: 2, more: true }]);
-        assert!(check(&bad, 1, &[]).is_err());
+        assert!(check(&bad, 1, &[], &[]).is_err());
     }
 
     #[test]
@@ -884,10 +932,10 @@ mod self_tests {
             op(0, 40, 50, txn(Target::Lease(5), Cmp::NotEqual), Outcome::Ok { revision: 3, succeeded: false, responses: vec![read(vec![("b", kv(9, 3, 3, 1))])] }),
             op(0, 60, 70, txn(Target::Mod(3), Cmp::Less), ok(4, vec![Response::Put { prev: None }])),
         ];
-        check(&ops, 1, &[]).unwrap();
+        check(&ops, 1, &[], &[]).unwrap();
         // The LEASE compare said succeeded: the model's key has lease 5, so it did not.
         let mut bad = ops[..3].to_vec();
         bad[2].outcome = ok(4, vec![Response::Put { prev: None }]);
-        assert!(check(&bad, 1, &[]).unwrap_err().0.contains("does not match"));
+        assert!(check(&bad, 1, &[], &[]).unwrap_err().0.contains("does not match"));
     }
 }

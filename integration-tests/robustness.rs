@@ -550,7 +550,8 @@ where
     let unknown = ops.iter().filter(|o| matches!(o.outcome, Outcome::Unknown)).count();
     let seen: Vec<Kv> = records.iter().flat_map(|(_, r)| history::seen_states(r)).collect();
     let altered = lin::altered_values(&ops, &seen);
-    let checked = lin::check(&ops, start, &seen);
+    let watched: Vec<lin::Watched> = records.iter().flat_map(|(_, r)| history::watched_changes(r)).collect();
+    let checked = lin::check(&ops, start, &seen, &watched);
     let mut watch = Vec::new();
     let mut watch_events = 0;
     let linearizable = match &checked {
