@@ -182,7 +182,8 @@ impl Upstream {
                 (true, None) => return Err(bad("https needs upstream.tls_ca_file".into())),
                 (false, _) => None,
             };
-            let connector = Connector { state: state.clone(), host, port, timeout: config.connect_timeout, tls };
+            let authority = uri.authority().map_or_else(String::new, |a| a.to_string());
+            let connector = Connector { state: state.clone(), host, port, timeout: config.connect_timeout, tls, authority, https };
             // tonic sees a plain http:// URI (the connector does TLS itself, so tonic must not);
             // the origin keeps the configured scheme and authority on the wire.
             let endpoint = Endpoint::from_shared(format!("http://{}", uri.authority().expect("has host and port")))
@@ -509,6 +510,10 @@ struct Connector {
     port: u16,
     timeout: Duration,
     tls: Option<(Arc<Reloading<rustls::ClientConfig>>, ServerName<'static>)>,
+    /// The endpoint's `host:port` as configured (the `:authority` of calls to it).
+    authority: String,
+    /// `https://`.
+    https: bool,
 }
 
 type UpstreamConn = Conn<tokio_rustls::client::TlsStream<TcpStream>, OpenConnection>;
@@ -558,31 +563,68 @@ impl tower::Service<http::Uri> for Connector {
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
-            let metrics = crate::metrics::get();
-            let url = this.state.url.as_str();
-            let result = match tokio::time::timeout(this.timeout, this.connect(Alpn::H2)).await {
-                Ok(r) => r,
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no connection after {:?}", this.timeout))),
-            };
-            match result {
-                Ok(stream) => {
-                    metrics.upstream_connects.with_label_values(&[url, "ok"]).inc();
-                    this.state.set_up(true);
-                    this.state.connect_warnings.reset();
-                    tracing::debug!(endpoint = url, "connected to etcd");
-                    Ok(TokioIo::new(stream))
-                }
-                Err(e) => {
-                    metrics.upstream_connects.with_label_values(&[url, "error"]).inc();
-                    this.state.set_up(false);
-                    if let Some(left_out) = this.state.connect_warnings.allow() {
-                        tracing::warn!(endpoint = url, error = %e, left_out, "cannot connect to etcd (one line per 10 s while it lasts; left_out: since the last one)");
-                    }
-                    Err(e)
-                }
+        Box::pin(async move { this.connect_counted().await.map(TokioIo::new) })
+    }
+}
+
+impl Connector {
+    /// An HTTP/2 connection within `upstream.connect_timeout`: counted, and the endpoint marked
+    /// up or down by the outcome.
+    async fn connect_counted(&self) -> io::Result<UpstreamConn> {
+        let metrics = crate::metrics::get();
+        let url = self.state.url.as_str();
+        let result = match tokio::time::timeout(self.timeout, self.connect(Alpn::H2)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("no connection after {:?}", self.timeout))),
+        };
+        match result {
+            Ok(stream) => {
+                metrics.upstream_connects.with_label_values(&[url, "ok"]).inc();
+                self.state.set_up(true);
+                self.state.connect_warnings.reset();
+                tracing::debug!(endpoint = url, "connected to etcd");
+                Ok(stream)
             }
-        })
+            Err(e) => {
+                metrics.upstream_connects.with_label_values(&[url, "error"]).inc();
+                self.state.set_up(false);
+                if let Some(left_out) = self.state.connect_warnings.allow() {
+                    tracing::warn!(endpoint = url, error = %e, left_out, "cannot connect to etcd (one line per 10 s while it lasts; left_out: since the last one)");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A connection's byte stream (TCP, or TLS over TCP) as the relay drives it.
+pub trait ByteStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ByteStream for S {}
+
+/// A new HTTP/2 connection being made to one endpoint ([`Upstream::dial`]).
+pub struct Dial {
+    /// The endpoint's URL as configured (named in statuses when it fails).
+    pub url: String,
+    /// Its `host:port`: the `:authority` of calls sent on it.
+    pub authority: String,
+    /// Its scheme: the `:scheme` of calls sent on it (`http` or `https`).
+    pub scheme: &'static str,
+    /// The connection (TCP, TLS with ALPN `h2` for `https://`), within `upstream.connect_timeout`.
+    pub connect: BoxFuture<'static, io::Result<Box<dyn ByteStream>>>,
+}
+
+impl Upstream {
+    /// A new connection of its own to an endpoint that is up (round-robin, as calls pick
+    /// them), for a client connection the relay ([`crate::server`]) carries to etcd. Counted in
+    /// `etcd_squeeze_upstream_connects_total` and `_connections_open` like the channels'.
+    pub fn dial(&self) -> Dial {
+        let connector = self.connectors[self.pick()].clone();
+        Dial {
+            url: connector.state.url.clone(),
+            authority: connector.authority.clone(),
+            scheme: if connector.https { "https" } else { "http" },
+            connect: Box::pin(async move { connector.connect_counted().await.map(|c| Box::new(c) as Box<dyn ByteStream>) }),
+        }
     }
 }
 

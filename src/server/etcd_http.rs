@@ -35,7 +35,12 @@ impl EtcdHttp {
 
     /// The answer to one request: etcd's for [`FORWARDED_PATHS`]; `503` when etcd cannot be
     /// reached (or, for `/health`, the proxy is not ready); `404 page not found` otherwise.
-    pub async fn serve(&self, request: http::Request<hyper::body::Incoming>) -> http::Response<Body> {
+    pub async fn serve<B>(&self, request: http::Request<B>) -> http::Response<Body>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let path = request.uri().path();
         if !FORWARDED_PATHS.contains(&path) {
             return text(http::StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "404 page not found\n");

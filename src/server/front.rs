@@ -115,7 +115,7 @@ impl http_body::Body for FrontBody {
 
 /// The road of a gRPC call, from its path alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Road {
+pub(crate) enum Road {
     /// A method that carries no values: forwarded whole.
     Whole(Shape),
     /// A unary KV call: classified on its request bytes.
@@ -132,7 +132,7 @@ enum Road {
 /// `upstream.endpoints` (where the command should point instead).
 pub const IDENTIFY_PATH: &str = "/etcdsqueeze.Proxy/Identify";
 
-fn road(path: &str) -> Road {
+pub(crate) fn road(path: &str) -> Road {
     if path == IDENTIFY_PATH {
         return Road::Identify;
     }
@@ -200,6 +200,8 @@ where
                     Ok(response.map(|responses| Body::new(Holding { inner: responses, _end_requests: end_requests })))
                 })
             }
+            // Classified already (by the relay): the KV service takes its route.
+            Road::Kv(_) if request.extensions().get::<Route>().is_some() => Box::pin(services.oneshot(request)),
             Road::Kv(call) => {
                 let (shared, upstream) = (self.shared.clone(), self.upstream.clone());
                 Box::pin(async move {

@@ -85,3 +85,71 @@ pub fn incoming(
     });
     ReceiverStream::new(rx).map(Ok)
 }
+
+/// A client connection with the bytes already read from it (by [`sniff_http2`]) put back in
+/// front of what it reads next.
+pub struct Sniffed {
+    read: bytes::Bytes,
+    conn: ClientConn,
+}
+
+impl tokio::io::AsyncRead for Sniffed {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            let head = self.read.split_to(n);
+            buf.put_slice(&head);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.conn).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Sniffed {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.conn).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.conn).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.conn).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.conn).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.conn.is_write_vectored()
+    }
+}
+
+/// Tells an HTTP/2 connection (ALPN `h2` under TLS, else the client's connection preface)
+/// from anything else (HTTP/1.1), reading no more than the preface's 24 bytes, which the
+/// returned connection reads again.
+pub async fn sniff_http2(mut conn: ClientConn) -> std::io::Result<(Sniffed, bool)> {
+    use tokio::io::AsyncReadExt;
+    const PREFACE: &[u8] = crate::server::relay::frame::PREFACE;
+    if let Some(tls) = conn.tls_session() {
+        if let Some(alpn) = tls.get_ref().1.alpn_protocol() {
+            let h2 = alpn == b"h2";
+            return Ok((Sniffed { read: bytes::Bytes::new(), conn }, h2));
+        }
+    }
+    let mut buf = vec![0u8; PREFACE.len()];
+    let mut n = 0;
+    while n < PREFACE.len() {
+        let m = conn.read(&mut buf[n..]).await?;
+        if m == 0 || buf[..n + m] != PREFACE[..n + m] {
+            n += m;
+            break;
+        }
+        n += m;
+    }
+    buf.truncate(n);
+    let h2 = buf == PREFACE;
+    Ok((Sniffed { read: buf.into(), conn }, h2))
+}

@@ -13,6 +13,7 @@ pub mod methods;
 pub mod observe;
 pub mod raw;
 pub mod rebuild;
+pub mod relay;
 pub mod reserved;
 pub mod shared;
 pub mod status;
@@ -170,10 +171,15 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .layer(observe::GrpcLayer::new(stop_rx.clone()))
         .layer(etcd_status::EtcdStatusLayer)
         .service(front::Dispatch::new(shared.clone(), upstream.clone(), routes));
-    let front = front::Front::new(
-        tower::util::BoxCloneSyncService::new(grpc),
-        Arc::new(etcd_http::EtcdHttp::new(upstream.clone(), readiness.clone())),
-    );
+    let grpc = tower::util::BoxCloneSyncService::new(grpc);
+    let http = Arc::new(etcd_http::EtcdHttp::new(upstream.clone(), readiness.clone()));
+    let front = front::Front::new(grpc.clone(), http.clone());
+    let relays = Arc::new(relay::RelayContext {
+        shared: shared.clone(),
+        upstream: upstream.clone(),
+        services: relay::terminated::Services { grpc, http },
+        stop: stop_rx.clone(),
+    });
     let mut connections = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     connections
         .http2()
@@ -212,7 +218,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
             readiness.stop().await;
             let _ = stop_tx.send(true);
         };
-        let grpc = serve_connections(incoming, connections, front, signal);
+        let grpc = serve_connections(incoming, connections, front, relays, signal);
         let mut stopping = admin_stop;
         let deadline = async move {
             let _ = stopping.wait_for(|s| *s).await;
@@ -243,39 +249,59 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
     Ok(Running { addr: local, metrics_addr, serve: Box::pin(serve), members })
 }
 
-/// Serves each accepted connection with `front` until `signal`; then closes the listener at
-/// once (the accept stream is dropped), asks every connection to finish (HTTP/2 GOAWAY, HTTP/1.1
+/// Serves each accepted connection until `signal`: HTTP/2 (the connection preface, or ALPN
+/// `h2`) by the relay, HTTP/1.1 by `front`. Then closes the listener at once (the accept
+/// stream is dropped), asks every connection to finish (HTTP/2 GOAWAY, HTTP/1.1
 /// `Connection: close`) and waits for them.
 async fn serve_connections(
     incoming: impl futures::Stream<Item = Result<listener::ClientConn, std::io::Error>>,
     connections: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     front: front::Front,
+    relays: Arc<relay::RelayContext>,
     signal: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     use futures::StreamExt;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Relays, and connections being sniffed; HTTP/1.1 connections come back to be served here.
+    let mut relayed = tokio::task::JoinSet::new();
+    let (http1_tx, mut http1_rx) = tokio::sync::mpsc::unbounded_channel::<listener::Sniffed>();
     {
         let mut incoming = std::pin::pin!(incoming);
         let mut signal = std::pin::pin!(signal);
         loop {
             let conn = tokio::select! {
                 _ = &mut signal => break,
+                Some(_) = relayed.join_next(), if !relayed.is_empty() => continue,
+                Some(http1) = http1_rx.recv() => {
+                    let served = connections.serve_connection(hyper_util::rt::TokioIo::new(http1), front.clone()).into_owned();
+                    let served = graceful.watch(served);
+                    tokio::spawn(async move {
+                        if let Err(e) = served.await {
+                            tracing::debug!(error = %crate::upstream::describe(&*e), "client connection ended with an error");
+                        }
+                    });
+                    continue;
+                }
                 conn = incoming.next() => match conn {
                     Some(Ok(conn)) => conn,
                     Some(Err(_)) => continue,
                     None => break,
                 },
             };
-            let served = connections.serve_connection(hyper_util::rt::TokioIo::new(conn), front.clone()).into_owned();
-            let served = graceful.watch(served);
-            tokio::spawn(async move {
-                if let Err(e) = served.await {
-                    tracing::debug!(error = %crate::upstream::describe(&*e), "client connection ended with an error");
+            let (relays, http1_tx) = (relays.clone(), http1_tx.clone());
+            relayed.spawn(async move {
+                match listener::sniff_http2(conn).await {
+                    Ok((conn, true)) => relay::serve(Box::new(conn), relays).await,
+                    Ok((conn, false)) => {
+                        let _ = http1_tx.send(conn);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "client connection ended before its first request"),
                 }
             });
         }
     }
-    graceful.shutdown().await;
+    // HTTP/1.1 connections are asked to close; relays end themselves (GOAWAY, then their streams).
+    tokio::join!(graceful.shutdown(), async move { while relayed.join_next().await.is_some() {} });
     Ok(())
 }
 

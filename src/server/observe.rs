@@ -166,6 +166,35 @@ impl Drop for Call {
     }
 }
 
+/// A call the relay ([`super::relay`]) carries to etcd, counted and timed as [`GrpcLayer`]
+/// counts the calls it serves; recorded when dropped.
+pub struct RelayedCall(Call);
+
+impl RelayedCall {
+    /// A call to gRPC `path` whose headers arrived `at`.
+    pub fn start(path: &str, at: Instant) -> Self {
+        let info = super::methods::method_info(path);
+        let (method, unary) = match info {
+            Some(m) => (m.path.as_str(), m.shape == Shape::Unary),
+            None => ("unknown", true),
+        };
+        let mut call = Call::start(method, info, unary);
+        call.start = at;
+        RelayedCall(call)
+    }
+
+    /// The call's status (from etcd's `grpc-status`, or the proxy's own).
+    pub fn set_code(&mut self, code: tonic::Code) {
+        self.0.code = Some(code);
+    }
+
+    /// Counts `n` request bytes in `etcd_squeeze_grpc_inflight_request_bytes` while the call lasts.
+    pub fn count_request_bytes(&self, n: usize) {
+        self.0.request_bytes.fetch_add(n as i64, Ordering::Relaxed);
+        metrics::get().grpc_inflight_request_bytes.add(n as i64);
+    }
+}
+
 /// A request body that adds what it delivers to `etcd_squeeze_grpc_inflight_request_bytes`
 /// (the [`Call`] subtracts it when the call ends).
 struct CountedBody {
