@@ -334,7 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn header_blocks_decode_with_a_real_hpack_decoder_and_leave_its_table_alone() {
+    fn header_blocks_decode_and_never_touch_the_dynamic_table() {
         let fields: Vec<(&[u8], Vec<u8>)> = vec![
             (b":status", b"200".to_vec()),
             (b":method", b"POST".to_vec()),
@@ -347,12 +347,12 @@ mod tests {
         for (n, v) in &fields {
             encode_field(&mut block, n, v);
         }
-        let mut decoder = loona_hpack::Decoder::new();
-        let decoded = decoder.decode(&block).unwrap();
+        // A dynamic table of 0 bytes: any field the block indexed would be refused.
+        let mut decoder = super::super::hpack::Decoder::new(0);
         let want: Vec<(Vec<u8>, Vec<u8>)> = fields.iter().map(|(n, v)| (n.to_vec(), v.clone())).collect();
+        let mut decoded = Vec::new();
+        decoder.decode(&block, |n, v| decoded.push((n.to_vec(), v.to_vec()))).unwrap();
         assert_eq!(decoded, want);
-        // Decoding the block again gives the same: nothing entered the dynamic table.
-        assert_eq!(decoder.decode(&block).unwrap(), want);
     }
 
     #[test]

@@ -37,6 +37,7 @@
 //! RFC 9113 asks, a malformed request ends its stream.
 
 pub mod frame;
+pub mod hpack;
 pub(crate) mod terminated;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -107,7 +108,7 @@ struct Wire {
     wbuf: BytesMut,
     scratch: Box<[u8]>,
     /// The peer's header blocks.
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: hpack::Decoder,
     /// A header block whose CONTINUATION frames are awaited: stream, flags of its HEADERS, bytes.
     block: Option<(u32, u8, BytesMut)>,
     /// The peer's settings: how the relay writes to it.
@@ -133,8 +134,8 @@ impl Wire {
     fn new(io: Io, read: Bytes) -> Wire {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         rbuf.extend_from_slice(&read);
-        let mut decoder = loona_hpack::Decoder::new();
-        decoder.set_max_allowed_table_size(4096);
+        // SETTINGS_HEADER_TABLE_SIZE is left at its default, 4,096 bytes.
+        let decoder = hpack::Decoder::new(4096);
         Wire {
             io,
             rbuf,
@@ -225,9 +226,7 @@ impl Wire {
     /// Decodes a complete header block into fields.
     fn decode(&mut self, block: &[u8]) -> Result<Fields, ConnError> {
         let mut fields = Fields::default();
-        self.decoder
-            .decode_with_cb(block, |name, value| fields.push(&name, &value))
-            .map_err(|e| ConnError(code::COMPRESSION_ERROR, format!("header block: {e:?}")))?;
+        self.decoder.decode(block, |name, value| fields.push(name, value)).map_err(|e| ConnError(code::COMPRESSION_ERROR, format!("header block: {e}")))?;
         Ok(fields)
     }
 
@@ -556,7 +555,8 @@ impl Relay {
         match &mut stream.road {
             Road::Classifying { body, .. } => {
                 body.extend_from_slice(&data);
-                if end || body.len() > CLASSIFY_BYTES || complete_message(body) {
+                // A unary request is whole at END_STREAM (gRPC clients half-close at once).
+                if end || body.len() > CLASSIFY_BYTES {
                     self.classified(head.stream);
                 }
             }
@@ -1443,11 +1443,6 @@ fn window_increment(payload: &[u8]) -> Result<i64, ConnError> {
 /// The length a gRPC message prefix declares (`body` has at least 5 bytes).
 fn declared(body: &[u8]) -> usize {
     u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize
-}
-
-/// True when `body` holds at least one whole gRPC message.
-fn complete_message(body: &[u8]) -> bool {
-    body.len() >= 5 && body.len() >= 5 + declared(body)
 }
 
 /// Re-encodes `fields` for the other side: connection-specific headers left out, and, toward
