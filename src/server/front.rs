@@ -1,21 +1,24 @@
-//! The front door of the client port: one listener serving gRPC (h2c, and h2 under TLS) and
-//! etcd's HTTP/1.1 endpoints, and the shortest road for calls that no compressed key can be in.
+//! The roads a gRPC call takes, decided once from its path (and, for a unary KV call, its one
+//! request message), and the HTTP/1.1 side of the client port.
 //!
-//! Each request is routed once, at the HTTP level, before any gRPC machinery:
-//! - **HTTP/1.1** (`GET /version`, `/health`, …): [`super::etcd_http`], etcd's own answers;
-//! - **gRPC, forwarded whole**: Lease, Cluster, Maintenance, Auth, Lock and Election carry no
-//!   values; their HTTP/2 requests go to etcd as they came (headers, every body frame, streams
-//!   both ways) and etcd's responses come back as etcd sent them, never parsed;
-//! - **gRPC KV, classified**: a unary Range, Put, DeleteRange or Txn is read (one gRPC message,
-//!   bounded by `limits.max_request_bytes`) and classified ([`crate::classify`]); when no key under
-//!   a compressed prefix or `/etcd-squeeze/` can be involved, the same bytes go to etcd and its
-//!   response comes back untouched;
+//! HTTP/2 connections are carried by [`super::relay`], which uses [`road`] to route each new
+//! stream:
+//! - **forwarded whole**: Lease, Cluster, Maintenance, Auth, Lock and Election carry no values;
+//!   their streams go to etcd as they came and etcd's answers come back as etcd sent them;
+//! - **KV, classified**: a unary Range, Put, DeleteRange or Txn whose request ([`crate::classify`])
+//!   involves no key under a compressed prefix or `/etcd-squeeze/` is forwarded the same way;
 //! - **everything else** (KV calls that touch compressed keys, Compact, Watch, gRPC health,
-//!   unknown methods): the gRPC services ([`super::kv`], [`super::watch`], …).
+//!   unknown methods): the gRPC services ([`super::kv`], [`super::watch`], …) behind
+//!   [`Dispatch`], with the layers that count and trace every call ([`super::observe`]) and answer
+//!   deadlines and size limits as etcd does ([`super::etcd_status`]).
 //!
-//! Every gRPC call, on every road, is counted and traced by [`super::observe`] and answers
-//! deadlines and size limits as etcd does ([`super::etcd_status`]). A failure to reach etcd is
-//! `UNAVAILABLE` ([`crate::upstream::unavailable`]).
+//! [`Dispatch`] also takes the forwarded roads for a call that reaches the services another way
+//! (a KV message over the relay's classification size, in several gRPC messages, or compressed):
+//! it reads, classifies and forwards it as HTTP/2 requests through [`crate::upstream`].
+//!
+//! HTTP/1.1 on the same port (`GET /version`, `/health`, …) is served by hyper with [`Front`]:
+//! [`super::etcd_http`], etcd's own answers. A failure to reach etcd is `UNAVAILABLE`
+//! ([`crate::upstream::unavailable`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -37,79 +40,31 @@ use super::shared::Shared;
 use crate::classify::{classify, Call, Route};
 use crate::upstream::Upstream;
 
-/// The gRPC services behind the front: the routes with their layers.
+/// The gRPC services behind the relay: the routes with their layers.
 pub type GrpcService = BoxCloneSyncService<http::Request<Body>, http::Response<ObservedBody>, Infallible>;
 
-/// The service each client connection is served by (cheap to clone: one per connection).
+/// The service each HTTP/1.1 client connection is served by (cheap to clone: one per connection).
 #[derive(Clone)]
 pub struct Front {
-    grpc: GrpcService,
     http: Arc<super::etcd_http::EtcdHttp>,
 }
 
 impl Front {
-    /// A front serving gRPC with `grpc` (built by [`layered`]) and HTTP/1.1 with `http`.
-    pub fn new(grpc: GrpcService, http: Arc<super::etcd_http::EtcdHttp>) -> Self {
-        Front { grpc, http }
+    /// A front answering HTTP/1.1 with `http` (etcd's endpoints).
+    pub fn new(http: Arc<super::etcd_http::EtcdHttp>) -> Self {
+        Front { http }
     }
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Front {
-    type Response = http::Response<FrontBody>;
+    type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
 
     fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
-        // As etcd decides: gRPC by its content type (an HTTP/2 client of /health is not gRPC).
-        let grpc = request.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        if grpc && request.version() == http::Version::HTTP_2 {
-            let mut grpc = self.grpc.clone();
-            let request = request.map(Body::new);
-            Box::pin(async move {
-                let response = match grpc.ready().await {
-                    Ok(svc) => svc.call(request).await,
-                    Err(never) => match never {},
-                };
-                Ok(response.map_or_else(|never| match never {}, |r| r.map(FrontBody::Grpc)))
-            })
-        } else {
-            let http = self.http.clone();
-            Box::pin(async move { Ok(http.serve(request).await.map(FrontBody::Http)) })
-        }
-    }
-}
-
-/// A response body of the front: a gRPC call's (observed) or an HTTP/1.1 answer's.
-pub enum FrontBody {
-    /// A gRPC response.
-    Grpc(ObservedBody),
-    /// An HTTP/1.1 response (etcd's, or the proxy's own 404 / 503).
-    Http(Body),
-}
-
-impl http_body::Body for FrontBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        match self.get_mut() {
-            FrontBody::Grpc(b) => Pin::new(b).poll_frame(cx),
-            FrontBody::Http(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            FrontBody::Grpc(b) => b.is_end_stream(),
-            FrontBody::Http(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            FrontBody::Grpc(b) => b.size_hint(),
-            FrontBody::Http(b) => b.size_hint(),
-        }
+        // gRPC needs HTTP/2: over HTTP/1.1 it is a path etcd's HTTP side does not know either.
+        let http = self.http.clone();
+        Box::pin(async move { Ok(http.serve(request).await) })
     }
 }
 

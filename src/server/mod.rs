@@ -1,7 +1,10 @@
-//! The gRPC server: one file per etcd service, all on one HTTP/2 listener.
+//! The client port: etcd's gRPC API (and its HTTP/1.1 endpoints) on one listener.
 //!
-//! listener → service (`kv`, `watch`, `raw` for Lease/Cluster/Maintenance/Auth/Lock/Election, gRPC health)
-//! → value rewrite (`crate::rewrite`) → upstream etcd (`crate::upstream`).
+//! listener (`listener`: TCP, TLS, HTTP/2 or not) → `relay` (one task per HTTP/2 connection,
+//! frames carried to etcd; each new stream routed once by `front::road` and `crate::classify`)
+//! → either etcd, unchanged (no compressed key involved), or the gRPC services, one file per
+//! etcd service (`kv`, `watch`, `raw`, gRPC health) → value rewrite (`values`, `rebuild`,
+//! `crate::rewrite`) → upstream etcd (`crate::upstream`). HTTP/1.1: `front` → `etcd_http`.
 
 pub mod etcd_http;
 pub mod etcd_status;
@@ -173,22 +176,17 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .service(front::Dispatch::new(shared.clone(), upstream.clone(), routes));
     let grpc = tower::util::BoxCloneSyncService::new(grpc);
     let http = Arc::new(etcd_http::EtcdHttp::new(upstream.clone(), readiness.clone()));
-    let front = front::Front::new(grpc.clone(), http.clone());
+    let front = front::Front::new(http.clone());
     let relays = Arc::new(relay::RelayContext {
         shared: shared.clone(),
         upstream: upstream.clone(),
         services: relay::terminated::Services { grpc, http },
         stop: stop_rx.clone(),
     });
-    let mut connections = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    connections
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(shared.config.server.max_concurrent_streams)
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20);
-    // hyper enforces its HTTP/1 header read timeout (30 s) only with a timer.
-    connections.http1().timer(hyper_util::rt::TokioTimer::new());
+    // HTTP/1.1 only: HTTP/2 connections go to the relay. hyper enforces its header read
+    // timeout (30 s) only with a timer.
+    let mut connections = hyper::server::conn::http1::Builder::new();
+    connections.timer(hyper_util::rt::TokioTimer::new());
     tracing::info!(listen = %local, tls = server_tls.is_some(), metrics = %metrics_addr, upstream = ?shared.config.upstream.endpoints,
         prefixes = ?shared.config.prefixes.iter().map(|p| p.prefix.as_str()).collect::<Vec<_>>(), "etcd-squeeze serving");
 
@@ -255,7 +253,7 @@ pub async fn start(config: Config, shutdown: impl Future<Output = ()> + Send + '
 /// `Connection: close`) and waits for them.
 async fn serve_connections(
     incoming: impl futures::Stream<Item = Result<listener::ClientConn, std::io::Error>>,
-    connections: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    connections: hyper::server::conn::http1::Builder,
     front: front::Front,
     relays: Arc<relay::RelayContext>,
     signal: impl Future<Output = ()>,
@@ -273,11 +271,11 @@ async fn serve_connections(
                 _ = &mut signal => break,
                 Some(_) = relayed.join_next(), if !relayed.is_empty() => continue,
                 Some(http1) = http1_rx.recv() => {
-                    let served = connections.serve_connection(hyper_util::rt::TokioIo::new(http1), front.clone()).into_owned();
+                    let served = connections.serve_connection(hyper_util::rt::TokioIo::new(http1), front.clone());
                     let served = graceful.watch(served);
                     tokio::spawn(async move {
                         if let Err(e) = served.await {
-                            tracing::debug!(error = %crate::upstream::describe(&*e), "client connection ended with an error");
+                            tracing::debug!(error = %crate::upstream::describe(&e), "client connection ended with an error");
                         }
                     });
                     continue;

@@ -728,11 +728,11 @@ impl Relay {
                 _ => builder = builder.header(name, value),
             }
         }
-        let uri = match authority {
-            Some(a) => format!("{scheme}://{a}{path}"),
-            None => path.to_string(),
-        };
-        let request = builder.method(method).uri(uri).body(());
+        // An authority that is no URI authority (etcdctl 3.4 sends `http://host:port`; etcd
+        // accepts anything) is left out: the services route by the path.
+        let uri = authority.map(|a| format!("{scheme}://{a}{path}")).and_then(|u| u.parse::<http::Uri>().ok());
+        let uri = uri.map_or_else(|| path.parse::<http::Uri>(), Ok);
+        let request = uri.map_err(http::Error::from).and_then(|uri| builder.method(method).uri(uri).body(()));
         let Ok(request) = request else {
             frame::put_rst(&mut self.client.wbuf, id, code::PROTOCOL_ERROR);
             if let Some(s) = self.streams.remove(&id) {
