@@ -23,7 +23,8 @@
 //!   replica reads (delta = "auto"), and the watch floors that bound base collection.
 //! - [`codec`]: the frame format and zstd, a pure function over `(key, value)` bytes, handed
 //!   dictionaries and bases.
-//! - [`upstream`]: the HTTP/2 channels to etcd (balance, reconnect, TLS).
+//! - [`pager`]: the one Range pager (etcd's `limit` and `more`, at one revision).
+//! - [`upstream`]: the HTTP/2 channels to etcd (balance, reconnect, TLS), and the relay's own connections.
 //! - [`tls`]: certificates and keys from PEM files, reloaded when they change.
 //! - [`metrics`]: the Prometheus registry and metric types.
 //! - [`health`]: the readiness probe and the `/metrics`, `/healthz`, `/readyz` listener.
@@ -47,6 +48,7 @@ pub mod health;
 pub mod members;
 pub mod metrics;
 pub mod ops;
+pub mod pager;
 pub mod rewrite;
 pub mod server;
 pub mod throttle;

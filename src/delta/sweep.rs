@@ -129,35 +129,14 @@ fn dir_of(base_key: &[u8]) -> Option<&[u8]> {
 
 /// Every key of [key, range_end) at `revision` (0: now; the first page's header revision then
 /// pins the rest), keys only, in pages: (key, mod_revision) pairs and the revision read at.
-async fn list_keys(kv: &mut KvClient<Upstream>, key: &[u8], range_end: &[u8], mut revision: i64) -> Result<(Vec<(Bytes, i64)>, i64), SweepError> {
+async fn list_keys(kv: &mut KvClient<Upstream>, key: &[u8], range_end: &[u8], revision: i64) -> Result<(Vec<(Bytes, i64)>, i64), SweepError> {
     let mut out = Vec::new();
-    // etcd refuses an empty key: the prefix "" (every key) starts at "\0".
-    let mut start = if key.is_empty() { Bytes::from_static(b"\0") } else { Bytes::copy_from_slice(key) };
-    loop {
-        let request = RangeRequest {
-            key: start.clone(),
-            range_end: Bytes::copy_from_slice(range_end),
-            keys_only: true,
-            limit: PAGE,
-            revision,
-            ..Default::default()
-        };
-        let call = || format!("Range of {} (keys only)", crate::codec::KeyDisplay(key));
-        let resp = kv.range(request).await.map_err(|status| SweepError { call: call(), status })?.into_inner();
-        if revision == 0 {
-            revision = resp.header.as_ref().map_or(0, |h| h.revision);
-        }
-        let more = resp.more;
-        let Some(last) = resp.kvs.last().map(|kv| kv.key.clone()) else { break };
-        out.extend(resp.kvs.into_iter().map(|kv| (kv.key, kv.mod_revision)));
-        if !more {
-            break;
-        }
-        let mut next = last.to_vec();
-        next.push(0);
-        start = Bytes::from(next);
+    let mut pages = crate::pager::RangePager::new(key, range_end, revision, PAGE).keys_only();
+    let call = || format!("Range of {} (keys only)", crate::codec::KeyDisplay(key));
+    while let Some(page) = pages.next_page(kv).await.map_err(|status| SweepError { call: call(), status })? {
+        out.extend(page.kvs.into_iter().map(|kv| (kv.key, kv.mod_revision)));
     }
-    Ok((out, revision))
+    Ok((out, pages.revision()))
 }
 
 /// Surveys the bases under `/etcd-squeeze/bases/` against the keys of `prefixes` (the prefixes

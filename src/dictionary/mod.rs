@@ -522,13 +522,12 @@ impl Dictionaries {
     pub async fn sample_from_etcd(&self, p: &DictionaryPrefix, wanted: usize) -> Result<Vec<Bytes>, DictionaryError> {
         let mut reservoir = Reservoir::new(wanted, self.config.sample_max_bytes.as_u64() as usize);
         let mut kv = self.store.kv();
-        let end = Bytes::from(crate::codec::prefix_end(&p.prefix).unwrap_or_else(|| vec![0]));
-        let mut from = if p.prefix.is_empty() { Bytes::from_static(b"\0") } else { p.prefix.clone() };
-        let (mut revision, mut scanned) = (0, 0);
+        let end = crate::codec::prefix_end(&p.prefix).unwrap_or_else(|| vec![0]);
+        let mut pages = crate::pager::RangePager::new(&p.prefix, &end, 0, SAMPLE_PAGE);
+        let mut scanned = 0;
         while scanned < wanted * SCAN_KEYS_PER_SAMPLE {
-            let req = RangeRequest { key: from.clone(), range_end: end.clone(), limit: SAMPLE_PAGE, revision, ..Default::default() };
-            let mut page = kv.range(req).await?.into_inner();
-            revision = page.header.as_ref().map_or(0, |h| h.revision);
+            let Some(mut page) = pages.next_page(&mut kv).await? else { break };
+            let revision = pages.revision();
             self.prefetch(&mut page).await?;
             for item in &page.kvs {
                 scanned += 1;
@@ -547,14 +546,6 @@ impl Dictionaries {
                 if v.len() >= p.min_size.max(1) && !v.starts_with(K8S_ENCRYPTED_PREFIX) {
                     reservoir.offer(&v, &mut rand::rng());
                 }
-            }
-            match page.kvs.last() {
-                Some(last) if page.more => {
-                    let mut next = last.key.to_vec();
-                    next.push(0);
-                    from = Bytes::from(next);
-                }
-                _ => break,
             }
         }
         Ok(reservoir.samples())

@@ -22,7 +22,7 @@ use crate::codec::{frame, ValueCodec, RESERVED_PREFIX};
 use crate::config::Config;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::watch_client::WatchClient;
-use crate::proto::etcdserverpb::{watch_request, RangeRequest, WatchCreateRequest, WatchRequest};
+use crate::proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 
 /// A superseded dictionary is kept at least this long after its successor was published: a
 /// replica that has not yet seen the successor may still be writing with it.
@@ -112,24 +112,14 @@ fn store(config: &Config) -> Result<Store, DictionaryError> {
 /// `revision` (0 = now).
 pub async fn references(kv: &KvClient<Upstream>, revision: i64) -> Result<HashMap<u32, u64>, Status> {
     let mut counts = HashMap::new();
-    let mut from = Bytes::from_static(b"\0");
-    let mut revision = revision;
-    loop {
-        let req = RangeRequest { key: from.clone(), range_end: Bytes::from_static(b"\0"), limit: SCAN_PAGE, revision, ..Default::default() };
-        let page = kv.clone().max_decoding_message_size(usize::MAX).range(req).await?.into_inner();
-        revision = page.header.as_ref().map_or(revision, |h| h.revision);
+    let mut kv = kv.clone().max_decoding_message_size(usize::MAX);
+    let mut pages = crate::pager::RangePager::new(b"", b"\0", revision, SCAN_PAGE);
+    while let Some(page) = pages.next_page(&mut kv).await? {
         for kv in &page.kvs {
             count_reference(&mut counts, &kv.key, &kv.value);
         }
-        match page.kvs.last() {
-            Some(last) if page.more => {
-                let mut next = last.key.to_vec();
-                next.push(0);
-                from = Bytes::from(next);
-            }
-            _ => return Ok(counts),
-        }
     }
+    Ok(counts)
 }
 
 fn count_reference(counts: &mut HashMap<u32, u64>, key: &[u8], value: &[u8]) {

@@ -399,7 +399,7 @@ impl Etcd {
     /// A pager over `range`, starting at `start`, reading `page_keys` keys per call at
     /// `revision` (0 = the latest revision of each page).
     pub fn pager(&self, range: &KeyRange, start: Vec<u8>, revision: i64, page_keys: i64) -> Pager<'_> {
-        Pager { etcd: self, end: range.end.clone(), next: Some(start), revision, page_keys, reserved: false }
+        Pager { etcd: self, pages: crate::pager::RangePager::new(&start, &range.end, revision, page_keys).unpinned(), reserved: false }
     }
 }
 
@@ -455,10 +455,7 @@ pub fn scan_ranges(prefixes: &[Bytes]) -> Vec<KeyRange> {
 /// Reads a key range page by page (etcd's `limit` and `more`), in key order.
 pub struct Pager<'a> {
     etcd: &'a Etcd,
-    end: Bytes,
-    next: Option<Vec<u8>>,
-    revision: i64,
-    page_keys: i64,
+    pages: crate::pager::RangePager,
     reserved: bool,
 }
 
@@ -472,26 +469,13 @@ impl Pager<'_> {
     /// The next page of key-values, or `None` when the range is exhausted. Keys under
     /// [`RESERVED_PREFIX`] are left out unless [`Pager::including_reserved`].
     pub async fn next_page(&mut self) -> Result<Option<Vec<KeyValue>>, OpsError> {
-        let Some(start) = self.next.take() else { return Ok(None) };
-        let request = RangeRequest {
-            key: Bytes::from(start.clone()),
-            range_end: self.end.clone(),
-            limit: self.page_keys,
-            revision: self.revision,
-            ..Default::default()
-        };
-        let revision = self.revision;
+        let Some(request) = self.pages.request() else { return Ok(None) };
+        let (start, revision) = (request.key.clone(), request.revision);
         let r = self
             .etcd
             .range(request, || format!("Range from {} at revision {revision}", crate::codec::KeyDisplay(&start)))
             .await?;
-        if r.more {
-            if let Some(last) = r.kvs.last() {
-                let mut next = last.key.to_vec();
-                next.push(0);
-                self.next = Some(next);
-            }
-        }
+        self.pages.advance(&r);
         let reserved = self.reserved;
         Ok(Some(r.kvs.into_iter().filter(|kv| reserved || !kv.key.starts_with(RESERVED_PREFIX)).collect()))
     }
