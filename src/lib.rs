@@ -28,6 +28,7 @@
 //! - [`tls`]: certificates and keys from PEM files, reloaded when they change.
 //! - [`metrics`]: the Prometheus registry and metric types.
 //! - [`health`]: the readiness probe and the `/metrics`, `/healthz`, `/readyz` listener.
+//! - [`cli`]: the command line's shared flags (`--config`, `--endpoints`, TLS, `--prefix`) and how they override the file.
 //! - [`ops`]: the operator commands (`analyze`, `migrate`, `get`, `dict`, `status`), talking to etcd directly.
 //! - [`corpus`]: a generator of realistic FlyteWorkflow objects for tests, demo and benchmarks.
 //! - [`demo`]: the driver behind `scripts/demo`.
@@ -37,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod classify;
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod corpus;

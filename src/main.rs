@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use etcd_squeeze::config::{Config, LogFormat, PrefixConfig};
+use etcd_squeeze::config::{Config, LogFormat};
 use etcd_squeeze::ops;
 
 #[derive(Parser)]
@@ -58,18 +58,15 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// TOML configuration file (see config/etcd-squeeze.toml); defaults apply without one.
-    #[arg(long, env = "ETCD_SQUEEZE_CONFIG")]
-    config: Option<PathBuf>,
+    /// The configuration file and how to reach etcd, as the operator commands take them.
+    #[command(flatten)]
+    etcd: etcd_squeeze::cli::EtcdArgs,
+    /// Compressed key prefixes.
+    #[command(flatten)]
+    prefixes: etcd_squeeze::cli::PrefixArgs,
     /// Listen address, overriding server.listen.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// etcd endpoint URL (repeatable), replacing upstream.endpoints.
-    #[arg(long = "upstream")]
-    upstreams: Vec<String>,
-    /// Compressed key prefix (repeatable), replacing the configured [[prefixes]] with default settings.
-    #[arg(long = "prefix")]
-    prefixes: Vec<String>,
     /// Address of /metrics, /healthz and /readyz, overriding metrics.listen.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -116,18 +113,9 @@ struct DemoArgs {
 }
 
 fn load_config(args: &ServeArgs) -> Result<Config, etcd_squeeze::config::ConfigError> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let mut config = args.etcd.load(&args.prefixes.prefixes)?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
-    }
-    if !args.upstreams.is_empty() {
-        config.upstream.endpoints = args.upstreams.clone();
-    }
-    if !args.prefixes.is_empty() {
-        config.prefixes = args.prefixes.iter().map(PrefixConfig::new).collect();
     }
     if let Some(listen) = args.metrics_listen {
         config.metrics.listen = listen;
