@@ -21,6 +21,7 @@ mod harness;
 mod history;
 mod linearizability;
 mod hostile;
+mod http2_protocol_errors;
 mod kv;
 mod leases;
 mod limits;

@@ -126,7 +126,7 @@ pub struct ServerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca_file: Option<PathBuf>,
     /// `server.tls_handshake_timeout`: a client that has not finished its TLS handshake by then
-    /// is disconnected. Default 10s.
+    /// (or, after it, not sent its first request bytes) is disconnected. Default 10s.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
     /// `server.shutdown_grace`: on SIGTERM, how long in-flight unary calls may still run. Watch

@@ -7,12 +7,13 @@
 //! Module map, in the order a request flows (each imports only modules below it; the codec
 //! imports nothing of the crate; `integration-tests/module_layers.rs` checks both):
 //! - [`config`]: the TOML configuration, its validation, and the codec built from it.
-//! - [`server`]: the client port (`listener`: TCP and TLS accept; `front`: one hyper server for
-//!   gRPC and etcd's HTTP/1.1 endpoints (`etcd_http`), which forwards calls that carry no values
-//!   as HTTP/2 requests and classifies KV calls; graceful shutdown), one file per etcd service
-//!   (`kv`, `watch`, `raw`); `values` rewrites values in the wire bytes, `rebuild` handles the
-//!   calls whose request changes shape (delta frames, VALUE compares), `reserved` hides the
-//!   proxy's own keys; `observe`, the tower layer counting every call.
+//! - [`server`]: the client port (`listener`: TCP and TLS accept, HTTP/2 or not; `relay`: each
+//!   HTTP/2 connection carried to etcd frame by frame in one task, each new stream routed once
+//!   (`front::road`, [`classify`]): relayed to etcd untouched, or served by the gRPC services;
+//!   `front`: the roads, and etcd's HTTP/1.1 endpoints (`etcd_http`); graceful shutdown), one
+//!   file per etcd service (`kv`, `watch`, `raw`); `values` rewrites values in the wire bytes,
+//!   `rebuild` handles the calls whose request changes shape (delta frames, VALUE compares),
+//!   `reserved` hides the proxy's own keys; `observe`, the tower layer counting every call.
 //! - [`classify`]: which road a KV or Watch call takes (forward bytes, or rewrite), from its bytes.
 //! - [`wire`]: etcd's messages in their protobuf wire bytes: read fields, splice sub-messages.
 //! - [`rewrite`]: which fields of which etcd messages carry values, and their rewriting (prost types).

@@ -287,13 +287,16 @@ async fn serve_connections(
                 },
             };
             let (relays, http1_tx) = (relays.clone(), http1_tx.clone());
+            // A client that sends nothing is not waited for longer than a TLS handshake.
+            let first_bytes = relays.shared.config.server.tls_handshake_timeout;
             relayed.spawn(async move {
-                match listener::sniff_http2(conn).await {
-                    Ok((conn, true)) => relay::serve(Box::new(conn), relays).await,
-                    Ok((conn, false)) => {
+                match tokio::time::timeout(first_bytes, listener::sniff_http2(conn)).await {
+                    Ok(Ok((conn, true))) => relay::serve(Box::new(conn), relays).await,
+                    Ok(Ok((conn, false))) => {
                         let _ = http1_tx.send(conn);
                     }
-                    Err(e) => tracing::debug!(error = %e, "client connection ended before its first request"),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "client connection ended before its first request"),
+                    Err(_) => tracing::debug!(timeout = ?first_bytes, "client connection sent no request in time: closed"),
                 }
             });
         }

@@ -66,6 +66,8 @@ pub mod code {
     pub const CANCEL: u32 = 0x8;
     /// COMPRESSION_ERROR.
     pub const COMPRESSION_ERROR: u32 = 0x9;
+    /// ENHANCE_YOUR_CALM.
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 }
 
 /// SETTINGS identifiers (RFC 9113 §6.5.2).
@@ -225,11 +227,13 @@ pub struct PeerSettings {
     pub max_frame: usize,
     /// SETTINGS_MAX_CONCURRENT_STREAMS (streams the relay may open; unlimited by default).
     pub max_streams: u32,
+    /// SETTINGS_HEADER_TABLE_SIZE: the peer's HPACK dynamic table, in bytes (default 4,096).
+    pub header_table_size: usize,
 }
 
 impl Default for PeerSettings {
     fn default() -> Self {
-        PeerSettings { initial_window: DEFAULT_WINDOW, max_frame: DEFAULT_MAX_FRAME as usize, max_streams: u32::MAX }
+        PeerSettings { initial_window: DEFAULT_WINDOW, max_frame: DEFAULT_MAX_FRAME as usize, max_streams: u32::MAX, header_table_size: 4096 }
     }
 }
 
@@ -259,6 +263,7 @@ impl PeerSettings {
                     self.max_frame = value as usize;
                 }
                 setting::MAX_CONCURRENT_STREAMS => self.max_streams = value,
+                setting::HEADER_TABLE_SIZE => self.header_table_size = value as usize,
                 setting::ENABLE_PUSH if value > 1 => return Err(code::PROTOCOL_ERROR),
                 _ => {}
             }
@@ -351,7 +356,7 @@ mod tests {
         let mut decoder = super::super::hpack::Decoder::new(0);
         let want: Vec<(Vec<u8>, Vec<u8>)> = fields.iter().map(|(n, v)| (n.to_vec(), v.clone())).collect();
         let mut decoded = Vec::new();
-        decoder.decode(&block, |n, v| decoded.push((n.to_vec(), v.to_vec()))).unwrap();
+        decoder.decode(&block, 1 << 20, |n, v| decoded.push((n.to_vec(), v.to_vec()))).unwrap();
         assert_eq!(decoded, want);
     }
 

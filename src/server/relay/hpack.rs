@@ -21,6 +21,10 @@ pub enum HpackError {
     /// A Huffman-coded string that does not decode.
     #[error("a Huffman-coded string does not decode")]
     Huffman,
+    /// The decoded fields add up to more than the limit (name + value + 32 bytes each, as
+    /// SETTINGS_MAX_HEADER_LIST_SIZE counts them).
+    #[error("the decoded header list is over {0} bytes")]
+    TooLarge(usize),
     /// A dynamic table size update over the size the relay allows, or after the first field.
     #[error("a dynamic table size update to {0} bytes (allowed: {1}, and only at the start of a block)")]
     TableSize(usize, usize),
@@ -109,15 +113,27 @@ impl Decoder {
         Decoder { table: VecDeque::new(), size: 0, max: allowed, allowed }
     }
 
-    /// Decodes one whole header block, calling `field(name, value)` for each field in order.
-    pub fn decode(&mut self, mut block: &[u8], mut field: impl FnMut(&[u8], &[u8])) -> Result<(), HpackError> {
+    /// Decodes one whole header block, calling `field(name, value)` for each field in order;
+    /// fails once the fields add up to more than `limit` bytes (RFC 9113 §6.5.2's count), so a
+    /// small block of indexed references cannot expand without bound.
+    pub fn decode(&mut self, mut block: &[u8], limit: usize, mut field: impl FnMut(&[u8], &[u8])) -> Result<(), HpackError> {
         let mut first = true;
+        let mut total = 0usize;
+        let mut count = |n: &[u8], v: &[u8]| {
+            total += n.len() + v.len() + 32;
+            if total > limit {
+                Err(HpackError::TooLarge(limit))
+            } else {
+                Ok(())
+            }
+        };
         let mut name_buf = Vec::new();
         let mut value_buf = Vec::new();
         while let Some(&b) = block.first() {
             if b & 0x80 != 0 {
                 let index = integer(&mut block, 7)?;
                 let (n, v) = self.entry(index)?;
+                count(n, v)?;
                 field(n, v);
             } else if b & 0xe0 == 0x20 {
                 let size = integer(&mut block, 5)?;
@@ -139,6 +155,7 @@ impl Decoder {
                 }
                 value_buf.clear();
                 string(&mut block, &mut value_buf)?;
+                count(&name_buf, &value_buf)?;
                 field(&name_buf, &value_buf);
                 if indexing {
                     self.insert(name_buf.clone(), value_buf.clone());
@@ -231,7 +248,7 @@ mod tests {
 
     fn decode(d: &mut Decoder, block: &[u8]) -> Result<Vec<(String, String)>, HpackError> {
         let mut out = Vec::new();
-        d.decode(block, |n, v| out.push((String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned())))?;
+        d.decode(block, 1 << 20, |n, v| out.push((String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned())))?;
         Ok(out)
     }
 
@@ -288,7 +305,7 @@ mod tests {
         for _ in 0..50_000 {
             let len = (next() % 48) as usize;
             let block: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            let _ = d.decode(&block, |_, _| {});
+            let _ = d.decode(&block, 1 << 20, |_, _| {});
         }
         // Huffman strings of every length and content.
         for _ in 0..50_000 {
@@ -296,8 +313,21 @@ mod tests {
             let mut block = vec![0x00, 0x80 | len as u8];
             block.extend((0..len).map(|_| next() as u8));
             block.push(0x00);
-            let _ = d.decode(&block, |_, _| {});
+            let _ = d.decode(&block, 1 << 20, |_, _| {});
         }
-        assert_eq!(d.decode(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01], |_, _| {}), Err(HpackError::IntegerTooLarge));
+        assert_eq!(d.decode(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 20, |_, _| {}), Err(HpackError::IntegerTooLarge));
+        // A 4 KB entry referenced over and over: refused at the limit, not expanded.
+        let mut block = vec![0x40, 0x01, b'a', 0x7f];
+        let mut len = Vec::new();
+        let mut n = 4000 - 127;
+        while n >= 128 {
+            len.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        len.push(n as u8);
+        block.extend(len);
+        block.extend(std::iter::repeat_n(b'x', 4000));
+        block.extend(std::iter::repeat_n(0xbe, 10_000));
+        assert_eq!(Decoder::new(4096).decode(&block, 1 << 20, |_, _| {}), Err(HpackError::TooLarge(1 << 20)));
     }
 }

@@ -57,7 +57,6 @@ use self::frame::{code, flag, kind, Head, PeerSettings};
 use self::terminated::{Event, Handle, Services};
 use super::front::{road, Road as PathRoad};
 use super::observe::RelayedCall;
-use super::raw::Shape;
 use super::shared::Shared;
 use crate::classify::{classify, Route};
 use crate::upstream::{ByteStream, Upstream};
@@ -74,6 +73,12 @@ const WINDOW_UPDATE_AT: u32 = 1 << 20;
 /// A unary KV request is classified when its message is complete within this many bytes
 /// (64 KiB); a larger one is served by the KV service, which reads and classifies it itself.
 const CLASSIFY_BYTES: usize = 64 << 10;
+/// Bytes waiting to be written to a peer above which the relay stops reading from the side
+/// that makes them (1 MiB): a peer that does not read cannot make the proxy buffer without bound.
+const OUTPUT_BACKLOG: usize = 1 << 20;
+/// Streams a client may reset per second before its connection is ended with ENHANCE_YOUR_CALM
+/// (the HTTP/2 "rapid reset" attack, CVE-2023-44487).
+const RESETS_PER_SECOND: u32 = 1000;
 /// The largest header block accepted (1 MiB); a larger one ends the connection.
 const MAX_HEADER_BLOCK: usize = 1 << 20;
 /// A `grpc-timeout` is answered this much after it passes when etcd has not answered: the
@@ -119,6 +124,8 @@ struct Wire {
     recv_window: i64,
     /// Bytes received and released, not yet returned to the peer.
     unacked: u32,
+    /// Written bytes may still sit in the stream's own buffer (TLS): flush until it says done.
+    needs_flush: bool,
 }
 
 enum Io {
@@ -147,6 +154,7 @@ impl Wire {
             send_window: frame::DEFAULT_WINDOW,
             recv_window: frame::DEFAULT_WINDOW,
             unacked: 0,
+            needs_flush: false,
         }
     }
 
@@ -186,22 +194,41 @@ impl Wire {
         Ok(Some((head, bytes.freeze())))
     }
 
-    /// Writes `wbuf` out; `Ready(Ok)` once it is empty.
+    /// Writes `wbuf` out and flushes; `Ready(Ok)` once both are done.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Io::Open(io) = &mut self.io else { return Poll::Pending };
-        let mut wrote = false;
         while !self.wbuf.is_empty() {
             let n = std::task::ready!(Pin::new(&mut *io).poll_write(cx, &self.wbuf))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.wbuf.advance(n);
-            wrote = true;
+            self.needs_flush = true;
         }
-        if wrote {
+        if self.needs_flush {
             std::task::ready!(Pin::new(io).poll_flush(cx))?;
+            self.needs_flush = false;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// True while something is left to write or flush.
+    fn pending_output(&self) -> bool {
+        !self.wbuf.is_empty() || self.needs_flush
+    }
+
+    /// Appends a header block for `stream`, split to the peer's frame size; preceded by a dynamic
+    /// table size update to 0 when the peer's table is smaller than HPACK's default (RFC 7541
+    /// §4.2: the peer then expects one; the relay's blocks never index anything).
+    fn put_headers(&mut self, stream: u32, block: &[u8], end: bool) {
+        if self.settings.header_table_size < 4096 {
+            let mut with_update = Vec::with_capacity(block.len() + 1);
+            with_update.push(0x20);
+            with_update.extend_from_slice(block);
+            frame::put_headers(&mut self.wbuf, stream, &with_update, end, self.settings.max_frame);
+        } else {
+            frame::put_headers(&mut self.wbuf, stream, block, end, self.settings.max_frame);
+        }
     }
 
     /// Counts `n` received bytes as consumed: returned to the peer once enough accumulated.
@@ -226,7 +253,7 @@ impl Wire {
     /// Decodes a complete header block into fields.
     fn decode(&mut self, block: &[u8]) -> Result<Fields, ConnError> {
         let mut fields = Fields::default();
-        self.decoder.decode(block, |name, value| fields.push(name, value)).map_err(|e| ConnError(code::COMPRESSION_ERROR, format!("header block: {e}")))?;
+        self.decoder.decode(block, MAX_HEADER_BLOCK, |name, value| fields.push(name, value)).map_err(|e| ConnError(code::COMPRESSION_ERROR, format!("header block: {e}")))?;
         Ok(fields)
     }
 
@@ -266,19 +293,19 @@ impl Wire {
 #[derive(Default, Clone)]
 struct Fields {
     bytes: BytesMut,
-    spans: Vec<(u32, u32, u32)>,
+    spans: Vec<(usize, usize, usize)>,
 }
 
 impl Fields {
     fn push(&mut self, name: &[u8], value: &[u8]) {
-        let start = self.bytes.len() as u32;
+        let start = self.bytes.len();
         self.bytes.extend_from_slice(name);
         self.bytes.extend_from_slice(value);
-        self.spans.push((start, start + name.len() as u32, self.bytes.len() as u32));
+        self.spans.push((start, start + name.len(), self.bytes.len()));
     }
 
     fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans.iter().map(|&(a, b, c)| (&self.bytes[a as usize..b as usize], &self.bytes[b as usize..c as usize]))
+        self.spans.iter().map(|&(a, b, c)| (&self.bytes[a..b], &self.bytes[b..c]))
     }
 
     fn get(&self, name: &[u8]) -> Option<&[u8]> {
@@ -352,6 +379,8 @@ struct Stream {
     head_sent: bool,
     /// The response's end was queued.
     done: bool,
+    /// The front DATA of `queue` was partly written (a gRPC message cut in two so far).
+    partial: bool,
     /// Bytes the client may still send on it, and what was released of them.
     recv_window: i64,
     unacked: u32,
@@ -400,6 +429,8 @@ struct Relay {
     closed: bool,
     /// The client's connection preface was read.
     preface_read: bool,
+    /// Streams the client reset: since when, how many.
+    resets: (Instant, u32),
 }
 
 impl Relay {
@@ -426,6 +457,7 @@ impl Relay {
             going_away: false,
             closed: false,
             preface_read: false,
+            resets: (Instant::now(), 0),
         }
     }
 
@@ -459,6 +491,14 @@ impl Relay {
         match head.kind {
             kind::DATA => self.client_data(head, payload),
             kind::RST_STREAM => {
+                let now = Instant::now();
+                if now.duration_since(self.resets.0) >= Duration::from_secs(1) {
+                    self.resets = (now, 0);
+                }
+                self.resets.1 += 1;
+                if self.resets.1 > RESETS_PER_SECOND {
+                    return Err(ConnError(code::ENHANCE_YOUR_CALM, format!("over {RESETS_PER_SECOND} streams reset in a second")));
+                }
                 if let Some(stream) = self.streams.remove(&head.stream) {
                     self.drop_stream(head.stream, stream);
                 }
@@ -507,6 +547,13 @@ impl Relay {
                     }
                 } else if let Some(s) = self.streams.get_mut(&head.stream) {
                     s.send_window += increment;
+                    if s.send_window > frame::MAX_WINDOW {
+                        frame::put_rst(&mut self.client.wbuf, head.stream, code::FLOW_CONTROL_ERROR);
+                        if let Some(s) = self.streams.remove(&head.stream) {
+                            self.drop_stream(head.stream, s);
+                        }
+                        return Ok(());
+                    }
                     self.flush_to_client(head.stream);
                 }
                 Ok(())
@@ -534,6 +581,9 @@ impl Relay {
         if stream.client_ended {
             self.client.release(len);
             frame::put_rst(&mut self.client.wbuf, head.stream, code::STREAM_CLOSED);
+            if let Some(s) = self.streams.remove(&head.stream) {
+                self.drop_stream(head.stream, s);
+            }
             return Ok(());
         }
         stream.recv_window -= len as i64;
@@ -601,8 +651,11 @@ impl Relay {
             }
             return Ok(());
         }
-        if id % 2 == 0 || id <= self.last_id {
+        if id % 2 == 0 {
             return Err(ConnError(code::PROTOCOL_ERROR, format!("HEADERS opening stream {id}")));
+        }
+        if id <= self.last_id {
+            return Ok(()); // a stream that ended or was reset: its block is decoded, and ignored
         }
         self.last_id = id;
         if self.going_away {
@@ -627,6 +680,7 @@ impl Relay {
             queue: VecDeque::new(),
             head_sent: false,
             done: false,
+            partial: false,
             recv_window: STREAM_WINDOW as i64,
             unacked: 0,
             held: 0,
@@ -634,7 +688,10 @@ impl Relay {
         };
         self.streams.insert(id, stream);
         match path_road {
-            PathRoad::Whole(shape) => self.relay(id, fields, None, shape != Shape::Unary),
+            PathRoad::Whole(_) => {
+                let long_lived = std::str::from_utf8(path).ok().and_then(super::methods::method_info).is_some_and(|m| m.long_lived);
+                self.relay(id, fields, None, long_lived)
+            }
             PathRoad::Kv(call) => {
                 if let Some(s) = self.streams.get_mut(&id) {
                     s.road = Road::Classifying { call, fields, body: BytesMut::new() };
@@ -802,8 +859,7 @@ impl Relay {
             up.draining = true;
         }
         r.send_window = up.wire.settings.initial_window;
-        let max_frame = up.wire.settings.max_frame;
-        frame::put_headers(&mut up.wire.wbuf, r.up_id, &block, end, max_frame);
+        up.wire.put_headers(r.up_id, &block, end);
         if up.by_id.is_empty() {
             up.heard = Instant::now();
         }
@@ -823,7 +879,7 @@ impl Relay {
         while let Some(item) = r.queue.front_mut() {
             match item {
                 UpOut::Trailers(block) => {
-                    frame::put_headers(&mut up.wire.wbuf, r.up_id, block, true, up.wire.settings.max_frame);
+                    up.wire.put_headers(r.up_id, block, true);
                     r.queue.pop_front();
                 }
                 UpOut::Data(data, end) => {
@@ -876,7 +932,11 @@ impl Relay {
             if let Some((up_id, flags, block)) = up.wire.header_frame(head, payload)? {
                 let fields = up.wire.decode(&block)?;
                 if let Some(&id) = up.by_id.get(&up_id) {
-                    self.up_headers(id, flags & flag::END_STREAM != 0, fields);
+                    let end = flags & flag::END_STREAM != 0;
+                    self.up_headers(id, end, fields);
+                    if end {
+                        self.closed_at_etcd(ui, up_id, id);
+                    }
                 }
             }
             return Ok(());
@@ -901,7 +961,11 @@ impl Relay {
                 let Road::Relayed(r) = &mut stream.road else { return Ok(()) };
                 r.recv_window -= len as i64;
                 if r.recv_window < 0 {
+                    up.wire.release(len - padding);
+                    up.by_id.remove(&head.stream);
+                    r.up_id = 0;
                     frame::put_rst(&mut up.wire.wbuf, head.stream, code::FLOW_CONTROL_ERROR);
+                    self.open_waiting(ui);
                     self.fail(id, tonic::Code::Internal, "etcd sent more than the stream's window");
                     return Ok(());
                 }
@@ -909,18 +973,27 @@ impl Relay {
                 r.held += data.len();
                 if end {
                     r.ended = true;
-                }
-                stream.queue.push_back(Out::Data(data, end, 0));
-                if end {
                     stream.done = true;
                 }
+                stream.queue.push_back(Out::Data(data, end, 0));
                 self.flush_to_client(id);
+                if end {
+                    self.closed_at_etcd(ui, head.stream, id);
+                }
                 Ok(())
             }
             kind::RST_STREAM => {
                 let Some(id) = up.by_id.remove(&head.stream) else { return Ok(()) };
                 let reason = if payload.len() == 4 { u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) } else { code::INTERNAL_ERROR };
                 self.open_waiting(ui);
+                // After its END_STREAM, etcd's reset (grpc-go's NO_ERROR while the request is
+                // still open) only closes its side: the answer queued for the client goes on.
+                if let Some(Stream { road: Road::Relayed(r), .. }) = self.streams.get_mut(&id) {
+                    if r.ended {
+                        r.up_id = 0;
+                        return Ok(());
+                    }
+                }
                 if let Some(mut stream) = self.streams.remove(&id) {
                     if let Road::Relayed(r) = &mut stream.road {
                         r.up_id = 0; // already closed at etcd
@@ -970,14 +1043,29 @@ impl Relay {
                 let refused: Vec<(u32, u32)> = up.by_id.iter().filter(|(&u, _)| u > last).map(|(&u, &c)| (u, c)).collect();
                 for (up_id, id) in refused {
                     self.ups[ui].by_id.remove(&up_id);
-                    if let Some(Stream { road: Road::Relayed(r), .. }) = self.streams.get_mut(&id) {
+                    let Some(stream) = self.streams.get_mut(&id) else { continue };
+                    if let Road::Relayed(r) = &mut stream.road {
                         r.up_id = 0;
                     }
-                    self.fail(id, tonic::Code::Unavailable, &format!("connection error: etcd-squeeze cannot reach etcd at {url}: etcd sent GOAWAY"));
+                    if stream.head_sent {
+                        self.fail(id, tonic::Code::Unavailable, &format!("connection error: etcd-squeeze cannot reach etcd at {url}: etcd sent GOAWAY"));
+                    } else if let Some(stream) = self.streams.remove(&id) {
+                        // Never processed by etcd: REFUSED_STREAM, which gRPC clients retry.
+                        frame::put_rst(&mut self.client.wbuf, id, code::REFUSED_STREAM);
+                        self.drop_stream(id, stream);
+                    }
                 }
+                // Streams that waited for a slot were never sent: they go to a new connection.
                 let waiting: Vec<u32> = self.ups[ui].waiting.drain(..).collect();
-                for id in waiting {
-                    self.fail(id, tonic::Code::Unavailable, &format!("connection error: etcd-squeeze cannot reach etcd at {url}: etcd sent GOAWAY"));
+                if !waiting.is_empty() {
+                    let fresh = self.current_up();
+                    let generation = self.ups[fresh].generation;
+                    for id in waiting {
+                        if let Some(Stream { road: Road::Relayed(r), .. }) = self.streams.get_mut(&id) {
+                            r.up = generation;
+                        }
+                        self.open_on_up(id);
+                    }
                 }
                 Ok(())
             }
@@ -985,6 +1073,9 @@ impl Relay {
                 let increment = window_increment(&payload)?;
                 if head.stream == 0 {
                     up.wire.send_window += increment;
+                    if up.wire.send_window > frame::MAX_WINDOW {
+                        return Err(ConnError(code::FLOW_CONTROL_ERROR, "connection window over 2^31-1".into()));
+                    }
                     let ids: Vec<u32> = up.by_id.values().copied().collect();
                     for id in ids {
                         self.flush_to_up(id);
@@ -992,6 +1083,9 @@ impl Relay {
                 } else if let Some(&id) = up.by_id.get(&head.stream) {
                     if let Some(Stream { road: Road::Relayed(r), .. }) = self.streams.get_mut(&id) {
                         r.send_window += increment;
+                        if r.send_window > frame::MAX_WINDOW {
+                            return Err(ConnError(code::FLOW_CONTROL_ERROR, "stream window over 2^31-1".into()));
+                        }
                     }
                     self.flush_to_up(id);
                 }
@@ -1019,6 +1113,21 @@ impl Relay {
         self.flush_to_client(id);
     }
 
+    /// etcd ended stream `up_id` (client stream `id`): once the client's side went out too, the
+    /// stream is closed at etcd, and its slot is free for a waiting stream even while the
+    /// answer still waits for the client's windows.
+    fn closed_at_etcd(&mut self, ui: usize, up_id: u32, id: u32) {
+        let Some(Stream { road: Road::Relayed(r), client_ended: true, .. }) = self.streams.get_mut(&id) else { return };
+        if !r.queue.is_empty() || r.up_id != up_id {
+            return;
+        }
+        r.up_id = 0;
+        if let Some(up) = self.ups.get_mut(ui) {
+            up.by_id.remove(&up_id);
+        }
+        self.open_waiting(ui);
+    }
+
     /// Opens the streams waiting for etcd's concurrency limit on connection `ui`.
     fn open_waiting(&mut self, ui: usize) {
         while let Some(up) = self.ups.get_mut(ui) {
@@ -1042,7 +1151,7 @@ impl Relay {
         while let Some(item) = stream.queue.front_mut() {
             match item {
                 Out::Head(block, end) => {
-                    frame::put_headers(&mut self.client.wbuf, id, block, *end, max_frame);
+                    self.client.put_headers(id, block, *end);
                     wrote_end = *end;
                     stream.queue.pop_front();
                 }
@@ -1057,6 +1166,7 @@ impl Relay {
                     frame::put_data(&mut self.client.wbuf, id, &chunk, last && *end);
                     self.client.send_window -= n as i64;
                     stream.send_window -= n as i64;
+                    stream.partial = !last;
                     up_released += n;
                     if last {
                         wrote_end = *end;
@@ -1120,12 +1230,25 @@ impl Relay {
         if let Road::Relayed(r) = &mut stream.road {
             r.call.set_code(code);
         }
-        // Nothing more of etcd's answer is wanted: what it sent and waits is released.
-        stream.queue.retain(|o| matches!(o, Out::Head(_, false)));
+        // Nothing more of etcd's answer is wanted (but the rest of a message already begun, so
+        // the client never sees half a message): what it sent and waits is released.
+        let mut discarded = 0usize;
+        let mut front = stream.partial;
+        stream.queue.retain(|o| {
+            let keep = front || matches!(o, Out::Head(_, false));
+            front = false;
+            if let (false, Out::Data(d, _, _)) = (keep, o) {
+                discarded += d.len();
+            }
+            keep
+        });
+        if let Some(Out::Data(_, end, _)) = stream.queue.front_mut() {
+            *end = false;
+        }
         if let Road::Relayed(r) = &mut stream.road {
-            let held = std::mem::take(&mut r.held);
+            r.held = r.held.saturating_sub(discarded);
             if let Some(up) = self.ups.iter_mut().find(|u| u.generation == r.up) {
-                up.wire.release(held);
+                up.wire.release(discarded);
             }
         }
         stream.queue.push_back(Out::Head(block.freeze(), true));
@@ -1195,6 +1318,12 @@ impl Relay {
             Event::Trailers { id, trailers } => {
                 let Some(stream) = self.streams.get_mut(&id) else { return };
                 let mut block = BytesMut::new();
+                if !stream.head_sent {
+                    // No response head yet: a trailers-only answer.
+                    frame::encode_field(&mut block, b":status", b"200");
+                    frame::encode_field(&mut block, b"content-type", b"application/grpc");
+                    stream.head_sent = true;
+                }
                 for (name, value) in &trailers {
                     frame::encode_field(&mut block, name.as_str().as_bytes(), value.as_bytes());
                 }
@@ -1327,7 +1456,9 @@ impl Future for Relay {
                         }
                     }
                 }
-                let failed = match this.ups[ui].wire.poll_read(cx) {
+                // Nothing more is read from etcd while what it made the relay write piles up.
+                let read = if this.ups[ui].wire.wbuf.len() > OUTPUT_BACKLOG || this.client.wbuf.len() > OUTPUT_BACKLOG { Poll::Pending } else { this.ups[ui].wire.poll_read(cx) };
+                let failed = match read {
                     Poll::Ready(Ok(0)) => Some("etcd closed the connection".to_string()),
                     Poll::Ready(Ok(_)) => {
                         progress = true;
@@ -1356,14 +1487,16 @@ impl Future for Relay {
                 }
                 // A draining connection with nothing left on it is closed.
                 let up = &this.ups[ui];
-                if up.draining && up.by_id.is_empty() && up.waiting.is_empty() && up.wire.wbuf.is_empty() {
+                if up.draining && up.by_id.is_empty() && up.waiting.is_empty() && !up.wire.pending_output() {
                     this.ups.remove(ui);
                     continue;
                 }
                 ui += 1;
             }
             // The client.
-            match this.client.poll_read(cx) {
+            // Nor from the client while replies to it wait (PING ACKs, refusals, answers).
+            let read = if this.client.wbuf.len() > OUTPUT_BACKLOG { Poll::Pending } else { this.client.poll_read(cx) };
+            match read {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     this.close();
                 }
@@ -1397,7 +1530,7 @@ impl Future for Relay {
             }
             // Writes made by anything above.
             for ui in 0..this.ups.len() {
-                if !this.ups[ui].wire.wbuf.is_empty() {
+                if this.ups[ui].wire.pending_output() {
                     if let Poll::Ready(Err(_)) = this.ups[ui].wire.poll_write(cx) {
                         progress = true; // lost: found by the next read
                     }

@@ -72,6 +72,9 @@ pub fn spawn(
     let services = services.clone();
     let task_credit = credit.clone();
     let task = tokio::spawn(async move {
+        // A task that ends without the stream's end (a panic in a service) ends the stream with
+        // INTERNAL instead of leaving the client waiting (an aborted task's stream is gone).
+        let mut guard = Unfinished { id, events: Some(events.clone()) };
         let response = if grpc {
             match services.grpc.oneshot(request).await {
                 Ok(r) => r.map(Body::new),
@@ -83,6 +86,7 @@ pub fn spawn(
         let (parts, mut body) = response.into_parts();
         let end = http_body::Body::is_end_stream(&body);
         if events.send(Event::Head { id, parts, end }).is_err() || end {
+            guard.events = None;
             return;
         }
         loop {
@@ -112,11 +116,28 @@ pub fn spawn(
             };
             let last = !matches!(event, Event::Data { .. });
             if events.send(event).is_err() || last {
+                guard.events = None;
                 return;
             }
         }
     });
     Handle { body: Some(body_tx), credit, task: task.abort_handle() }
+}
+
+/// Ends a stream with INTERNAL when its task stops before the stream's end.
+struct Unfinished {
+    id: u32,
+    events: Option<mpsc::UnboundedSender<Event>>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(events) = self.events.take() {
+            let mut trailers = http::HeaderMap::new();
+            let _ = tonic::Status::internal("etcd-squeeze: internal error serving this call").add_header(&mut trailers);
+            let _ = events.send(Event::Trailers { id: self.id, trailers });
+        }
+    }
 }
 
 /// A request body fed by the relay; tells the relay what it consumed (flow control).
