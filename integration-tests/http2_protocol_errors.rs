@@ -53,7 +53,7 @@ fn goaway_code(frames: &[(Head, Vec<u8>)]) -> Option<u32> {
 }
 
 /// Writes the frames of one case.
-type WriteFrames = Box<dyn Fn(&mut BytesMut)>;
+type WriteFrames<'a> = Box<dyn Fn(&mut BytesMut) + 'a>;
 
 /// A request header block for a unary KV Range (literal fields, as the relay writes them).
 fn range_headers() -> BytesMut {
@@ -88,7 +88,7 @@ async fn broken_frames_end_only_their_connection_with_the_rfcs_code() {
     let mut bomb = vec![0x40, 0x01, b'a', 0x7f, 0xa1, 0x1e]; // literal with indexing: "a" = 4,000 bytes
     bomb.extend(std::iter::repeat_n(b'x', 4000));
     bomb.extend(std::iter::repeat_n(0xbe, 16_000)); // 16,000 references to it: 64 MB decoded
-    let cases: Vec<(&str, WriteFrames, u32)> = vec![
+    let cases: Vec<(&str, WriteFrames<'_>, u32)> = vec![
         ("HEADERS on an even stream", Box::new(|o: &mut BytesMut| frame::put_headers(o, 2, &block, true, 16_384)), code::PROTOCOL_ERROR),
         ("WINDOW_UPDATE of 0", Box::new(|o: &mut BytesMut| frame::put_window_update(o, 0, 0)), code::PROTOCOL_ERROR),
         ("a 20,000-byte frame", Box::new(|o: &mut BytesMut| frame::put_data(o, 1, &[0u8; 20_000], true)), code::FRAME_SIZE_ERROR),
