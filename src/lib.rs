@@ -15,6 +15,7 @@
 //!   `rebuild` handles the calls whose request changes shape (delta frames, VALUE compares),
 //!   `reserved` hides the proxy's own keys; `observe`, the tower layer counting every call.
 //! - [`classify`]: which road a KV or Watch call takes (forward bytes, or rewrite), from its bytes.
+//! - [`error`]: the request path's one error type, by source (etcd's status, stored data, a limit, internal).
 //! - [`wire`]: etcd's messages in their protobuf wire bytes: read fields, splice sub-messages.
 //! - [`rewrite`]: which fields of which etcd messages carry values, and their rewriting (prost types).
 //! - [`delta`]: delta frames at run time: which base a write uses, the Txn rewrite, the base cache,
@@ -46,6 +47,7 @@ pub mod corpus;
 pub mod delta;
 pub mod demo;
 pub mod dictionary;
+pub mod error;
 pub mod fuzzing;
 pub mod health;
 pub mod members;

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use tonic::Status;
+use crate::error::RequestError;
 
 use crate::codec::delta::{self, Base, BaseRef};
 use crate::codec::{prefix_end, EncodeError, EncodeOutcome, ValueCodec};
@@ -195,14 +195,14 @@ impl Deltas {
     /// `--max-txn-ops` for this Txn (less when it is sent nested in another one). Loads the bases
     /// it needs first (from the cache, else etcd). Errors: an [`EncodeError`] as `encode_txn`'s,
     /// or etcd's status when a base cannot be read.
-    pub async fn rewrite(&self, txn: TxnRequest, budget: usize, stats: &mut EncodeStats) -> Result<Rewritten, RewriteError> {
+    pub async fn rewrite(&self, txn: TxnRequest, budget: usize, stats: &mut EncodeStats) -> Result<Rewritten, RequestError> {
         self.refresh_compaction_in_background();
         // Load the current bases the guarded Puts will be deltas against.
         let mut pinned = Vec::new();
         let mut wanted = Vec::new();
         self.guarded_puts(&txn, &[], &mut wanted);
         for (key, r) in wanted {
-            if let Some(base) = self.base(&key, r, &[]).await.map_err(RewriteError::Etcd)? {
+            if let Some(base) = self.base(&key, r, &[]).await? {
                 pinned.push(base);
             }
         }
@@ -219,7 +219,7 @@ impl Deltas {
         // Superseded bases are collected below the horizon: compaction, and every replica's watches.
         let horizon = self.compacted.load(Ordering::Relaxed).min(self.members.horizon());
         let mut ctx = Ctx { pinned, effects: Vec::new(), path: Vec::new(), deleted, horizon, stats };
-        self.rewrite_node(&mut txn, budget, &[], &mut ctx).map_err(RewriteError::Encode)?;
+        self.rewrite_node(&mut txn, budget, &[], &mut ctx).map_err(RequestError::Refused)?;
         Ok(Rewritten { txn, shape, effects: ctx.effects, pinned: ctx.pinned })
     }
 
@@ -460,7 +460,7 @@ impl Deltas {
     /// current one (a Range's `revision`, those of the Ranges inside a Txn), and the revision just
     /// before a write (its prev_kvs): a base deleted since is still there. Unreadable bases are
     /// left out: decoding then names key and base.
-    pub async fn prefetch<T: KeyValues>(&self, msg: &mut T, read_revisions: &[i64]) -> Result<Vec<Arc<Base>>, Status> {
+    pub async fn prefetch<T: KeyValues>(&self, msg: &mut T, read_revisions: &[i64]) -> Result<Vec<Arc<Base>>, RequestError> {
         let mut needs = Vec::new();
         let _ = msg.try_for_each_kv(&mut |kv| {
             if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
@@ -475,13 +475,13 @@ impl Deltas {
 
     /// Loads the bases of `needs` — `(key, base, revisions the value was read at)` — and returns
     /// them pinned for decoding (see [`Deltas::prefetch`]): for values read from the wire bytes.
-    pub async fn load_bases(&self, needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, Status> {
+    pub async fn load_bases(&self, needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, RequestError> {
         self.load_all(needs).await
     }
 
     /// Loads the bases of `needs` (deduplicated), at most [`PARALLEL_BASE_LOADS`] at a time: a cold
     /// proxy answering a LIST of thousands of delta-framed objects reads their bases concurrently.
-    async fn load_all(&self, mut needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, Status> {
+    async fn load_all(&self, mut needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, RequestError> {
         use futures::{StreamExt, TryStreamExt};
         if needs.is_empty() {
             return Ok(Vec::new()); // the common case: no delta frame in the response
@@ -499,7 +499,7 @@ impl Deltas {
     /// Base `r` of `key`: cached, else read from etcd at the current revision, then at each of
     /// `revisions` (> 0) until found. `Ok(None)` when it is nowhere (decoding then says so);
     /// an error only when etcd cannot be asked.
-    async fn base(&self, key: &Bytes, r: BaseRef, revisions: &[i64]) -> Result<Option<Arc<Base>>, Status> {
+    async fn base(&self, key: &Bytes, r: BaseRef, revisions: &[i64]) -> Result<Option<Arc<Base>>, RequestError> {
         let metrics = crate::metrics::get();
         if let Some(base) = self.bases.get(key, r.id) {
             metrics.base_cache_hits.inc();
@@ -525,7 +525,7 @@ impl Deltas {
                 Ok(resp) => resp.into_inner(),
                 // Compacted or future revision: try the next one.
                 Err(status) if status.code() == tonic::Code::OutOfRange => continue,
-                Err(status) => return Err(status),
+                Err(status) => return Err(RequestError::Etcd(status)),
             };
             let Some(kv) = resp.kvs.first() else { continue };
             metrics.base_fetches.inc();
@@ -550,7 +550,7 @@ impl Deltas {
     /// Decodes base record `record` (stored at `base_key`) of base `r` of `key`, loading the
     /// dictionary its frame names first, and caches the base: `Ok(Err(why))` when the record is
     /// refused (corrupt, or not the content the frame names); `Err` only when etcd cannot be asked.
-    async fn decode_record(&self, key: &Bytes, r: BaseRef, base_key: &[u8], record: &[u8]) -> Result<Result<Arc<Base>, String>, Status> {
+    async fn decode_record(&self, key: &Bytes, r: BaseRef, base_key: &[u8], record: &[u8]) -> Result<Result<Arc<Base>, String>, RequestError> {
         if let Some(frame) = delta::record_frame(record) {
             self.dictionaries.ensure(key, frame).await?;
         }
@@ -627,15 +627,6 @@ fn single_key_deletes(txn: &TxnRequest, f: &mut impl FnMut(&[u8])) {
 /// A Put stored as a delta frame: its base, whether the base is new (a rebase), and the IDs of
 /// the superseded bases whose deletion was added to the Txn.
 type Wrote = (Arc<Base>, bool, Vec<u64>);
-
-/// Why a Txn could not be rewritten.
-#[derive(Debug)]
-pub enum RewriteError {
-    /// A value cannot be stored (as `rewrite::encode_txn`).
-    Encode(EncodeError),
-    /// etcd could not be asked for a base.
-    Etcd(Status),
-}
 
 /// Most superseded bases remembered per key; beyond it the oldest is forgotten (left in etcd
 /// until the key is deleted) so that a key rebased forever without compaction stays bounded.

@@ -25,6 +25,8 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use crate::upstream::Upstream;
 use tonic::Status;
 
+use crate::error::RequestError;
+
 use crate::codec::{frame, ValueCodec, K8S_ENCRYPTED_PREFIX};
 use crate::config::{Config, DictionariesConfig};
 use crate::proto::etcdserverpb::watch_client::WatchClient;
@@ -112,6 +114,9 @@ pub enum DictionaryError {
     /// etcd refused a call.
     #[error("etcd: {0}")]
     Etcd(#[from] Status),
+    /// Loading what stored values need failed.
+    #[error(transparent)]
+    Request(#[from] RequestError),
     /// Training produced no candidate.
     #[error("prefix {prefix:?}: {source}")]
     Train {
@@ -232,7 +237,7 @@ impl Dictionaries {
     /// (synchronous) finds them. A dictionary that is missing or refused is not an error here:
     /// decoding then fails (the value is passed on as stored, logged naming the key and the ID). Only when etcd cannot be
     /// reached is the etcd status returned.
-    pub async fn prefetch<T: KeyValues>(&self, msg: &mut T) -> Result<(), Status> {
+    pub async fn prefetch<T: KeyValues>(&self, msg: &mut T) -> Result<(), RequestError> {
         let metrics = crate::metrics::get();
         for (id, frames) in rewrite::needed_dictionaries(&self.codec, msg) {
             if self.cache().has_decoder(id) {
@@ -244,7 +249,7 @@ impl Dictionaries {
                 continue; // decoding names the ID and the reason (logged)
             }
             if let Err(LoadFailure::Etcd(status)) = self.load(id).await {
-                return Err(status);
+                return Err(RequestError::Etcd(status));
             }
         }
         Ok(())
@@ -252,7 +257,7 @@ impl Dictionaries {
 
     /// Loads the dictionary that the stored `value` of `key` names, if any (as [`Dictionaries::prefetch`]
     /// does for a response): for frames read outside a response, such as a delta frame's base record.
-    pub async fn ensure(&self, key: &Bytes, value: &[u8]) -> Result<(), Status> {
+    pub async fn ensure(&self, key: &Bytes, value: &[u8]) -> Result<(), RequestError> {
         let kv = crate::proto::mvccpb::KeyValue { key: key.clone(), value: Bytes::copy_from_slice(&value[..value.len().min(frame::HEADER_LEN)]), ..Default::default() };
         self.prefetch(&mut crate::proto::etcdserverpb::RangeResponse { kvs: vec![kv], ..Default::default() }).await
     }

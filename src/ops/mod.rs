@@ -290,14 +290,14 @@ impl Etcd {
         let mut resp = self.kv().range(request).await.map(|r| r.into_inner());
         if let Ok(r) = &mut resp {
             if let Err(status) = self.dictionaries.prefetch(r).await {
-                resp = Err(status);
+                resp = Err(tonic::Status::from(status));
             } else {
                 match self.deltas.prefetch(r, &[revision]).await {
                     Ok(bases) => {
                         let mut pinned = self.pinned.lock().expect("pinned bases lock");
                         pinned.0 = std::mem::replace(&mut pinned.1, bases);
                     }
-                    Err(status) => resp = Err(status),
+                    Err(e) => resp = Err(tonic::Status::from(e)),
                 }
             }
         }

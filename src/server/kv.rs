@@ -199,7 +199,7 @@ fn decode_chunks(inner: Arc<Inner>, chunks: tonic::Streaming<Bytes>, read_revisi
             match item {
                 Ok(bytes) => match values::decode_response(&inner.shared, Shape::RangeStreamResponse, bytes, &[read_revision], false).await {
                     Ok(bytes) => (Ok(bytes), false),
-                    Err(failure) => (Err(failure.into_status()), true),
+                    Err(failure) => (Err(Status::from(failure)), true),
                 },
                 Err(status) => (Err(status), false),
             }
@@ -266,7 +266,7 @@ impl Inner {
         };
         match values::decode_response(shared, shape, resp, &read_revisions, applied).await {
             Ok(bytes) => Ok(Response::from_parts(md, bytes, ext)),
-            Err(failure) => Err(failure.into_status()),
+            Err(failure) => Err(Status::from(failure)),
         }
     }
 

@@ -17,7 +17,6 @@ use super::reserved;
 use super::shared::Shared;
 use super::status::{decode_status, encode_status, keep_stored};
 use crate::codec::delta::Base;
-use crate::delta::RewriteError;
 use crate::rewrite::KeyValues;
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::kv_server::Kv;
@@ -150,10 +149,7 @@ impl Rebuild {
             rewrite::encode_txn(&self.shared.codec, &mut txn, stats).map_err(encode_status)?;
             return Ok((txn, None));
         }
-        let mut rewritten = self.shared.deltas.rewrite(txn, budget, stats).await.map_err(|e| match e {
-            RewriteError::Encode(e) => encode_status(e),
-            RewriteError::Etcd(status) => status,
-        })?;
+        let mut rewritten = self.shared.deltas.rewrite(txn, budget, stats).await?;
         Ok((std::mem::take(&mut rewritten.txn), Some(rewritten)))
     }
 
@@ -525,8 +521,8 @@ pub(crate) async fn decode_values<T: KeyValues>(
     let mut bases = pinned.to_vec();
     match loaded.await {
         Ok(more) => bases.extend(more),
-        Err(status) if applied => tracing::warn!(error = %status, "cannot load what a prev_kv needs: passed on as stored"),
-        Err(status) => return Err(status),
+        Err(e) if applied => tracing::warn!(error = %e, "cannot load what a prev_kv needs: passed on as stored"),
+        Err(e) => return Err(e.into()),
     }
     shared.deltas.learn_from(msg);
     rewrite::decode_with(&shared.codec, msg, &bases, &mut keep_stored(applied)).map_err(decode_status)

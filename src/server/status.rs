@@ -6,6 +6,22 @@ use tonic::Status;
 
 use crate::codec::{DecodeError, DecodeReason, EncodeError, EncodeReason, KeyDisplay};
 
+/// The one conversion of the request path's errors into the client's status.
+impl From<crate::error::RequestError> for Status {
+    fn from(e: crate::error::RequestError) -> Status {
+        use crate::error::RequestError;
+        match e {
+            RequestError::Etcd(status) => status,
+            RequestError::Stored(e) => decode_status(e),
+            RequestError::Refused(e) => encode_status(e),
+            RequestError::Internal(message) => {
+                tracing::error!(error = %message, "internal error on the request path");
+                Status::internal(format!("etcd-squeeze: {message}"))
+            }
+        }
+    }
+}
+
 /// A stored frame that cannot be decoded: `DATA_LOSS` naming the key and the reason; a
 /// response that would decompress beyond `limits.max_response_bytes`: `RESOURCE_EXHAUSTED`.
 pub fn decode_status(e: DecodeError) -> Status {

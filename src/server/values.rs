@@ -12,45 +12,19 @@ use bytes::Bytes;
 use tonic::Status;
 
 use super::shared::Shared;
-use super::status::{decode_status, encode_status, keep_stored};
+use super::status::{encode_status, keep_stored};
 use crate::codec::frame;
-use crate::codec::DecodeError;
 use crate::proto::etcdserverpb::PutRequest;
 use crate::proto::mvccpb::KeyValue;
 use crate::rewrite::{EncodeStats, KeyValues};
+use crate::error::RequestError;
 use crate::wire::{self, KeyValueView, Shape, Spliced, WireError};
 
-/// Why a response could not be passed on.
-#[derive(Debug)]
-pub enum Failure {
-    /// etcd could not be asked for a dictionary or base: its status.
-    Etcd(Status),
-    /// The response would decompress beyond `limits.max_response_bytes` (RESOURCE_EXHAUSTED); a
-    /// value that cannot be decoded is not a failure (passed on as stored).
-    Decode(DecodeError),
-    /// etcd's response bytes are not a message of the expected shape.
-    Wire(WireError),
-}
-
-impl From<WireError> for Failure {
-    fn from(e: WireError) -> Self {
-        Failure::Wire(e)
-    }
-}
-
-impl Failure {
-    /// The status the client gets.
-    pub fn into_status(self) -> Status {
-        match self {
-            Failure::Etcd(status) => status,
-            Failure::Decode(e) => decode_status(e),
-            Failure::Wire(e) => {
-                tracing::error!(error = %e, "etcd's response cannot be read");
-                Status::internal(format!("etcd-squeeze: etcd's response cannot be read: {e}"))
-            }
-        }
-    }
-}
+/// Why a response could not be passed on: the request path's error ([`RequestError`]): etcd's
+/// status when a dictionary or base could not be asked for, `Stored` for a response that would
+/// decompress beyond `limits.max_response_bytes` (a value that cannot be decoded is not a
+/// failure: passed on as stored), `Internal` for response bytes of the wrong shape.
+pub type Failure = RequestError;
 
 /// The framed values of one response, as prost `KeyValue`s (key, value, revisions), in the order
 /// of their sites; what the dictionary and base loaders and the codec take.
@@ -97,10 +71,10 @@ async fn decode_framed(shared: &Shared, framed: &mut Framed, sites: &[Site], app
             tracing::warn!(error = %status, "cannot load what a prev_kv needs: passed on as stored");
             Vec::new()
         }
-        Err(status) => return Err(Failure::Etcd(status)),
+        Err(e) => return Err(e),
     };
     shared.deltas.learn_from(framed);
-    crate::rewrite::decode_with(&shared.codec, framed, &bases, &mut keep_stored(applied)).map_err(Failure::Decode)
+    crate::rewrite::decode_with(&shared.codec, framed, &bases, &mut keep_stored(applied)).map_err(RequestError::Stored)
 }
 
 fn view_kv(v: KeyValueView) -> KeyValue {
@@ -206,7 +180,7 @@ pub fn without_reserved_events(bytes: Bytes) -> Result<Option<Bytes>, Failure> {
     }
     use prost::Message;
     let mut response = crate::proto::etcdserverpb::WatchResponse::decode(bytes)
-        .map_err(|e| Failure::Etcd(Status::internal(format!("etcd-squeeze: etcd's watch response cannot be read: {e}"))))?;
+        .map_err(|e| RequestError::Internal(format!("etcd's watch response cannot be read: {e}")))?;
     response.events.retain(|e| !e.kv.as_ref().is_some_and(|kv| kv.key.starts_with(crate::classify::RESERVED_PREFIX)));
     if response.events.is_empty() {
         return Ok(None);

@@ -293,7 +293,7 @@ async fn respond(
     };
     let top = match read_top(&bytes) {
         Ok(top) => top,
-        Err(e) => return Some(Err(Failure::Wire(e).into_status())),
+        Err(e) => return Some(Err(Status::from(Failure::from(e)))),
     };
     let (decode, reserved) = {
         let mut st = lock(&state);
@@ -349,7 +349,7 @@ async fn respond(
         match values::without_reserved_events(bytes) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return None,
-            Err(failure) => return Some(Err(failure.into_status())),
+            Err(failure) => return Some(Err(Status::from(failure))),
         }
     } else {
         bytes
@@ -366,7 +366,7 @@ async fn respond(
             }
             Some(Ok(decoded))
         }
-        Err(Failure::Decode(e)) => {
+        Err(Failure::Stored(e)) => {
             let reason = decode_status(e).message().to_string();
             let mut st = lock(&state);
             st.canceled_here.insert(top.watch_id);
@@ -381,7 +381,7 @@ async fn respond(
         // etcd unreachable while loading a base: the stream ends with etcd's status, and the
         // client re-watches from its last revision (not a DATA_LOSS cancel of the watch).
         Err(failure) => {
-            let status = failure.into_status();
+            let status = Status::from(failure);
             static ENDED: crate::throttle::Throttle = crate::throttle::Throttle::new(std::time::Duration::from_secs(10));
             if let Some(left_out) = ENDED.allow() {
                 tracing::warn!(error = %status, left_out, "cannot load a base for a watch response: ending the stream");

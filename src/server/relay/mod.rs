@@ -231,6 +231,27 @@ impl Wire {
         }
     }
 
+    /// Takes the peer's SETTINGS frame: acknowledged, and applied. Returns the change of the
+    /// initial stream window to apply to the open streams (`None` for an acknowledgement).
+    fn settings(&mut self, head: &Head, payload: &[u8]) -> Result<Option<i64>, ConnError> {
+        if head.has(flag::ACK) {
+            return Ok(None);
+        }
+        let delta = self.settings.apply(payload).map_err(|c| ConnError(c, "SETTINGS".into()))?;
+        frame::put_settings_ack(&mut self.wbuf);
+        Ok(Some(delta))
+    }
+
+    /// Takes the peer's PING: answered with the same payload. Returns true for an acknowledgement.
+    fn ping(&mut self, head: &Head, payload: &[u8]) -> Result<bool, ConnError> {
+        let Ok(p) = <[u8; 8]>::try_from(payload) else { return Err(ConnError(code::FRAME_SIZE_ERROR, "PING".into())) };
+        if head.has(flag::ACK) {
+            return Ok(true);
+        }
+        frame::put_ping(&mut self.wbuf, p, true);
+        Ok(false)
+    }
+
     /// Counts `n` received bytes as consumed: returned to the peer once enough accumulated.
     fn release(&mut self, n: usize) {
         self.unacked = self.unacked.saturating_add(n as u32);
@@ -505,11 +526,7 @@ impl Relay {
                 Ok(())
             }
             kind::SETTINGS => {
-                if head.has(flag::ACK) {
-                    return Ok(());
-                }
-                let delta = self.client.settings.apply(&payload).map_err(|c| ConnError(c, "SETTINGS".into()))?;
-                frame::put_settings_ack(&mut self.client.wbuf);
+                let Some(delta) = self.client.settings(&head, &payload)? else { return Ok(()) };
                 if delta != 0 {
                     let ids: Vec<u32> = self.streams.keys().copied().collect();
                     for id in ids {
@@ -521,15 +538,7 @@ impl Relay {
                 }
                 Ok(())
             }
-            kind::PING if payload.len() != 8 => Err(ConnError(code::FRAME_SIZE_ERROR, "PING".into())),
-            kind::PING => {
-                if !head.has(flag::ACK) {
-                    let mut p = [0u8; 8];
-                    p.copy_from_slice(&payload);
-                    frame::put_ping(&mut self.client.wbuf, p, true);
-                }
-                Ok(())
-            }
+            kind::PING => self.client.ping(&head, &payload).map(|_| ()),
             kind::GOAWAY => {
                 self.going_away = true;
                 Ok(())
@@ -1004,11 +1013,7 @@ impl Relay {
                 Ok(())
             }
             kind::SETTINGS => {
-                if head.has(flag::ACK) {
-                    return Ok(());
-                }
-                let delta = up.wire.settings.apply(&payload).map_err(|c| ConnError(c, "SETTINGS".into()))?;
-                frame::put_settings_ack(&mut up.wire.wbuf);
+                let Some(delta) = up.wire.settings(&head, &payload)? else { return Ok(()) };
                 let generation = up.generation;
                 let ids: Vec<u32> = up.by_id.values().copied().collect();
                 for id in ids {
@@ -1022,14 +1027,9 @@ impl Relay {
                 self.open_waiting(ui);
                 Ok(())
             }
-            kind::PING if payload.len() != 8 => Err(ConnError(code::FRAME_SIZE_ERROR, "PING".into())),
             kind::PING => {
-                if head.has(flag::ACK) {
+                if up.wire.ping(&head, &payload)? {
                     up.pinged = None;
-                } else {
-                    let mut p = [0u8; 8];
-                    p.copy_from_slice(&payload);
-                    frame::put_ping(&mut up.wire.wbuf, p, true);
                 }
                 Ok(())
             }
