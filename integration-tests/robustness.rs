@@ -537,10 +537,12 @@ where
     // A quiet second and a half: etcd sends its timed progress notifications to idle watchers.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     until.store(end_rev, Ordering::SeqCst);
+    let compacted = compacted_revision(&mut d).await;
     let mut records = Vec::new();
     for (name, r, t) in watchers {
         let _ = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), t).await;
-        let r = r.lock().await.clone();
+        let mut r = r.lock().await.clone();
+        r.compacted = compacted;
         eprintln!("{name}: {} responses, {} resumptions, {} bookmarks, compactions {:?}", r.responses.len(), r.resumptions, r.bookmarks.len(), r.compactions);
         records.push((name, r));
     }
@@ -568,7 +570,20 @@ where
             Err(e.0.clone())
         }
     };
+    for v in &watch {
+        eprintln!("watch violation: {v}");
+    }
     Row { fault: name.into(), operations: ops.len(), unknown, watch_events, linearizable, watch, altered }
+}
+
+/// etcd's compaction revision (0: none): a watch from revision 1 is canceled with it.
+async fn compacted_revision(direct: &mut etcd_client::Client) -> i64 {
+    let opts = etcd_client::WatchOptions::new().with_start_revision(1);
+    let Ok(mut stream) = direct.watch("\0", Some(opts)).await else { return 0 };
+    match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+        Ok(Ok(Some(resp))) if resp.canceled() => resp.compact_revision(),
+        _ => 0,
+    }
 }
 
 /// Two in-process replicas in front of `endpoints`.

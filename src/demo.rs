@@ -16,7 +16,7 @@ use crate::config::{Config, FLYTEWORKFLOW_PREFIX};
 use crate::corpus::{self, Generated};
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use crate::proto::etcdserverpb::{compare, request_op, Compare, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest};
+use crate::proto::etcdserverpb::{request_op, Compare, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest};
 
 /// One row of the savings table.
 #[derive(Debug, Clone)]
@@ -133,13 +133,7 @@ async fn client(url: &str) -> Result<KvClient<Channel>, DemoError> {
 }
 
 fn mod_compare(key: &Bytes, rev: i64) -> Compare {
-    Compare {
-        result: compare::CompareResult::Equal as i32,
-        target: compare::CompareTarget::Mod as i32,
-        key: key.clone(),
-        target_union: Some(compare::TargetUnion::ModRevision(rev)),
-        ..Default::default()
-    }
+    Compare::mod_equal(key.clone(), rev)
 }
 
 /// kube-apiserver's write: create when `rev == 0`, else GuaranteedUpdate. Returns the new revision.

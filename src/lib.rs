@@ -75,6 +75,19 @@ pub mod proto {
     /// `etcdserverpb`: every etcd v3 service and message.
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
+
+        impl Compare {
+            /// `MOD(key, range_end) result m`: the compare on `mod_revision` that guards a write
+            /// (kube-apiserver's GuaranteedUpdate, the proxy's base writes and deletions).
+            pub fn mod_revision(result: compare::CompareResult, key: bytes::Bytes, range_end: bytes::Bytes, m: i64) -> Compare {
+                Compare { result: result as i32, target: compare::CompareTarget::Mod as i32, key, range_end, target_union: Some(compare::TargetUnion::ModRevision(m)) }
+            }
+
+            /// `MOD(key) == m`: `key` is still at `mod_revision` `m` (0: absent).
+            pub fn mod_equal(key: bytes::Bytes, m: i64) -> Compare {
+                Compare::mod_revision(compare::CompareResult::Equal, key, bytes::Bytes::new(), m)
+            }
+        }
     }
 }
 

@@ -186,7 +186,7 @@ impl Deltas {
     /// `MOD(key) == m`, if the proxy knows a version of `key`.
     pub fn guard_for(&self, key: &[u8]) -> Option<Compare> {
         let known = self.known.get(key)?;
-        Some(mod_equal(Bytes::copy_from_slice(key), known.mod_revision))
+        Some(Compare::mod_equal(Bytes::copy_from_slice(key), known.mod_revision))
     }
 
     /// Rewrites a Txn: Puts under delta prefixes become delta frames (adding base Puts and the
@@ -656,15 +656,6 @@ fn success_guards(txn: &TxnRequest, inherited: &[(Bytes, i64)]) -> Vec<(Bytes, i
     guards
 }
 
-fn mod_equal(key: Bytes, m: i64) -> Compare {
-    Compare {
-        result: compare::CompareResult::Equal as i32,
-        target: compare::CompareTarget::Mod as i32,
-        key,
-        range_end: Bytes::new(),
-        target_union: Some(compare::TargetUnion::ModRevision(m)),
-    }
-}
 
 fn op_put(key: Bytes, value: Bytes) -> RequestOp {
     RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key, value, ..Default::default() })) }

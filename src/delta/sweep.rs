@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use crate::codec::delta::{bases_dir, record_key, BASES_PREFIX};
 use crate::codec::prefix_end;
 use crate::proto::etcdserverpb::kv_client::KvClient;
-use crate::proto::etcdserverpb::{compare, request_op, Compare, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest};
+use crate::proto::etcdserverpb::{request_op, Compare, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest};
 use crate::upstream::Upstream;
 
 /// The sweeper election key (a lease-bound key, as the dictionary trainer's).
@@ -287,13 +287,7 @@ async fn delete_guarded(kv: &mut KvClient<Upstream>, bases: &[ListedBase], guard
         }
         *budget -= chunk.len();
         let mut compares = vec![guard.clone()];
-        compares.extend(chunk.iter().map(|b| Compare {
-            result: compare::CompareResult::Equal as i32,
-            target: compare::CompareTarget::Mod as i32,
-            key: b.key.clone(),
-            target_union: Some(compare::TargetUnion::ModRevision(b.mod_revision)),
-            ..Default::default()
-        }));
+        compares.extend(chunk.iter().map(|b| Compare::mod_equal(b.key.clone(), b.mod_revision)));
         let success = chunk
             .iter()
             .map(|b| RequestOp { request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key: b.key.clone(), ..Default::default() })) })

@@ -362,13 +362,7 @@ impl Store {
     pub async fn delete(&self, id: u32, mod_revision: i64) -> Result<bool, StoreError> {
         let key = self.key(id);
         let txn = TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Mod as i32,
-                key: key.clone(),
-                target_union: Some(compare::TargetUnion::ModRevision(mod_revision)),
-                ..Default::default()
-            }],
+            compare: vec![Compare::mod_equal(key.clone(), mod_revision)],
             success: vec![RequestOp {
                 request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest { key, ..Default::default() })),
             }],

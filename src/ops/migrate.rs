@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{human, key_string, Etcd, EtcdArgs, KeyRange, OpsError, PrefixArgs, DEFAULT_ETCD_MAX_REQUEST_BYTES, DEFAULT_PAGE_KEYS};
 use crate::codec::{frame, EncodeOutcome};
-use crate::proto::etcdserverpb::{DeleteRangeRequest, RangeRequest, compare, request_op, Compare, PutRequest, RequestOp, TxnRequest};
+use crate::proto::etcdserverpb::{DeleteRangeRequest, RangeRequest, request_op, Compare, PutRequest, RequestOp, TxnRequest};
 use crate::proto::mvccpb::KeyValue;
 
 /// Default write rate: 100 rewrites per second is a small fraction of what one etcd member
@@ -517,13 +517,7 @@ impl Migration<'_> {
 
 /// `MOD(key) == mod_revision` → `Put(key, value, same lease)`; no else branch.
 fn rewrite_txn(kv: &KeyValue, value: Bytes) -> TxnRequest {
-    let compare = Compare {
-        result: compare::CompareResult::Equal as i32,
-        target: compare::CompareTarget::Mod as i32,
-        key: kv.key.clone(),
-        target_union: Some(compare::TargetUnion::ModRevision(kv.mod_revision)),
-        ..Default::default()
-    };
+    let compare = Compare::mod_equal(kv.key.clone(), kv.mod_revision);
     let put = PutRequest { key: kv.key.clone(), value, lease: kv.lease, ..Default::default() };
     TxnRequest { compare: vec![compare], success: vec![RequestOp { request: Some(request_op::Request::RequestPut(put)) }], failure: vec![] }
 }
@@ -560,13 +554,7 @@ pub async fn delete_bases(etcd: &Etcd, ranges: &[KeyRange], page_keys: i64, dry_
                 left += 1;
                 continue;
             }
-            let guard = Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Mod as i32,
-                key: key.clone(),
-                target_union: Some(compare::TargetUnion::ModRevision(m)),
-                ..Default::default()
-            };
+            let guard = Compare::mod_equal(key.clone(), m);
             let delete = DeleteRangeRequest { key: base.key.clone(), ..Default::default() };
             let txn = TxnRequest {
                 compare: vec![guard],

@@ -69,13 +69,7 @@ impl Rebuild {
                 let revision = range.header.as_ref().map_or(0, |h| h.revision);
                 let values: Vec<_> = range.kvs.iter().map(|kv| kv.value.clone()).collect();
                 let holds = rewrite::evaluate_value_compare(c, &values);
-                let mod_compare = |result: compare::CompareResult, key: &bytes::Bytes, range_end: &bytes::Bytes, rev: i64| Compare {
-                    result: result as i32,
-                    target: compare::CompareTarget::Mod as i32,
-                    key: key.clone(),
-                    range_end: range_end.clone(),
-                    target_union: Some(compare::TargetUnion::ModRevision(rev)),
-                };
+                let mod_compare = |result, key: &bytes::Bytes, range_end: &bytes::Bytes, rev| Compare::mod_revision(result, key.clone(), range_end.clone(), rev);
                 if c.range_end.is_empty() {
                     // Single key: unchanged since the read (0 = still absent).
                     let m = range.kvs.first().map_or(0, |kv| kv.mod_revision);
