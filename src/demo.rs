@@ -16,7 +16,7 @@ use crate::config::{Config, FLYTEWORKFLOW_PREFIX};
 use crate::corpus::{self, Generated};
 use crate::proto::etcdserverpb::kv_client::KvClient;
 use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use crate::proto::etcdserverpb::{request_op, Compare, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest};
+use crate::proto::etcdserverpb::{request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest};
 
 /// One row of the savings table.
 #[derive(Debug, Clone)]
@@ -64,7 +64,14 @@ pub async fn train_dictionary(proxy: &str, etcd: &str, population: &[Generated])
     let mut direct = client(etcd).await?;
     let probe = Bytes::from(format!("{FLYTEWORKFLOW_PREFIX}demo-training/probe"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut first = true;
     loop {
+        if !first {
+            // Deleted and written again: a create, whose new base uses the dictionary the
+            // proxy has now (an update of the key would keep its first base, made without it).
+            via.delete_range(DeleteRangeRequest { key: probe.clone(), ..Default::default() }).await?;
+        }
+        first = false;
         via.put(PutRequest { key: probe.clone(), value: Bytes::from(population[0].json.clone()), ..Default::default() }).await?;
         let (stored, _) = read(&mut direct, &probe).await?;
         let mut id = frame::parse(&stored).map(|f| f.dictionary_id).unwrap_or(0);

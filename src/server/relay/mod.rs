@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
 use self::frame::{code, flag, kind, Head, PeerSettings};
@@ -73,6 +73,9 @@ const WINDOW_UPDATE_AT: u32 = 1 << 20;
 /// A unary KV request is classified when its message is complete within this many bytes
 /// (64 KiB); a larger one is served by the KV service, which reads and classifies it itself.
 const CLASSIFY_BYTES: usize = 64 << 10;
+/// A DATA payload this large (4 KiB) is written as a segment of its own instead of being copied
+/// into the write buffer; smaller writes are gathered there.
+const SEGMENT_BYTES: usize = 4 << 10;
 /// Bytes waiting to be written to a peer above which the relay stops reading from the side
 /// that makes them (1 MiB): a peer that does not read cannot make the proxy buffer without bound.
 const OUTPUT_BACKLOG: usize = 1 << 20;
@@ -109,9 +112,13 @@ struct Wire {
     io: Io,
     /// Bytes read, not yet parsed.
     rbuf: BytesMut,
-    /// Bytes to write.
+    /// Bytes to write after `out`: frame headers and small frames are made here.
     wbuf: BytesMut,
-    scratch: Box<[u8]>,
+    /// Segments to write first, in order: large DATA payloads go out as the `Bytes` they came in
+    /// (a vectored write), never copied into `wbuf`.
+    out: VecDeque<Bytes>,
+    /// Bytes in `out`.
+    out_len: usize,
     /// The peer's header blocks.
     decoder: hpack::Decoder,
     /// A header block whose CONTINUATION frames are awaited: stream, flags of its HEADERS, bytes.
@@ -147,7 +154,8 @@ impl Wire {
             io,
             rbuf,
             wbuf: BytesMut::with_capacity(READ_CHUNK),
-            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            out: VecDeque::new(),
+            out_len: 0,
             decoder,
             block: None,
             settings: PeerSettings::default(),
@@ -170,14 +178,12 @@ impl Wire {
         self.recv_window = CONNECTION_WINDOW as i64;
     }
 
-    /// Reads what the socket has into `rbuf`: `Ready(Ok(0))` at the end of the stream.
+    /// Reads what the socket has into `rbuf` (straight into its spare room): `Ready(Ok(0))` at
+    /// the end of the stream.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let Io::Open(io) = &mut self.io else { return Poll::Pending };
-        let mut buf = ReadBuf::new(&mut self.scratch);
-        std::task::ready!(Pin::new(io).poll_read(cx, &mut buf))?;
-        let n = buf.filled().len();
-        self.rbuf.extend_from_slice(buf.filled());
-        Poll::Ready(Ok(n))
+        self.rbuf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.rbuf)
     }
 
     /// The next complete frame in `rbuf`.
@@ -194,16 +200,38 @@ impl Wire {
         Ok(Some((head, bytes.freeze())))
     }
 
-    /// Writes `wbuf` out and flushes; `Ready(Ok)` once both are done.
+    /// Writes `out`, then `wbuf`, and flushes; `Ready(Ok)` once all is done.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Io::Open(io) = &mut self.io else { return Poll::Pending };
-        while !self.wbuf.is_empty() {
-            let n = std::task::ready!(Pin::new(&mut *io).poll_write(cx, &self.wbuf))?;
+        loop {
+            if !self.wbuf.is_empty() && (self.out.is_empty() || self.wbuf.len() >= SEGMENT_BYTES) {
+                let tail = self.wbuf.split().freeze();
+                self.out_len += tail.len();
+                self.out.push_back(tail);
+            }
+            if self.out.is_empty() {
+                if self.wbuf.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            let slices: Vec<io::IoSlice<'_>> = self.out.iter().take(64).map(|b| io::IoSlice::new(b)).collect();
+            let mut n = std::task::ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.wbuf.advance(n);
             self.needs_flush = true;
+            self.out_len -= n;
+            while n > 0 {
+                let Some(front) = self.out.front_mut() else { break };
+                if n >= front.len() {
+                    n -= front.len();
+                    self.out.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
         }
         if self.needs_flush {
             std::task::ready!(Pin::new(io).poll_flush(cx))?;
@@ -214,7 +242,25 @@ impl Wire {
 
     /// True while something is left to write or flush.
     fn pending_output(&self) -> bool {
-        !self.wbuf.is_empty() || self.needs_flush
+        !self.wbuf.is_empty() || !self.out.is_empty() || self.needs_flush
+    }
+
+    /// Bytes waiting to be written.
+    fn backlog(&self) -> usize {
+        self.wbuf.len() + self.out_len
+    }
+
+    /// Appends a DATA frame: a large payload as a segment of its own (not copied).
+    fn put_data(&mut self, stream: u32, data: Bytes, end: bool) {
+        if data.len() < SEGMENT_BYTES {
+            frame::put_data(&mut self.wbuf, stream, &data, end);
+            return;
+        }
+        frame::put_head(&mut self.wbuf, data.len(), kind::DATA, if end { flag::END_STREAM } else { 0 }, stream);
+        let head = self.wbuf.split().freeze();
+        self.out_len += head.len() + data.len();
+        self.out.push_back(head);
+        self.out.push_back(data);
     }
 
     /// Appends a header block for `stream`, split to the peer's frame size; preceded by a dynamic
@@ -356,7 +402,8 @@ enum UpOut {
 
 enum Road {
     /// A unary KV call whose request message is being read.
-    Classifying { call: crate::classify::Call, fields: Fields, body: BytesMut },
+    /// `body`: the DATA read so far, as it came (`len` bytes).
+    Classifying { call: crate::classify::Call, fields: Fields, body: Vec<Bytes>, len: usize },
     /// Carried to etcd.
     Relayed(Box<Relayed>),
     /// Served by the proxy's services.
@@ -612,10 +659,13 @@ impl Relay {
         }
         let Some(stream) = self.streams.get_mut(&head.stream) else { return Ok(()) };
         match &mut stream.road {
-            Road::Classifying { body, .. } => {
-                body.extend_from_slice(&data);
+            Road::Classifying { body, len, .. } => {
+                *len += data.len();
+                if !data.is_empty() {
+                    body.push(data);
+                }
                 // A unary request is whole at END_STREAM (gRPC clients half-close at once).
-                if end || body.len() > CLASSIFY_BYTES {
+                if end || *len > CLASSIFY_BYTES {
                     self.classified(head.stream);
                 }
             }
@@ -683,7 +733,7 @@ impl Relay {
             _ => PathRoad::Services,
         };
         let stream = Stream {
-            road: Road::Classifying { call: crate::classify::Call::Range, fields: Fields::default(), body: BytesMut::new() },
+            road: Road::Classifying { call: crate::classify::Call::Range, fields: Fields::default(), body: Vec::new(), len: 0 },
             client_ended: end,
             send_window: self.client.settings.initial_window,
             queue: VecDeque::new(),
@@ -699,17 +749,17 @@ impl Relay {
         match path_road {
             PathRoad::Whole(_) => {
                 let long_lived = std::str::from_utf8(path).ok().and_then(super::methods::method_info).is_some_and(|m| m.long_lived);
-                self.relay(id, fields, None, long_lived)
+                self.relay(id, fields, Vec::new(), long_lived)
             }
             PathRoad::Kv(call) => {
                 if let Some(s) = self.streams.get_mut(&id) {
-                    s.road = Road::Classifying { call, fields, body: BytesMut::new() };
+                    s.road = Road::Classifying { call, fields, body: Vec::new(), len: 0 };
                 }
                 if end {
                     self.classified(id);
                 }
             }
-            PathRoad::Services | PathRoad::Identify => self.terminate(id, fields, None, None, grpc),
+            PathRoad::Services | PathRoad::Identify => self.terminate(id, fields, Vec::new(), None, grpc),
         }
         Ok(())
     }
@@ -718,24 +768,40 @@ impl Relay {
     /// compressed key can be involved, else served by the KV service.
     fn classified(&mut self, id: u32) {
         let Some(stream) = self.streams.get_mut(&id) else { return };
-        let Road::Classifying { call, fields, body } = &mut stream.road else { return };
-        let (call, fields, body) = (*call, std::mem::take(fields), std::mem::take(body).freeze());
+        let Road::Classifying { call, fields, body, len } = &mut stream.road else { return };
+        let (call, fields, mut body, len) = (*call, std::mem::take(fields), std::mem::take(body), *len);
         let limit = self.ctx.shared.config.limits.max_request_bytes.as_u64();
-        let one_message = stream.client_ended && body.len() >= 5 && body[0] == 0 && declared(&body) == body.len() - 5 && declared(&body) as u64 <= limit;
-        let route = if one_message { classify(call, &body[5..], &self.ctx.shared.scope) } else { Route::Rewrite(Default::default()) };
+        // A whole request within the size the relay reads, in one buffer (joined when it came
+        // in several DATA frames; one frame, the usual case, is not copied).
+        if stream.client_ended && (5..=CLASSIFY_BYTES).contains(&len) && body.len() > 1 {
+            let mut joined = BytesMut::with_capacity(len);
+            for chunk in &body {
+                joined.extend_from_slice(chunk);
+            }
+            body = vec![joined.freeze()];
+        }
+        let whole = match &body[..] {
+            [one] if stream.client_ended && len <= CLASSIFY_BYTES => Some(one),
+            _ => None,
+        };
+        let one_message = whole.is_some_and(|b| b.len() >= 5 && b[0] == 0 && declared(b) == b.len() - 5 && declared(b) as u64 <= limit);
+        let route = match whole {
+            Some(b) if one_message => classify(call, &b[5..], &self.ctx.shared.scope),
+            _ => Route::Rewrite(Default::default()),
+        };
         match route {
-            Route::Forward if one_message => self.relay(id, fields, Some(body), false),
+            Route::Forward if one_message => self.relay(id, fields, body, false),
             // Not one small uncompressed message, or compressed keys may be involved: the KV
             // service reads it as gRPC does (and does not classify it again).
             route => {
                 let route = one_message.then_some(route);
-                self.terminate(id, fields, Some(body), route, true)
+                self.terminate(id, fields, body, route, true)
             }
         }
     }
 
     /// Sends stream `id` to etcd (with the request `body` read so far, if any).
-    fn relay(&mut self, id: u32, fields: Fields, body: Option<Bytes>, long_lived: bool) {
+    fn relay(&mut self, id: u32, fields: Fields, body: Vec<Bytes>, long_lived: bool) {
         let now = Instant::now();
         let path = fields.get(b":path").and_then(|p| std::str::from_utf8(p).ok()).unwrap_or("");
         let call = RelayedCall::start(path, now);
@@ -751,7 +817,7 @@ impl Relay {
         };
         let generation = self.ups[up].generation;
         let Some(stream) = self.streams.get_mut(&id) else { return };
-        let end_with_head = stream.client_ended && body.as_ref().is_none_or(|b| b.is_empty());
+        let end_with_head = stream.client_ended && body.is_empty();
         let block = encode(&fields, Some((authority.as_bytes(), scheme.as_bytes())));
         let mut relayed = Relayed {
             up: generation,
@@ -766,9 +832,10 @@ impl Relay {
             call,
             long_lived,
         };
-        if let Some(body) = body.filter(|b| !b.is_empty()) {
-            relayed.call.count_request_bytes(body.len());
-            relayed.queue.push_back(UpOut::Data(body, stream.client_ended));
+        let chunks = body.len();
+        for (i, chunk) in body.into_iter().enumerate() {
+            relayed.call.count_request_bytes(chunk.len());
+            relayed.queue.push_back(UpOut::Data(chunk, stream.client_ended && i + 1 == chunks));
         }
         stream.road = Road::Relayed(Box::new(relayed));
         stream.deadline = deadline;
@@ -779,7 +846,7 @@ impl Relay {
     }
 
     /// Serves stream `id` with the proxy's services.
-    fn terminate(&mut self, id: u32, fields: Fields, body: Option<Bytes>, route: Option<Route>, grpc: bool) {
+    fn terminate(&mut self, id: u32, fields: Fields, body: Vec<Bytes>, route: Option<Route>, grpc: bool) {
         let Some(stream) = self.streams.get_mut(&id) else { return };
         let mut builder = http::Request::builder().version(http::Version::HTTP_2);
         let (mut scheme, mut authority, mut path, mut method) = ("http", None, "/", "POST");
@@ -811,8 +878,10 @@ impl Relay {
             parts.extensions.insert(route);
         }
         let mut handle = terminated::spawn(id, parts, grpc, &self.ctx.services, self.events_tx.clone());
-        if let (Some(body), Some(tx)) = (body.filter(|b| !b.is_empty()), &handle.body) {
-            let _ = tx.send(Ok(http_body::Frame::data(body)));
+        if let Some(tx) = &handle.body {
+            for chunk in body {
+                let _ = tx.send(Ok(http_body::Frame::data(chunk)));
+            }
         }
         if stream.client_ended {
             handle.body = None;
@@ -899,7 +968,7 @@ impl Relay {
                     let n = room.min(data.len());
                     let last = n == data.len();
                     let chunk = data.split_to(n);
-                    frame::put_data(&mut up.wire.wbuf, r.up_id, &chunk, last && *end);
+                    up.wire.put_data(r.up_id, chunk, last && *end);
                     up.wire.send_window -= n as i64;
                     r.send_window -= n as i64;
                     released += n;
@@ -1163,7 +1232,7 @@ impl Relay {
                     let n = room.min(data.len());
                     let last = n == data.len();
                     let chunk = data.split_to(n);
-                    frame::put_data(&mut self.client.wbuf, id, &chunk, last && *end);
+                    self.client.put_data(id, chunk, last && *end);
                     self.client.send_window -= n as i64;
                     stream.send_window -= n as i64;
                     stream.partial = !last;
@@ -1457,7 +1526,7 @@ impl Future for Relay {
                     }
                 }
                 // Nothing more is read from etcd while what it made the relay write piles up.
-                let read = if this.ups[ui].wire.wbuf.len() > OUTPUT_BACKLOG || this.client.wbuf.len() > OUTPUT_BACKLOG { Poll::Pending } else { this.ups[ui].wire.poll_read(cx) };
+                let read = if this.ups[ui].wire.backlog() > OUTPUT_BACKLOG || this.client.backlog() > OUTPUT_BACKLOG { Poll::Pending } else { this.ups[ui].wire.poll_read(cx) };
                 let failed = match read {
                     Poll::Ready(Ok(0)) => Some("etcd closed the connection".to_string()),
                     Poll::Ready(Ok(_)) => {
@@ -1495,7 +1564,7 @@ impl Future for Relay {
             }
             // The client.
             // Nor from the client while replies to it wait (PING ACKs, refusals, answers).
-            let read = if this.client.wbuf.len() > OUTPUT_BACKLOG { Poll::Pending } else { this.client.poll_read(cx) };
+            let read = if this.client.backlog() > OUTPUT_BACKLOG { Poll::Pending } else { this.client.poll_read(cx) };
             match read {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     this.close();
