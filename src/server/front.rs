@@ -12,17 +12,15 @@
 //!   [`Dispatch`], with the layers that count and trace every call ([`super::observe`]) and answer
 //!   deadlines and size limits as etcd does ([`super::etcd_status`]).
 //!
-//! [`Dispatch`] also takes the forwarded roads for a call that reaches the services another way
-//! (a KV message over the relay's classification size, in several gRPC messages, or compressed):
-//! it reads, classifies and forwards it as HTTP/2 requests through [`crate::upstream`].
+//! [`Dispatch`] also classifies a KV call that reaches the services unclassified (a message over
+//! the relay's classification size, in several gRPC messages, or compressed) and forwards it as
+//! an HTTP/2 request through [`crate::upstream`] when no compressed key is involved.
 //!
 //! HTTP/1.1 on the same port (`GET /version`, `/health`, …) is served by hyper with [`Front`]:
 //! [`super::etcd_http`], etcd's own answers. A failure to reach etcd is `UNAVAILABLE`
 //! ([`crate::upstream::unavailable`]).
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -138,22 +136,10 @@ where
         let road = road(request.uri().path());
         let services = self.services.clone();
         match road {
-            Road::Services => Box::pin(services.oneshot(request)),
+            Road::Services | Road::Whole(_) => Box::pin(services.oneshot(request)),
             Road::Identify => {
                 let answer = identify(&self.shared.config.upstream.endpoints);
                 Box::pin(async move { Ok(answer) })
-            }
-            Road::Whole(Shape::Unary) => Box::pin(self.upstream.clone().oneshot(to_etcd(request))),
-            Road::Whole(_) => {
-                // A stream: what the client sends goes on until etcd's response ends, and no
-                // longer (shutdown, etcd ending it), so both directions close together.
-                let (end_requests, ended) = tokio::sync::oneshot::channel::<()>();
-                let request = request.map(|requests| Body::new(Until { inner: requests, ended: Some(ended) }));
-                let call = self.upstream.clone().oneshot(to_etcd(request));
-                Box::pin(async move {
-                    let response = call.await?;
-                    Ok(response.map(|responses| Body::new(Holding { inner: responses, _end_requests: end_requests })))
-                })
             }
             // Classified already (by the relay): the KV service takes its route.
             Road::Kv(_) if request.extensions().get::<Route>().is_some() => Box::pin(services.oneshot(request)),
@@ -205,53 +191,6 @@ fn identify(upstream: &[String]) -> http::Response<Body> {
     let mut response = http::Response::new(Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames))));
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     response
-}
-
-/// A request body that ends (cleanly) when `ended`'s sender is dropped.
-struct Until {
-    inner: Body,
-    /// `None` once it fired (a oneshot must not be polled after it completed).
-    ended: Option<tokio::sync::oneshot::Receiver<()>>,
-}
-
-impl http_body::Body for Until {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        match self.ended.as_mut().map(|e| Pin::new(e).poll(cx).is_ready()) {
-            None => return Poll::Ready(None),
-            Some(true) => {
-                self.ended = None;
-                return Poll::Ready(None);
-            }
-            Some(false) => {}
-        }
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-}
-
-/// A response body holding the sender that keeps an [`Until`] request body going.
-struct Holding {
-    inner: Body,
-    _end_requests: tokio::sync::oneshot::Sender<()>,
-}
-
-impl http_body::Body for Holding {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// A request re-addressed to etcd (the channel sets scheme and authority): hop-by-hop headers

@@ -288,6 +288,15 @@ impl Wire {
         Ok(Some(delta))
     }
 
+    /// Takes the peer's connection-level WINDOW_UPDATE.
+    fn grow_send_window(&mut self, increment: i64) -> Result<(), ConnError> {
+        self.send_window += increment;
+        if self.send_window > frame::MAX_WINDOW {
+            return Err(ConnError(code::FLOW_CONTROL_ERROR, "connection window over 2^31-1".into()));
+        }
+        Ok(())
+    }
+
     /// Takes the peer's PING: answered with the same payload. Returns true for an acknowledgement.
     fn ping(&mut self, head: &Head, payload: &[u8]) -> Result<bool, ConnError> {
         let Ok(p) = <[u8; 8]>::try_from(payload) else { return Err(ConnError(code::FRAME_SIZE_ERROR, "PING".into())) };
@@ -593,10 +602,7 @@ impl Relay {
             kind::WINDOW_UPDATE => {
                 let increment = window_increment(&payload)?;
                 if head.stream == 0 {
-                    self.client.send_window += increment;
-                    if self.client.send_window > frame::MAX_WINDOW {
-                        return Err(ConnError(code::FLOW_CONTROL_ERROR, "connection window over 2^31-1".into()));
-                    }
+                    self.client.grow_send_window(increment)?;
                     let ids: Vec<u32> = self.streams.iter().filter(|(_, s)| !s.queue.is_empty()).map(|(id, _)| *id).collect();
                     for id in ids {
                         self.flush_to_client(id);
@@ -1141,10 +1147,7 @@ impl Relay {
             kind::WINDOW_UPDATE => {
                 let increment = window_increment(&payload)?;
                 if head.stream == 0 {
-                    up.wire.send_window += increment;
-                    if up.wire.send_window > frame::MAX_WINDOW {
-                        return Err(ConnError(code::FLOW_CONTROL_ERROR, "connection window over 2^31-1".into()));
-                    }
+                    up.wire.grow_send_window(increment)?;
                     let ids: Vec<u32> = up.by_id.values().copied().collect();
                     for id in ids {
                         self.flush_to_up(id);
