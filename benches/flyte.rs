@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo bench --bench flyte -- [--workflows 200] [--versions 12] [--life] [--compact-every 10] [--clients 8]
-//!                              [--memory-keys 1000] [--markdown FILE]
+//!                              [--memory-keys 1000 (0: part A only)] [--markdown FILE]
+//!                              [--rounds 1] [--fronts direct,default,per-object[,baseline]] [--baseline-bin PATH]
 //! ```
 //!
 //! A. **Workflows in flight.** `--workflows` FlyteWorkflows progress concurrently (propeller
@@ -22,6 +23,13 @@
 //!    (a create, then an update of each), through the default configuration: the proxy's peak RSS
 //!    against its budgets, and what base cache misses cost etcd per update (base records read and
 //!    their bytes, `etcd_squeeze_base_fetch*`).
+//!
+//! `--rounds N` runs every front N times, interleaved (direct, default, per-object, direct, …), and
+//! reports for each front its median run and its updates/s as a share of direct etcd's in the same
+//! round (median over the rounds): throughput on a shared 2-core machine moves by ~20 % from one
+//! minute to the next, so only ratios taken side by side mean anything. `--baseline-bin PATH`: an
+//! etcd-squeeze built from another commit, measured with the default configuration as one more
+//! front (`git worktree add /tmp/base REV && (cd /tmp/base && cargo build --release --bin etcd-squeeze)`).
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) a seconds-long smoke run with a few
 //! small workflows checks that every front runs and every value reads back.
@@ -46,6 +54,8 @@ enum Front {
     Direct,
     Default,
     PerObject,
+    /// The default configuration, on the binary of `--baseline-bin`.
+    Baseline,
 }
 
 impl Front {
@@ -54,6 +64,7 @@ impl Front {
             Front::Direct => "etcd directly",
             Front::Default => "etcd-squeeze, default (delta \"auto\")",
             Front::PerObject => "etcd-squeeze, per-object zstd (delta = false)",
+            Front::Baseline => "etcd-squeeze baseline build, default",
         }
     }
 }
@@ -68,6 +79,9 @@ struct Args {
     life: bool,
     markdown: Option<String>,
     smoke: bool,
+    rounds: usize,
+    fronts: Vec<Front>,
+    baseline: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -84,6 +98,26 @@ fn parse_args() -> Args {
         life: argv.iter().any(|a| a == "--life"),
         markdown: value("--markdown"),
         smoke,
+        rounds: num("--rounds", 1, 1).max(1) as usize,
+        fronts: value("--fronts").map_or_else(
+            || {
+                let mut f = vec![Front::Direct, Front::Default, Front::PerObject];
+                f.extend(value("--baseline-bin").map(|_| Front::Baseline));
+                f
+            },
+            |list| {
+                list.split(',')
+                    .map(|name| match name {
+                        "direct" => Front::Direct,
+                        "default" => Front::Default,
+                        "per-object" => Front::PerObject,
+                        "baseline" => Front::Baseline,
+                        other => panic!("unknown front {other:?} (direct, default, per-object, baseline)"),
+                    })
+                    .collect()
+            },
+        ),
+        baseline: value("--baseline-bin").map(std::path::PathBuf::from),
     }
 }
 
@@ -96,11 +130,11 @@ impl Drop for Proc {
 }
 
 /// The proxy for `front` on `etcd` (None: etcd directly): its process, client URL and metrics URL.
-async fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, String, String)> {
+async fn start_front(front: Front, etcd: &str, dir: &Path, args: &Args) -> Option<(Proc, String, String)> {
     let (port, metrics) = (common::free_port(), common::free_port());
     let prefixes = match front {
         Front::Direct => return None,
-        Front::Default => "",
+        Front::Default | Front::Baseline => "",
         Front::PerObject => "[[prefixes]]\nprefix = \"/registry/flyte.lyft.com/flyteworkflows/\"\ndelta = false\n",
     };
     let config = dir.join("squeeze.toml");
@@ -109,7 +143,11 @@ async fn start_front(front: Front, etcd: &str, dir: &Path) -> Option<(Proc, Stri
         format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nendpoints = [\"{etcd}\"]\n{prefixes}[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[log]\nlevel = \"warn\"\n"),
     )
     .unwrap();
-    let child = common::squeeze(Path::new(env!("CARGO_BIN_EXE_etcd-squeeze")), &config);
+    let bin = match front {
+        Front::Baseline => args.baseline.clone().expect("--baseline-bin PATH"),
+        _ => std::path::PathBuf::from(env!("CARGO_BIN_EXE_etcd-squeeze")),
+    };
+    let child = common::squeeze(&bin, &config);
     let url = format!("http://127.0.0.1:{port}");
     common::connect(&url, Duration::from_secs(30)).await;
     Some((Proc(child), url, format!("http://127.0.0.1:{metrics}/metrics")))
@@ -181,7 +219,7 @@ async fn guaranteed_update(c: &mut Client, key: &str, rev: i64, value: &[u8]) ->
     (current, false)
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Row {
     front: String,
     updates: u64,
@@ -203,7 +241,7 @@ struct Row {
 async fn run_front(front: Front, series: &[Vec<Vec<u8>>], args: &Args) -> Row {
     let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = start_front(front, &etcd.url, dir.path()).await;
+    let proxy = start_front(front, &etcd.url, dir.path(), args).await;
     let url = proxy.as_ref().map_or(etcd.url.clone(), |(_, u, _)| u.clone());
     let etcd_metrics = format!("{}/metrics", etcd.url);
     let received_before = scrape(&etcd_metrics, "etcd_network_client_grpc_received_bytes_total").await;
@@ -327,24 +365,49 @@ fn mib(b: f64) -> String {
     format!("{:.1} MiB", b / (1u64 << 20) as f64)
 }
 
-fn table(rows: &[Row], args: &Args) -> String {
+/// One row per front: its median run by updates/s, and (more than one round) its updates/s as a
+/// share of direct etcd's in the same round, the median over the rounds.
+fn table(runs: &[Vec<Row>], args: &Args) -> String {
+    let rounds = runs.first().map_or(0, Vec::len);
+    let direct_runs = args.fronts.iter().position(|f| *f == Front::Direct).map(|i| &runs[i]);
+    let rate = |r: &Row| r.updates as f64 / r.seconds;
+    let mut rows = Vec::new();
+    let mut shares = Vec::new();
+    for front_runs in runs {
+        let mut sorted: Vec<&Row> = front_runs.iter().collect();
+        sorted.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+        rows.push(sorted[sorted.len() / 2].clone());
+        let mut share: Vec<f64> = match direct_runs {
+            Some(direct) => front_runs.iter().zip(direct).map(|(r, d)| 100.0 * rate(r) / rate(d)).collect(),
+            None => Vec::new(),
+        };
+        share.sort_by(f64::total_cmp);
+        shares.push(match share.len() {
+            0 => "-".to_string(),
+            1 => format!("{:.0} %", share[0]),
+            n => format!("{:.0} % ({:.0}–{:.0})", share[n / 2], share[0], share[n - 1]),
+        });
+    }
     let mut out = format!(
-        "{} workflows of {} versions each ({}), {} clients, compaction every {} s, 2 watchers with prev_kv:\n\n\
-         | front | updates | updates/s | p50 ms | p99 ms | etcd DB (in use) | DB vs direct | received by etcd | vs direct | proxy CPU s | proxy peak RSS | delta frames (rebases) | watch events | compactions |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "{} workflows of {} versions each ({}), {} clients, compaction every {} s, 2 watchers with prev_kv{}:\n\n\
+         | front | updates | updates/s | of direct's | p50 ms | p99 ms | etcd DB (in use) | DB vs direct | received by etcd | vs direct | proxy CPU s | proxy peak RSS | delta frames (rebases) | watch events | compactions |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         args.workflows,
         args.versions,
         if args.life { "spread over each workflow's life" } else { "consecutive status changes" },
         args.clients,
-        args.compact_every
+        args.compact_every,
+        if rounds > 1 { format!("; {rounds} rounds, interleaved: each front's median run, and its updates/s as a share of direct etcd's in the same round (median, range)") } else { String::new() }
     );
-    let (direct, direct_db) = rows.first().map_or((1.0, 1.0), |r| (r.received, r.db_size as f64));
-    for r in rows {
+    let direct_row = args.fronts.iter().position(|f| *f == Front::Direct).map(|i| &rows[i]);
+    let (direct, direct_db) = direct_row.map_or((1.0, 1.0), |r| (r.received, r.db_size as f64));
+    for (r, share) in rows.iter().zip(&shares) {
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {} ({}) | {:.1}x smaller | {} | {:.1}x smaller | {:.1} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {} ({}) | {:.1}x smaller | {} | {:.1}x smaller | {:.1} | {} | {} | {} | {} |\n",
             r.front,
             r.updates,
             r.updates as f64 / r.seconds,
+            share,
             r.p50,
             r.p99,
             mib(r.db_size as f64),
@@ -374,7 +437,7 @@ async fn memory(args: &Args) -> String {
         .collect();
     let etcd = Etcd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (proxy, url, metrics) = start_front(Front::Default, &etcd.url, dir.path()).await.unwrap();
+    let (proxy, url, metrics) = start_front(Front::Default, &etcd.url, dir.path(), args).await.unwrap();
     let clients = 4;
     let keys = args.memory_keys;
     let mut tasks = Vec::new();
@@ -434,15 +497,19 @@ async fn main() {
     let args = parse_args();
     let children: &[usize] = if args.smoke { &[50, 100] } else { &[300, 1000, 3000, 10000] };
     let series = pool(if args.smoke { 2 } else { 50 }, args.versions, children, args.life);
-    let mut rows = Vec::new();
-    for front in [Front::Direct, Front::Default, Front::PerObject] {
-        eprintln!("running {} ...", front.name());
-        rows.push(run_front(front, &series, &args).await);
+    let mut runs: Vec<Vec<Row>> = vec![Vec::new(); args.fronts.len()];
+    for round in 0..args.rounds {
+        for (i, &front) in args.fronts.iter().enumerate() {
+            eprintln!("round {}/{}: running {} ...", round + 1, args.rounds, front.name());
+            runs[i].push(run_front(front, &series, &args).await);
+        }
     }
-    let mut out = table(&rows, &args);
-    out.push('\n');
-    eprintln!("running the base cache at scale ...");
-    out.push_str(&memory(&args).await);
+    let mut out = table(&runs, &args);
+    if args.memory_keys > 0 {
+        out.push('\n');
+        eprintln!("running the base cache at scale ...");
+        out.push_str(&memory(&args).await);
+    }
     print!("{out}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &out).unwrap();
