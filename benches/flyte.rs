@@ -236,6 +236,10 @@ struct Row {
     /// Writes stored as delta frames, and of those, rebases (a new base in the same Txn).
     deltas: f64,
     rebases: f64,
+    /// Bases not in memory decompressed (`etcd_squeeze_base_cache_misses_total`), and delta
+    /// frames not decompressed because decoded or written lately (`etcd_squeeze_decoded_recalls_total`).
+    base_misses: f64,
+    recalls: f64,
 }
 
 async fn run_front(front: Front, series: &[Vec<Vec<u8>>], args: &Args) -> Row {
@@ -335,10 +339,12 @@ async fn run_front(front: Front, series: &[Vec<Vec<u8>>], args: &Args) -> Row {
         let _ = w.await;
     }
     let (cpu, rss) = proxy.as_ref().map_or((0.0, 0), |(p, _, _)| cpu_and_rss(p.0.id()));
-    let (mut deltas, mut rebases) = (0.0, 0.0);
+    let (mut deltas, mut rebases, mut base_misses, mut recalls) = (0.0, 0.0, 0.0, 0.0);
     if let Some((_, _, metrics)) = &proxy {
         deltas = scrape(metrics, "etcd_squeeze_delta_writes_total").await;
         rebases = scrape(metrics, "etcd_squeeze_delta_writes_total{kind=\"rebase\"").await;
+        base_misses = scrape(metrics, "etcd_squeeze_base_cache_misses_total").await;
+        recalls = scrape(metrics, "etcd_squeeze_decoded_recalls_total").await;
     }
     let received = scrape(&etcd_metrics, "etcd_network_client_grpc_received_bytes_total").await - received_before;
     let db_size = etcd.db_size().await;
@@ -358,7 +364,14 @@ async fn run_front(front: Front, series: &[Vec<Vec<u8>>], args: &Args) -> Row {
         compactions: compactions.load(Ordering::Relaxed),
         deltas,
         rebases,
+        base_misses,
+        recalls,
     }
+}
+
+/// "12.3x smaller", or "-" without a direct etcd row to compare with.
+fn times(ratio: Option<f64>) -> String {
+    ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.1}x smaller"))
 }
 
 fn mib(b: f64) -> String {
@@ -390,8 +403,8 @@ fn table(runs: &[Vec<Row>], args: &Args) -> String {
     }
     let mut out = format!(
         "{} workflows of {} versions each ({}), {} clients, compaction every {} s, 2 watchers with prev_kv{}:\n\n\
-         | front | updates | updates/s | of direct's | p50 ms | p99 ms | etcd DB (in use) | DB vs direct | received by etcd | vs direct | proxy CPU s | proxy peak RSS | delta frames (rebases) | watch events | compactions |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | front | updates | updates/s | of direct's | p50 ms | p99 ms | etcd DB (in use) | DB vs direct | received by etcd | vs direct | proxy CPU s | proxy peak RSS | delta frames (rebases) | per update: bases decompressed, values recalled | watch events | compactions |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         args.workflows,
         args.versions,
         if args.life { "spread over each workflow's life" } else { "consecutive status changes" },
@@ -403,7 +416,7 @@ fn table(runs: &[Vec<Row>], args: &Args) -> String {
     let (direct, direct_db) = direct_row.map_or((1.0, 1.0), |r| (r.received, r.db_size as f64));
     for (r, share) in rows.iter().zip(&shares) {
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {} ({}) | {:.1}x smaller | {} | {:.1}x smaller | {:.1} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.1} | {} | {:.1} | {:.1} | {} ({}) | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |\n",
             r.front,
             r.updates,
             r.updates as f64 / r.seconds,
@@ -412,12 +425,13 @@ fn table(runs: &[Vec<Row>], args: &Args) -> String {
             r.p99,
             mib(r.db_size as f64),
             mib(r.db_in_use as f64),
-            direct_db / (r.db_size as f64).max(1.0),
+            times(direct_row.map(|_| direct_db / (r.db_size as f64).max(1.0))),
             mib(r.received),
-            direct / r.received.max(1.0),
+            times(direct_row.map(|_| direct / r.received.max(1.0))),
             r.cpu,
             if r.rss > 0 { mib(r.rss as f64) } else { "-".into() },
             if r.deltas > 0.0 { format!("{} ({})", r.deltas, r.rebases) } else { "-".into() },
+            if r.deltas > 0.0 { format!("{:.2}, {:.2}", r.base_misses / r.updates as f64, r.recalls / r.updates as f64) } else { "-".into() },
             r.watch_events,
             r.compactions,
         ));
@@ -481,14 +495,14 @@ async fn memory(args: &Args) -> String {
     format!(
         "{keys} keys, {} average JSON per version, each created then updated once, in turn ({clients} clients, {seconds:.0} s, \
          {:.1} updates/s): proxy peak RSS {}, base cache {} at the end (default budget 64 MiB); decompressed bases: hits {hits}, misses {misses}, of which served from a cached base record {record_hits}; \
-         base records read from etcd {fetches} ({} in all): {:.2} reads and {} per update\n",
+         base records read from etcd {fetches} ({} in all): {:.2} reads and {:.0} KB per update\n",
         mib((bytes / updates.max(1)) as f64),
         updates as f64 / seconds,
         mib(rss as f64),
         mib(cache),
         mib(fetched),
         fetches / updates_only,
-        mib(fetched / updates_only),
+        fetched / updates_only / 1000.0,
     )
 }
 

@@ -266,8 +266,8 @@ pub struct PrefixConfig {
     #[serde(default = "default_rebase_fraction")]
     pub delta_rebase_fraction: f64,
     /// `prefixes[].delta_base_cache`: bases kept in memory for this prefix, shared by every
-    /// request (bases are immutable: never stale): a quarter decompressed, the rest as base
-    /// records ([`crate::delta::cache`]). Default 64 MiB.
+    /// request (bases are immutable: never stale): decompressed bases, values lately decoded
+    /// and base records share it ([`crate::delta::cache`]). Default 64 MiB.
     #[serde(default = "default_base_cache")]
     pub delta_base_cache: ByteSize,
 }

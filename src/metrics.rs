@@ -58,6 +58,9 @@ pub struct Metrics {
     pub base_cache_hits: IntCounter,
     /// `etcd_squeeze_base_cache_misses_total`: delta frames whose base had to be read from etcd.
     pub base_cache_misses: IntCounter,
+    /// `etcd_squeeze_decoded_recalls_total`: delta frames not decompressed because the value
+    /// was decoded (or written) lately (`delta::cache`).
+    pub decoded_recalls: IntCounter,
     /// `etcd_squeeze_base_cache_record_hits_total`: decompressed-base misses served from a
     /// cached base record (decompressed, no etcd read).
     pub base_cache_record_hits: IntCounter,
@@ -179,6 +182,7 @@ impl Metrics {
             bases_deleted: counter("etcd_squeeze_bases_deleted_total", "Superseded bases deleted once compaction passed them."),
             base_cache_hits: counter("etcd_squeeze_base_cache_hits_total", "Delta frames whose base was in memory."),
             base_cache_misses: counter("etcd_squeeze_base_cache_misses_total", "Delta frames whose base had to be read from etcd."),
+            decoded_recalls: counter("etcd_squeeze_decoded_recalls_total", "Delta frames not decompressed: the value was decoded or written lately."),
             base_cache_record_hits: counter("etcd_squeeze_base_cache_record_hits_total", "Decompressed-base misses served from a cached base record (no etcd read)."),
             base_fetches: counter("etcd_squeeze_base_fetches_total", "Base records read from etcd."),
             base_fetched_bytes: counter("etcd_squeeze_base_fetched_bytes_total", "Bytes of the base records read from etcd."),

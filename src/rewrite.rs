@@ -199,20 +199,22 @@ pub fn decode_kv_with(codec: &ValueCodec, kv: &mut KeyValue, budget: &mut u64, p
 /// its own). Strict: the first value that cannot be decoded fails the whole message, and the
 /// caller drops it (see [`decode_with`] for the proxy's policy).
 pub fn decode<T: KeyValues>(codec: &ValueCodec, msg: &mut T) -> Result<(), DecodeError> {
-    decode_with(codec, msg, &[], &mut Err)
+    decode_with(codec, msg, &[], 0, &mut Err)
 }
 
 /// [`decode`], where delta frames find their base in `pinned` (loaded for this message by
-/// `crate::delta::Deltas::prefetch`) or in the base cache, and a value that cannot be decoded is
+/// `crate::delta::Deltas::prefetch`) or in the base cache, `spent` of the budget is taken already
+/// (values recalled by `crate::delta::Deltas::recall`), and a value that cannot be decoded is
 /// handed to `undecodable`: `Ok(())` keeps the stored bytes as the value (etcd's answer, had the
 /// proxy not been there) and goes on; `Err` fails the whole message.
 pub fn decode_with<T: KeyValues>(
     codec: &ValueCodec,
     msg: &mut T,
     pinned: &[Arc<Base>],
+    spent: u64,
     undecodable: &mut dyn FnMut(DecodeError) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
-    let mut budget = codec.max_response_bytes();
+    let mut budget = codec.max_response_bytes().saturating_sub(spent);
     msg.try_for_each_kv(&mut |kv| match decode_kv_with(codec, kv, &mut budget, pinned) {
         Ok(()) => Ok(()),
         Err(e) => undecodable(e),

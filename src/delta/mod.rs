@@ -62,6 +62,15 @@ const PARALLEL_BASE_LOADS: usize = 16;
 /// How often the compaction revision is read back from etcd when no Compact call passed.
 const COMPACTION_REFRESH: Duration = Duration::from_secs(60);
 
+/// Whether a base record's content checksum was verified when the record came into memory.
+#[derive(Debug, Clone, Copy)]
+enum Verified {
+    /// A record of the base cache: made by this process, or read from etcd and verified.
+    Before,
+    /// Read from etcd just now.
+    Not,
+}
+
 /// Delta-frame state shared by every request of one proxy.
 pub struct Deltas {
     codec: ValueCodec,
@@ -358,7 +367,12 @@ impl Deltas {
                 ctx.path.push((success, i));
                 match &mut op.request {
                     Some(request_op::Request::RequestPut(put)) => {
-                        if let Some((base, rebased, collected)) = self.rewrite_put(put, guards, &mut room, &mut added, ctx)? {
+                        if let Some((base, rebased, collected, value)) = self.rewrite_put(put, guards, &mut room, &mut added, ctx)? {
+                            // The write's watch events will decode without decompressing. Before
+                            // etcd answers (the events may come first), and whether or not the
+                            // Put runs: the frame decodes to the value either way. Copied: the
+                            // value is a slice of the client's request.
+                            self.bases.remember(&put.key, &put.value, Bytes::copy_from_slice(&value));
                             let path = ctx.path.clone();
                             ctx.effects.push(Effect::Wrote { path, key: put.key.clone(), base, rebased, collected });
                         }
@@ -380,8 +394,9 @@ impl Deltas {
     }
 
     /// One Put: a delta against the proven base, else a rebase (when the branch has room), else
-    /// the usual per-value frame. Returns the base used, whether it is new, and the superseded
-    /// bases whose deletion was added.
+    /// the usual per-value frame. Returns, for a delta frame, the base used, whether it is new,
+    /// the superseded bases whose deletion was added, and the client's value (the frame is now
+    /// `put.value`).
     fn rewrite_put(
         &self,
         put: &mut PutRequest,
@@ -451,8 +466,8 @@ impl Deltas {
         }
         let stored = if rebased { frame.len() + base.record_len } else { frame.len() };
         ctx.stats.add(Some(&prefix), put.value.len(), stored, EncodeOutcome::Delta);
-        put.value = frame;
-        Ok(Some((base, rebased, collected)))
+        let value = std::mem::replace(&mut put.value, frame);
+        Ok(Some((base, rebased, collected, value)))
     }
 
     /// Loads every base `msg` needs (cache, else etcd) and returns them pinned for decoding.
@@ -509,7 +524,7 @@ impl Deltas {
         let base_key = delta::base_key(key, r.id);
         // The record, compressed, may still be cached: decompressed without asking etcd.
         if let Some(record) = self.bases.get_record(key, r.id) {
-            if let Ok(base) = self.decode_record(key, r, &base_key, &record).await? {
+            if let Ok(base) = self.decode_record(key, r, &base_key, &record, Verified::Before).await? {
                 metrics.base_cache_record_hits.inc();
                 return Ok(Some(base));
             }
@@ -531,7 +546,7 @@ impl Deltas {
             metrics.base_fetches.inc();
             metrics.base_fetched_bytes.inc_by(kv.value.len() as u64);
             let refused = |why: String| format!("the record at {} is refused: {why}", crate::codec::KeyDisplay(&base_key));
-            match self.decode_record(key, r, &base_key, &kv.value).await? {
+            match self.decode_record(key, r, &base_key, &kv.value, Verified::Not).await? {
                 Ok(base) => {
                     self.bases.insert_record(key, r.id, &kv.value);
                     return Ok(Some(base));
@@ -547,14 +562,19 @@ impl Deltas {
         Ok(None)
     }
 
-    /// Decodes base record `record` (stored at `base_key`) of base `r` of `key`, loading the
+    /// Decodes base record `record` (stored at `base_key`) of base `r` of `key` (`verified`: a
+    /// cached record, whose content checksum was verified when it was cached), loading the
     /// dictionary its frame names first, and caches the base: `Ok(Err(why))` when the record is
     /// refused (corrupt, or not the content the frame names); `Err` only when etcd cannot be asked.
-    async fn decode_record(&self, key: &Bytes, r: BaseRef, base_key: &[u8], record: &[u8]) -> Result<Result<Arc<Base>, String>, RequestError> {
+    async fn decode_record(&self, key: &Bytes, r: BaseRef, base_key: &[u8], record: &[u8], verified: Verified) -> Result<Result<Arc<Base>, String>, RequestError> {
         if let Some(frame) = delta::record_frame(record) {
             self.dictionaries.ensure(key, frame).await?;
         }
-        Ok(match crate::codec::decode_base(base_key, record, self.codec.max_value_bytes(), &**self.codec.dictionaries()) {
+        let read = match verified {
+            Verified::Before => crate::codec::decode_verified_base,
+            Verified::Not => crate::codec::decode_base,
+        };
+        Ok(match read(base_key, record, self.codec.max_value_bytes(), &**self.codec.dictionaries()) {
             Ok(base) if base.checksum == r.checksum => {
                 let base = Arc::new(base);
                 self.bases.insert(base.clone());
@@ -563,6 +583,35 @@ impl Deltas {
             Ok(_) => Err("its content has another checksum than the frame names".into()),
             Err(e) => Err(e.to_string()),
         })
+    }
+
+    /// Takes out of `msg` the delta-framed values decoded (or written) lately, before anything is
+    /// loaded for it: each such value is emptied (so nothing loads or decodes it) and its key's
+    /// base learnt; [`Recalled::restore`] puts the decoded values back after the decode of the
+    /// rest. At most `budget` decompressed bytes are recalled (the response's
+    /// `limits.max_response_bytes`): the rest is left to the decode, which then has
+    /// `budget - Recalled::bytes` left (see `crate::rewrite::decode_with`).
+    pub fn recall<T: KeyValues>(&self, msg: &mut T, budget: u64) -> Recalled {
+        let mut recalled = Recalled { slots: Vec::new(), bytes: 0 };
+        let metrics = crate::metrics::get();
+        let _ = msg.try_for_each_kv(&mut |kv| {
+            let slot = match self.codec.needed_base(&kv.key, &kv.value) {
+                None => Slot::Other,
+                Some(r) => match self.bases.recall(&kv.key, &kv.value) {
+                    Some(value) if recalled.bytes + value.len() as u64 <= budget => {
+                        metrics.decoded_recalls.inc();
+                        self.learn(&kv.key, kv.mod_revision, r);
+                        recalled.bytes += value.len() as u64;
+                        kv.value = Bytes::new();
+                        Slot::Recalled(value)
+                    }
+                    _ => Slot::Framed(kv.value.clone()),
+                },
+            };
+            recalled.slots.push(slot);
+            Ok::<(), ()>(())
+        });
+        recalled
     }
 
     /// Learns which base each delta-framed value in `msg` uses (after a successful decode).
@@ -624,9 +673,50 @@ fn single_key_deletes(txn: &TxnRequest, f: &mut impl FnMut(&[u8])) {
     }
 }
 
+/// What [`Deltas::recall`] took out of a message, per `KeyValue` in order.
+#[derive(Debug)]
+pub struct Recalled {
+    slots: Vec<Slot>,
+    /// Decompressed bytes recalled (charged to the response's budget).
+    pub bytes: u64,
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// Not a delta frame.
+    Other,
+    /// A delta frame decoded lately: its value, put back by [`Recalled::restore`].
+    Recalled(Bytes),
+    /// A delta frame the decode has to decompress: remembered once it has.
+    Framed(Bytes),
+}
+
+impl Recalled {
+    /// After `msg` was decoded: puts the recalled values back, and remembers the delta frames
+    /// decoded meanwhile (a value passed on as stored is not).
+    pub fn restore<T: KeyValues>(self, deltas: &Deltas, msg: &mut T) {
+        if self.slots.iter().all(|s| matches!(s, Slot::Other)) {
+            return;
+        }
+        let mut slots = self.slots.into_iter();
+        let _ = msg.try_for_each_kv(&mut |kv| {
+            match slots.next() {
+                Some(Slot::Recalled(value)) => kv.value = value,
+                Some(Slot::Framed(frame)) if kv.value.as_ptr() != frame.as_ptr() || kv.value.len() != frame.len() => {
+                    deltas.bases.remember(&kv.key, &frame, kv.value.clone());
+                }
+                _ => {}
+            }
+            Ok::<(), ()>(())
+        });
+    }
+}
+
 /// A Put stored as a delta frame: its base, whether the base is new (a rebase), and the IDs of
 /// the superseded bases whose deletion was added to the Txn.
-type Wrote = (Arc<Base>, bool, Vec<u64>);
+/// A Put stored as a delta frame: its base, whether the base is new, the superseded bases whose
+/// deletion was added, and the client's value.
+type Wrote = (Arc<Base>, bool, Vec<u64>, Bytes);
 
 /// Most superseded bases remembered per key; beyond it the oldest is forgotten (left in etcd
 /// until the key is deleted) so that a key rebased forever without compaction stays bounded.

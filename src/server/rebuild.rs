@@ -508,6 +508,7 @@ pub(crate) async fn decode_values<T: KeyValues>(
     pinned: &[Arc<Base>],
     applied: bool,
 ) -> Result<(), Status> {
+    let recalled = shared.deltas.recall(msg, shared.codec.max_response_bytes());
     let loaded = async {
         shared.dictionaries.prefetch(msg).await?;
         shared.deltas.prefetch(msg, read_revisions).await
@@ -519,7 +520,9 @@ pub(crate) async fn decode_values<T: KeyValues>(
         Err(e) => return Err(e.into()),
     }
     shared.deltas.learn_from(msg);
-    rewrite::decode_with(&shared.codec, msg, &bases, &mut keep_stored(applied)).map_err(decode_status)
+    rewrite::decode_with(&shared.codec, msg, &bases, recalled.bytes, &mut keep_stored(applied)).map_err(decode_status)?;
+    recalled.restore(&shared.deltas, msg);
+    Ok(())
 }
 
 /// Decodes each message of an upstream response stream with [`decode_values`]; the first decode

@@ -55,6 +55,9 @@ fn is_candidate(shared: &Shared, key: &[u8], value: &[u8]) -> bool {
 /// unreachable while loading a dictionary or base fails the response with etcd's status —
 /// except for a write etcd already `applied`, whose values are then passed on as stored.
 async fn decode_framed(shared: &Shared, framed: &mut Framed, sites: &[Site], applied: bool) -> Result<(), Failure> {
+    // Delta frames decoded lately (a write's own watch events, every watcher's same event) are
+    // not loaded nor decompressed again.
+    let recalled = shared.deltas.recall(framed, shared.codec.max_response_bytes());
     let loaded = async {
         shared.dictionaries.prefetch(framed).await?;
         let needs: Vec<_> = framed
@@ -74,7 +77,9 @@ async fn decode_framed(shared: &Shared, framed: &mut Framed, sites: &[Site], app
         Err(e) => return Err(e),
     };
     shared.deltas.learn_from(framed);
-    crate::rewrite::decode_with(&shared.codec, framed, &bases, &mut keep_stored(applied)).map_err(RequestError::Stored)
+    crate::rewrite::decode_with(&shared.codec, framed, &bases, recalled.bytes, &mut keep_stored(applied)).map_err(RequestError::Stored)?;
+    recalled.restore(&shared.deltas, framed);
+    Ok(())
 }
 
 fn view_kv(v: KeyValueView) -> KeyValue {
