@@ -168,7 +168,7 @@ async fn scrape(url: &str, name: &str) -> f64 {
     resp.lines()
         .filter(|l| l.starts_with(name) && (name.contains('{') || l[name.len()..].starts_with([' ', '{'])))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 /// GET `url` (plain HTTP/1.1 on loopback) and return the body.

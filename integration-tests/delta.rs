@@ -8,7 +8,10 @@ use etcd_squeeze::codec::delta::BASES_PREFIX;
 use etcd_squeeze::codec::frame::{self, Codec};
 use etcd_squeeze::corpus::{consecutive_writes, update_series, Scenario, Topology};
 
-use crate::harness::{decode_errors, Env, Etcd, Proxy, FLYTE};
+use std::time::Duration;
+
+use crate::harness::{decode_errors, eventually, http_get, sample, Env, Etcd, Proxy, FLYTE};
+use crate::ops::{Binary, BinaryConfig};
 
 /// 20 consecutive propeller writes of a dynamic fan-out with 1,000 children (~60 KB: a watch
 /// replaying all 20 with prev_kv stays under etcd-client's 4 MiB message limit).
@@ -91,6 +94,56 @@ async fn series_reads_back_at_every_revision_and_replays_in_a_watch() {
         }
     }
     assert_eq!(seen, revs);
+}
+
+/// Two watchers with prev_kv (kube-apiserver's watch cache, and one more) get every write of a
+/// series right, and the proxy decompresses nothing for them: each event's value and prev_kv
+/// were written lately, and are recalled instead. The real binary with no config (delta frames
+/// by default), so its metrics count this test alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_get_values_written_lately_without_decompressing_them() {
+    let etcd = Etcd::start().await;
+    let proxy = Binary::start(BinaryConfig { listen_ip: "127.0.0.1", upstream: &etcd.url, server: "", more: "" }).await;
+    let metric = |name: &'static str| {
+        let url = proxy.metrics_url.clone();
+        async move { sample(&http_get(&url, "/metrics").await.unwrap().1, name).unwrap_or(0.0) }
+    };
+    eventually(Duration::from_secs(10), "the replica to write delta frames", || async {
+        sample(&http_get(&proxy.metrics_url, "/metrics").await.unwrap().1, &format!("etcd_squeeze_delta_writing{{prefix=\"{FLYTE}\"}}")) == Some(1.0)
+    })
+    .await;
+    let mut via = etcd_client::Client::connect([proxy.url.as_str()], None).await.unwrap();
+    let key = format!("{FLYTE}ns/recalled");
+    let versions = series();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        streams.push(via.watch(key.as_str(), Some(WatchOptions::new().with_prev_key())).await.unwrap());
+    }
+    let revs = write_series(&mut via, &key, &versions).await;
+    let mut direct = etcd.client().await;
+    let stored = direct.get(key.as_str(), None).await.unwrap();
+    assert_eq!(codec_of(stored.kvs()[0].value()), Some(Codec::Delta));
+    for stream in &mut streams {
+        let mut seen = 0;
+        while seen < versions.len() {
+            let resp = stream.message().await.unwrap().unwrap();
+            for ev in resp.events() {
+                assert_eq!(ev.kv().unwrap().value(), &versions[seen][..], "event {seen}");
+                assert_eq!(ev.kv().unwrap().mod_revision(), revs[seen]);
+                if seen > 0 {
+                    assert_eq!(ev.prev_kv().unwrap().value(), &versions[seen - 1][..], "prev_kv of event {seen}");
+                }
+                seen += 1;
+            }
+        }
+    }
+    // 2 watchers × (20 values + 19 prev_kvs), every one recalled; no base was decompressed.
+    assert_eq!(metric("etcd_squeeze_decoded_recalls_total").await, 78.0);
+    assert_eq!(metric("etcd_squeeze_base_cache_misses_total").await, 0.0);
+    // A read of an older revision is recalled too.
+    let r = via.get(key.as_str(), Some(GetOptions::new().with_revision(revs[3]))).await.unwrap();
+    assert_eq!(r.kvs()[0].value(), &versions[3][..]);
+    assert_eq!(metric("etcd_squeeze_decoded_recalls_total").await, 79.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

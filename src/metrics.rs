@@ -56,7 +56,8 @@ pub struct Metrics {
     pub bases_deleted: IntCounter,
     /// `etcd_squeeze_base_cache_hits_total`: delta frames whose base was in memory.
     pub base_cache_hits: IntCounter,
-    /// `etcd_squeeze_base_cache_misses_total`: delta frames whose base had to be read from etcd.
+    /// `etcd_squeeze_base_cache_misses_total`: delta frames whose base was not in memory
+    /// decompressed (decompressed from a cached base record, else read from etcd).
     pub base_cache_misses: IntCounter,
     /// `etcd_squeeze_decoded_recalls_total`: delta frames not decompressed because the value
     /// was decoded (or written) lately (`delta::cache`).
@@ -69,8 +70,8 @@ pub struct Metrics {
     /// `etcd_squeeze_base_fetched_bytes_total`: bytes of the base records read from etcd (what a
     /// base cache miss costs etcd).
     pub base_fetched_bytes: IntCounter,
-    /// `etcd_squeeze_base_cache_bytes`: bases held in memory, decompressed and as records (bounded per prefix by
-    /// `prefixes[].delta_base_cache`).
+    /// `etcd_squeeze_base_cache_bytes`: bases held in memory, decompressed and as records, and
+    /// values lately decoded (bounded per prefix by `prefixes[].delta_base_cache`).
     pub base_cache_bytes: IntGauge,
     /// `etcd_squeeze_watch_streams_active`: client Watch streams open now.
     pub watch_streams_active: IntGauge,
@@ -181,12 +182,12 @@ impl Metrics {
             ),
             bases_deleted: counter("etcd_squeeze_bases_deleted_total", "Superseded bases deleted once compaction passed them."),
             base_cache_hits: counter("etcd_squeeze_base_cache_hits_total", "Delta frames whose base was in memory."),
-            base_cache_misses: counter("etcd_squeeze_base_cache_misses_total", "Delta frames whose base had to be read from etcd."),
+            base_cache_misses: counter("etcd_squeeze_base_cache_misses_total", "Delta frames whose base was not in memory decompressed (decompressed from a cached base record, else read from etcd)."),
             decoded_recalls: counter("etcd_squeeze_decoded_recalls_total", "Delta frames not decompressed: the value was decoded or written lately."),
             base_cache_record_hits: counter("etcd_squeeze_base_cache_record_hits_total", "Decompressed-base misses served from a cached base record (no etcd read)."),
             base_fetches: counter("etcd_squeeze_base_fetches_total", "Base records read from etcd."),
             base_fetched_bytes: counter("etcd_squeeze_base_fetched_bytes_total", "Bytes of the base records read from etcd."),
-            base_cache_bytes: gauge("etcd_squeeze_base_cache_bytes", "Delta-frame bases held in memory (decompressed, and as base records), bounded per prefix by delta_base_cache."),
+            base_cache_bytes: gauge("etcd_squeeze_base_cache_bytes", "Delta-frame bases held in memory (decompressed, and as base records) and values lately decoded, bounded per prefix by delta_base_cache."),
             watch_streams_active: gauge("etcd_squeeze_watch_streams_active", "Client Watch streams open."),
             watch_events: counter("etcd_squeeze_watch_events_total", "Watch events passed to clients."),
             upstream_up: gauge_vec(

@@ -217,7 +217,9 @@ pub fn decode_delta(payload: &[u8], size: usize, base: &Base) -> Result<Vec<u8>,
     DELTA_DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = Some(DCtx::try_create().ok_or("cannot create a zstd context")?);
+            let mut dctx = DCtx::try_create().ok_or("cannot create a zstd context")?;
+            dctx.set_parameter(DParameter::WindowLogMax(MAX_WINDOW_LOG)).map_err(err)?;
+            *slot = Some(dctx);
         }
         let dctx = slot.as_mut().expect("set above");
         dctx.decompress_using_dict(&mut out, payload, &base.content[..]).map_err(err)

@@ -56,7 +56,8 @@ pub struct DeltaRule {
     /// Rebase when the delta is larger than this fraction of the value compressed alone
     /// (`prefixes[].delta_rebase_fraction`).
     pub rebase_fraction: f64,
-    /// Bytes of decompressed bases the prefix's base cache holds (`prefixes[].delta_base_cache`).
+    /// Bytes the prefix's base cache holds: decompressed bases, values lately decoded and base
+    /// records (`prefixes[].delta_base_cache`).
     pub base_cache_bytes: u64,
     /// `delta = "auto"`: written only while every replica reads delta frames (the caller
     /// decides; the codec reads and writes them either way).
@@ -527,8 +528,8 @@ pub fn decode_base(base_key_bytes: &[u8], record: &[u8], max_value_bytes: usize,
 
 /// [`decode_base`] for a record this process verified before (it made the record, or
 /// [`decode_base`] accepted it) and kept in memory since: everything is checked but the content's
-/// SHA-256, which costs as much as decompressing it (zstd's own content checksum still guards
-/// the decompression).
+/// SHA-256, which costs as much as decompressing it (a zstd frame's own content checksum still
+/// guards the decompression; a raw frame is the bytes this process held).
 pub fn decode_verified_base(base_key_bytes: &[u8], record: &[u8], max_value_bytes: usize, dictionaries: &dyn DictionarySource) -> Result<Base, BaseError> {
     read_base(base_key_bytes, record, max_value_bytes, dictionaries, false)
 }

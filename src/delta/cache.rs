@@ -27,22 +27,24 @@ use crate::codec::{BaseSource, PrefixRule};
 /// Entries by base ID, giving up a pseudo-random one when asked: propeller updates every
 /// running workflow in turn, and under such a cyclic scan over more keys than fit, LRU evicts
 /// each entry just before it is needed again (no hit at all: measured, 0 of 1,004 in the flyte
-/// bench's part B) while a random victim keeps some. The entry added last is never the victim:
-/// a write's base is read again right away by the write's watch events.
+/// bench's part B) while a random victim keeps some. The entry added last is not the victim
+/// while there are others (a write's base is read again by the write's next update or its
+/// watch events). Picking a victim is O(1): the IDs are also kept in a vector.
 #[derive(Debug)]
 struct Tier<V> {
     bytes: u64,
     /// Insertions and evictions so far: the seed of the next victim.
     tick: u64,
     newest: u64,
-    /// By base ID (random, so practically unique across keys); the key is compared on lookup,
-    /// so a lookup allocates nothing.
-    entries: HashMap<u64, (Bytes, V, u64)>,
+    /// By base ID (random, so practically unique across keys): key, value, size, index in
+    /// `ids`. The key is compared on lookup, so a lookup allocates nothing.
+    entries: HashMap<u64, (Bytes, V, u64, usize)>,
+    ids: Vec<u64>,
 }
 
 impl<V> Default for Tier<V> {
     fn default() -> Self {
-        Tier { bytes: 0, tick: 0, newest: 0, entries: HashMap::new() }
+        Tier { bytes: 0, tick: 0, newest: 0, entries: HashMap::new(), ids: Vec::new() }
     }
 }
 
@@ -54,23 +56,39 @@ impl<V: Clone> Tier<V> {
     fn insert(&mut self, key: Bytes, id: u64, value: V, size: u64) {
         self.tick += 1;
         self.newest = id;
-        if let Some((_, _, old)) = self.entries.insert(id, (key, value, size)) {
-            self.bytes -= old;
-        }
+        let index = match self.entries.get(&id) {
+            Some(&(.., old, index)) => {
+                self.bytes -= old;
+                index
+            }
+            None => {
+                self.ids.push(id);
+                self.ids.len() - 1
+            }
+        };
+        self.entries.insert(id, (key, value, size, index));
         self.bytes += size;
     }
 
-    /// Gives up one entry other than the newest; false when there is none.
+    /// Gives up one entry, the newest only when it is the last; false when empty.
     fn evict(&mut self) -> bool {
+        if self.ids.is_empty() {
+            return false;
+        }
         // splitmix64 of the tick: a different victim each time.
         self.tick += 1;
         let mut z = self.tick.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let others = self.entries.len().saturating_sub(1).max(1);
-        let newest = self.newest;
-        let Some(victim) = self.entries.keys().filter(|k| **k != newest).nth((z ^ (z >> 31)) as usize % others).copied() else { return false };
-        let (_, _, gone) = self.entries.remove(&victim).expect("just found");
+        let mut at = (z ^ (z >> 31)) as usize % self.ids.len();
+        if self.ids[at] == self.newest && self.ids.len() > 1 {
+            at = (at + 1) % self.ids.len();
+        }
+        let victim = self.ids.swap_remove(at);
+        if let Some(&moved) = self.ids.get(at) {
+            self.entries.get_mut(&moved).expect("every id has an entry").3 = at;
+        }
+        let (_, _, gone, _) = self.entries.remove(&victim).expect("every id has an entry");
         self.bytes -= gone;
         true
     }
@@ -88,6 +106,8 @@ impl<V: Clone> Tier<V> {
 struct Recent {
     /// Keys, frames and values (what the budget counts).
     bytes: u64,
+    /// Keys of [`Recent::slot`]'s hash, random per process.
+    hasher: std::collections::hash_map::RandomState,
     /// By [`Recent::slot`] of (key, frame); one entry per slot (a collision replaces).
     entries: HashMap<u64, RecentEntry>,
     /// Slots in insertion order, oldest first, with the entry's serial (a slot replaced since is
@@ -114,9 +134,9 @@ impl RecentEntry {
 impl Recent {
     /// Where (key, frame) sits: a hash of the key, the frame's length and its last 16 bytes (the
     /// zstd frame's content checksum among them), so a lookup does not read a whole frame.
-    fn slot(key: &[u8], frame: &[u8]) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+    fn slot(&self, key: &[u8], frame: &[u8]) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.hasher.build_hasher();
         key.hash(&mut h);
         frame.len().hash(&mut h);
         frame[frame.len().saturating_sub(16)..].hash(&mut h);
@@ -124,12 +144,12 @@ impl Recent {
     }
 
     fn get(&self, key: &[u8], frame: &[u8]) -> Option<Bytes> {
-        let e = self.entries.get(&Recent::slot(key, frame))?;
+        let e = self.entries.get(&self.slot(key, frame))?;
         (e.key == key && e.frame == frame).then(|| e.value.clone())
     }
 
     fn insert(&mut self, key: &[u8], frame: &[u8], value: Bytes) {
-        let slot = Recent::slot(key, frame);
+        let slot = self.slot(key, frame);
         self.inserted += 1;
         let entry = RecentEntry { key: Bytes::copy_from_slice(key), frame: Bytes::copy_from_slice(frame), value, serial: self.inserted };
         self.bytes += entry.size();
@@ -144,12 +164,18 @@ impl Recent {
         }
     }
 
-    /// Gives up the oldest entry other than the newest; false when there is none.
+    /// Forgets (key, frame), if it is here.
+    fn remove(&mut self, key: &[u8], frame: &[u8]) {
+        let slot = self.slot(key, frame);
+        if self.entries.get(&slot).is_some_and(|e| e.key == key && e.frame == frame) {
+            let gone = self.entries.remove(&slot).expect("just found");
+            self.bytes -= gone.size();
+        }
+    }
+
+    /// Gives up the oldest entry; false when empty.
     fn evict(&mut self) -> bool {
         while let Some(&(slot, serial)) = self.order.front() {
-            if serial == self.inserted {
-                return false;
-            }
             self.order.pop_front();
             if self.entries.get(&slot).is_some_and(|e| e.serial == serial) {
                 let gone = self.entries.remove(&slot).expect("just found");
@@ -171,7 +197,7 @@ struct Shelf {
 }
 
 /// What each tier is guaranteed of the budget, in sixteenths: decompressed bases, values lately
-/// decoded, base records.
+/// decoded, base records. An entry larger than its tier's share is not cached.
 const SHARES: [u64; 3] = [2, 1, 13];
 
 impl Shelf {
@@ -179,25 +205,29 @@ impl Shelf {
         Shelf { capacity, bases: Tier::default(), recent: Recent::default(), records: Tier::default() }
     }
 
+    /// Tier `t`'s share of the budget, in bytes.
+    fn share(&self, t: usize) -> u64 {
+        self.capacity / 16 * SHARES[t]
+    }
+
     fn bytes(&self) -> u64 {
         self.bases.bytes + self.recent.bytes + self.records.bytes
     }
 
     /// Gives entries up until the shelf is within its budget, each from the tier furthest over
-    /// its share (when the budget is full, some tier is over its share; a tier whose only entry
-    /// is its newest passes the turn to the next).
+    /// its share (when the budget is full, some tier is over its share).
     fn fit(&mut self) {
         while self.bytes() > self.capacity {
             let used = [self.bases.bytes, self.recent.bytes, self.records.bytes];
             let mut order = [0usize, 1, 2];
-            order.sort_by_key(|&t| std::cmp::Reverse(used[t] as i128 - (self.capacity * SHARES[t] / 16) as i128));
+            order.sort_by_key(|&t| std::cmp::Reverse(used[t] as i128 - self.share(t) as i128));
             let evicted = order.iter().any(|&t| match t {
                 0 => self.bases.evict(),
                 1 => self.recent.evict(),
                 _ => self.records.evict(),
             });
             if !evicted {
-                break; // only the newest entries are left
+                break; // empty
             }
         }
     }
@@ -242,12 +272,12 @@ impl BaseCache {
     }
 
     /// Caches a verified base (giving other entries of its prefix up when over budget; a base
-    /// over half the budget is not cached).
+    /// over the tier's share is not cached).
     pub fn insert(&self, base: Arc<Base>) {
         if let Some(shelf) = self.shelf(&base.key) {
             let size = base.content.len() as u64;
             let mut shelf = shelf.lock().expect("base cache lock");
-            if size <= shelf.capacity / 2 {
+            if size <= shelf.share(0) {
                 shelf.bases.insert(base.key.clone(), base.id, base, size);
                 shelf.fit();
             }
@@ -269,7 +299,7 @@ impl BaseCache {
         if let Some(shelf) = self.shelf(key) {
             let size = record.len() as u64;
             let mut shelf = shelf.lock().expect("base cache lock");
-            if size <= shelf.capacity / 2 {
+            if size <= shelf.share(2) {
                 shelf.records.insert(Bytes::copy_from_slice(key), id, Bytes::copy_from_slice(record), size);
                 shelf.fit();
             }
@@ -284,17 +314,35 @@ impl BaseCache {
     }
 
     /// Remembers that delta frame `frame` of `key` decodes to `value` (which must be exactly that:
-    /// a value decoded from it, or the value a write stored as it). `value` is kept as it is:
-    /// pass one that shares no larger buffer (its length is what the budget counts).
+    /// a value decoded from it, or the value a write stored as it). Key and frame are copied
+    /// (slices of a larger message); `value` is kept as it is: pass a buffer of its own (a
+    /// decoded value is one; a write's value is a slice of the request: see
+    /// [`BaseCache::remember_copy`]). Nothing is kept over the tier's share.
     pub fn remember(&self, key: &[u8], frame: &[u8], value: Bytes) {
+        self.remember_with(key, frame, value.len(), || value);
+    }
+
+    /// [`BaseCache::remember`] of a value that is a slice of a larger message: copied, when kept.
+    pub fn remember_copy(&self, key: &[u8], frame: &[u8], value: &[u8]) {
+        self.remember_with(key, frame, value.len(), || Bytes::copy_from_slice(value));
+    }
+
+    fn remember_with(&self, key: &[u8], frame: &[u8], len: usize, value: impl FnOnce() -> Bytes) {
         if let Some(shelf) = self.shelf(key) {
             let mut shelf = shelf.lock().expect("base cache lock");
-            if ((key.len() + frame.len() + value.len()) as u64) <= shelf.capacity / 2 {
-                shelf.recent.insert(key, frame, value);
+            if ((key.len() + frame.len() + len) as u64) <= shelf.share(1) {
+                shelf.recent.insert(key, frame, value());
                 shelf.fit();
             }
             drop(shelf);
             crate::metrics::get().base_cache_bytes.set(self.bytes() as i64);
+        }
+    }
+
+    /// Forgets what [`BaseCache::remember`] was told of `frame` of `key` (a write that did not run).
+    pub fn forget(&self, key: &[u8], frame: &[u8]) {
+        if let Some(shelf) = self.shelf(key) {
+            shelf.lock().expect("base cache lock").recent.remove(key, frame);
         }
     }
 
@@ -386,23 +434,32 @@ mod tests {
 
     #[test]
     fn values_lately_decoded_are_found_by_key_and_whole_frame_oldest_out_first() {
-        // Nothing else cached: the values may borrow the whole budget.
-        let c = shelf_of(120);
-        c.remember(b"/p/a", b"frame-a", Bytes::from_static(&[b'a'; 40]));
-        c.remember(b"/p/b", b"frame-b", Bytes::from_static(&[b'b'; 40]));
+        // 1,600 bytes: values lately decoded are guaranteed 100.
+        let c = shelf_of(1600);
+        c.remember_copy(b"/p/a", b"frame-a", &[b'a'; 40]);
         assert_eq!(c.recall(b"/p/a", b"frame-a").as_deref(), Some(&[b'a'; 40][..]));
         assert!(c.recall(b"/p/a", b"frame-b").is_none() && c.recall(b"/p/b", b"frame-a").is_none());
         assert!(c.recall(b"/p/a", b"frame-A").is_none(), "another frame of the key");
-        c.remember(b"/p/c", b"frame-c", Bytes::from_static(&[b'c'; 40]));
-        assert!(c.recall(b"/p/a", b"frame-a").is_none(), "the oldest went");
-        assert!(c.recall(b"/p/b", b"frame-b").is_some() && c.recall(b"/p/c", b"frame-c").is_some());
-        assert_eq!(c.bytes(), 2 * (4 + 7 + 40));
-        c.remember(b"/p/d", b"frame-d", Bytes::from(vec![0; 100]));
-        assert!(c.recall(b"/p/d", b"frame-d").is_none(), "over half the budget: not kept");
-        for i in 0..1000u32 {
-            c.remember(b"/p/e", &i.to_le_bytes(), Bytes::from_static(b"v"));
+        c.forget(b"/p/a", b"frame-a");
+        assert!(c.recall(b"/p/a", b"frame-a").is_none() && c.bytes() == 0, "forgotten");
+        c.remember_copy(b"/p/d", b"frame-d", &[0; 90]);
+        assert!(c.recall(b"/p/d", b"frame-d").is_none(), "over the tier's share: not kept");
+        // The other tiers at their shares (200 + 1,300): the values get their 100 bytes.
+        c.insert(base(b"/p/x", 1, 100));
+        c.insert(base(b"/p/x", 2, 100));
+        for id in 10..23 {
+            c.insert_record(b"/p/r", id, &[b'r'; 100]);
         }
-        assert!(c.bytes() <= 120);
+        c.remember_copy(b"/p/a", b"frame-a", &[b'a'; 40]);
+        c.remember(b"/p/b", b"frame-b", Bytes::from_static(&[b'b'; 40]));
+        assert!(c.recall(b"/p/a", b"frame-a").is_none(), "the oldest went");
+        assert!(c.recall(b"/p/b", b"frame-b").is_some());
+        assert_eq!(c.bytes(), 200 + 1300 + (4 + 7 + 40));
+        assert_eq!(records_in(&c, 10..23), 13, "records within their share lose nothing");
+        for i in 0..1000u32 {
+            c.remember_copy(b"/p/e", &i.to_le_bytes(), b"v");
+        }
+        assert!(c.bytes() <= 1600);
         assert!(c.recall(b"/p/e", &999u32.to_le_bytes()).is_some());
     }
 }

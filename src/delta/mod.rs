@@ -104,7 +104,8 @@ type Path = Vec<(bool, usize)>;
 /// What a rewritten write does to the proxy's knowledge, once etcd says its branch ran.
 #[derive(Debug)]
 enum Effect {
-    Wrote { path: Path, key: Bytes, base: Arc<Base>, rebased: bool, collected: Vec<u64> },
+    /// `frame`: the delta frame the Put stores.
+    Wrote { path: Path, key: Bytes, base: Arc<Base>, rebased: bool, collected: Vec<u64>, frame: Bytes },
     Deleted { path: Path, key: Bytes },
 }
 
@@ -241,7 +242,7 @@ impl Deltas {
         let metrics = crate::metrics::get();
         for effect in &rewritten.effects {
             match effect {
-                Effect::Wrote { path, key, base, rebased, collected } if ran(resp, path) => {
+                Effect::Wrote { path, key, base, rebased, collected, .. } if ran(resp, path) => {
                     self.bases.insert(base.clone());
                     metrics.delta_writes.with_label_values(&[if *rebased { "rebase" } else { "delta" }]).inc();
                     metrics.bases_deleted.inc_by(collected.len() as u64);
@@ -254,6 +255,9 @@ impl Deltas {
                 Effect::Deleted { path, key } if ran(resp, path) => {
                     self.known.remove(key);
                 }
+                // A Put that did not run (a GuaranteedUpdate that lost its compare): nobody will
+                // read its frame.
+                Effect::Wrote { key, frame, .. } => self.bases.forget(key, frame),
                 _ => {}
             }
         }
@@ -372,9 +376,9 @@ impl Deltas {
                             // etcd answers (the events may come first), and whether or not the
                             // Put runs: the frame decodes to the value either way. Copied: the
                             // value is a slice of the client's request.
-                            self.bases.remember(&put.key, &put.value, Bytes::copy_from_slice(&value));
+                            self.bases.remember_copy(&put.key, &put.value, &value);
                             let path = ctx.path.clone();
-                            ctx.effects.push(Effect::Wrote { path, key: put.key.clone(), base, rebased, collected });
+                            ctx.effects.push(Effect::Wrote { path, key: put.key.clone(), base, rebased, collected, frame: put.value.clone() });
                         }
                     }
                     // The key's bases stay: a watch event before the delete (or the DELETE
@@ -476,6 +480,13 @@ impl Deltas {
     /// before a write (its prev_kvs): a base deleted since is still there. Unreadable bases are
     /// left out: decoding then names key and base.
     pub async fn prefetch<T: KeyValues>(&self, msg: &mut T, read_revisions: &[i64]) -> Result<Vec<Arc<Base>>, RequestError> {
+        let needs = self.needs(msg, read_revisions);
+        self.load_all(needs).await
+    }
+
+    /// The bases `msg`'s delta frames need, each with the revisions its value was read at
+    /// (`read_revisions`, then its own mod_revision): what [`Deltas::load_bases`] takes.
+    pub fn needs<T: KeyValues>(&self, msg: &mut T, read_revisions: &[i64]) -> Vec<(Bytes, BaseRef, Vec<i64>)> {
         let mut needs = Vec::new();
         let _ = msg.try_for_each_kv(&mut |kv| {
             if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
@@ -485,7 +496,7 @@ impl Deltas {
             }
             Ok::<(), ()>(())
         });
-        self.load_all(needs).await
+        needs
     }
 
     /// Loads the bases of `needs` — `(key, base, revisions the value was read at)` — and returns
@@ -588,16 +599,16 @@ impl Deltas {
     /// Takes out of `msg` the delta-framed values decoded (or written) lately, before anything is
     /// loaded for it: each such value is emptied (so nothing loads or decodes it) and its key's
     /// base learnt; [`Recalled::restore`] puts the decoded values back after the decode of the
-    /// rest. At most `budget` decompressed bytes are recalled (the response's
-    /// `limits.max_response_bytes`): the rest is left to the decode, which then has
-    /// `budget - Recalled::bytes` left (see `crate::rewrite::decode_with`).
-    pub fn recall<T: KeyValues>(&self, msg: &mut T, budget: u64) -> Recalled {
+    /// rest. At most `limits.max_response_bytes` decompressed bytes are recalled: the decode of
+    /// the rest then has what is left of it (see `crate::rewrite::decode_with`).
+    pub fn recall<T: KeyValues>(&self, msg: &mut T) -> Recalled {
+        let budget = self.codec.max_response_bytes();
         let mut recalled = Recalled { slots: Vec::new(), bytes: 0 };
         let metrics = crate::metrics::get();
+        let mut ordinal = 0;
         let _ = msg.try_for_each_kv(&mut |kv| {
-            let slot = match self.codec.needed_base(&kv.key, &kv.value) {
-                None => Slot::Other,
-                Some(r) => match self.bases.recall(&kv.key, &kv.value) {
+            if let Some(r) = self.codec.needed_base(&kv.key, &kv.value) {
+                let slot = match self.bases.recall(&kv.key, &kv.value) {
                     Some(value) if recalled.bytes + value.len() as u64 <= budget => {
                         metrics.decoded_recalls.inc();
                         self.learn(&kv.key, kv.mod_revision, r);
@@ -606,9 +617,10 @@ impl Deltas {
                         Slot::Recalled(value)
                     }
                     _ => Slot::Framed(kv.value.clone()),
-                },
-            };
-            recalled.slots.push(slot);
+                };
+                recalled.slots.push((ordinal, slot));
+            }
+            ordinal += 1;
             Ok::<(), ()>(())
         });
         recalled
@@ -673,49 +685,56 @@ fn single_key_deletes(txn: &TxnRequest, f: &mut impl FnMut(&[u8])) {
     }
 }
 
-/// What [`Deltas::recall`] took out of a message, per `KeyValue` in order.
+/// What [`Deltas::recall`] took out of a message: its delta frames, by ordinal of their
+/// `KeyValue` in the message.
 #[derive(Debug)]
 pub struct Recalled {
-    slots: Vec<Slot>,
+    slots: Vec<(usize, Slot)>,
     /// Decompressed bytes recalled (charged to the response's budget).
     pub bytes: u64,
 }
 
 #[derive(Debug)]
 enum Slot {
-    /// Not a delta frame.
-    Other,
     /// A delta frame decoded lately: its value, put back by [`Recalled::restore`].
     Recalled(Bytes),
     /// A delta frame the decode has to decompress: remembered once it has.
     Framed(Bytes),
 }
 
+/// Responses with more delta frames to decompress than this (a LIST, a long page) leave the
+/// values lately decoded as they are: remembering them would push out what pending watch events
+/// of this replica's writes need, for values nobody reads again soon.
+const REMEMBERED_PER_RESPONSE: usize = 8;
+
 impl Recalled {
     /// After `msg` was decoded: puts the recalled values back, and remembers the delta frames
-    /// decoded meanwhile (a value passed on as stored is not).
+    /// decoded meanwhile (not a value passed on as stored; none from a response with more than
+    /// [`REMEMBERED_PER_RESPONSE`] of them).
     pub fn restore<T: KeyValues>(self, deltas: &Deltas, msg: &mut T) {
-        if self.slots.iter().all(|s| matches!(s, Slot::Other)) {
+        if self.slots.is_empty() {
             return;
         }
-        let mut slots = self.slots.into_iter();
+        let remember = self.slots.iter().filter(|(_, s)| matches!(s, Slot::Framed(_))).count() <= REMEMBERED_PER_RESPONSE;
+        let mut slots = self.slots.into_iter().peekable();
+        let mut ordinal = 0;
         let _ = msg.try_for_each_kv(&mut |kv| {
-            match slots.next() {
-                Some(Slot::Recalled(value)) => kv.value = value,
-                Some(Slot::Framed(frame)) if kv.value.as_ptr() != frame.as_ptr() || kv.value.len() != frame.len() => {
-                    deltas.bases.remember(&kv.key, &frame, kv.value.clone());
+            if slots.peek().is_some_and(|(at, _)| *at == ordinal) {
+                match slots.next().expect("peeked").1 {
+                    Slot::Recalled(value) => kv.value = value,
+                    // Decoded (a value passed on as stored is still the frame).
+                    Slot::Framed(frame) if remember && kv.value != frame => deltas.bases.remember(&kv.key, &frame, kv.value.clone()),
+                    Slot::Framed(_) => {}
                 }
-                _ => {}
             }
+            ordinal += 1;
             Ok::<(), ()>(())
         });
     }
 }
 
-/// A Put stored as a delta frame: its base, whether the base is new (a rebase), and the IDs of
-/// the superseded bases whose deletion was added to the Txn.
-/// A Put stored as a delta frame: its base, whether the base is new, the superseded bases whose
-/// deletion was added, and the client's value.
+/// A Put stored as a delta frame: its base, whether the base is new (a rebase), the IDs of the
+/// superseded bases whose deletion was added to the Txn, and the client's value.
 type Wrote = (Arc<Base>, bool, Vec<u64>, Bytes);
 
 /// Most superseded bases remembered per key; beyond it the oldest is forgotten (left in etcd

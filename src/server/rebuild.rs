@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::metadata::{forward, with_metadata};
 use super::reserved;
 use super::shared::Shared;
-use super::status::{decode_status, encode_status, keep_stored};
+use super::status::encode_status;
 use crate::codec::delta::Base;
 use crate::rewrite::KeyValues;
 use crate::proto::etcdserverpb::kv_client::KvClient;
@@ -493,14 +493,10 @@ impl Rebuild {
     }
 }
 
-/// Decodes every value of a response: first loads the dictionaries and bases its frames name
-/// (async, from the caches or etcd), then decodes synchronously. `read_revision` is the revision
-/// the values were read at when older than the current one (a Range's `revision`; the revision
-/// before a write for its prev_kvs), where a base deleted since is still found; `pinned` are
-/// bases the caller already holds. A value that cannot be decoded is passed on as stored
-/// ([`keep_stored`]). etcd being unreachable while loading is etcd's own status — except for
-/// a write etcd already `applied`, whose values are then passed on as stored: a committed
-/// write is never reported as failed.
+/// Decodes every value of a response ([`super::values::decode_in_place`]). `read_revisions`:
+/// the revisions the values were read at when older than the current one (a Range's
+/// `revision`; the revision before a write for its prev_kvs), where a base deleted since is
+/// still found; `pinned` are bases the caller already holds; `applied`: a write etcd applied.
 pub(crate) async fn decode_values<T: KeyValues>(
     shared: &Shared,
     msg: &mut T,
@@ -508,21 +504,7 @@ pub(crate) async fn decode_values<T: KeyValues>(
     pinned: &[Arc<Base>],
     applied: bool,
 ) -> Result<(), Status> {
-    let recalled = shared.deltas.recall(msg, shared.codec.max_response_bytes());
-    let loaded = async {
-        shared.dictionaries.prefetch(msg).await?;
-        shared.deltas.prefetch(msg, read_revisions).await
-    };
-    let mut bases = pinned.to_vec();
-    match loaded.await {
-        Ok(more) => bases.extend(more),
-        Err(e) if applied => tracing::warn!(error = %e, "cannot load what a prev_kv needs: passed on as stored"),
-        Err(e) => return Err(e.into()),
-    }
-    shared.deltas.learn_from(msg);
-    rewrite::decode_with(&shared.codec, msg, &bases, recalled.bytes, &mut keep_stored(applied)).map_err(decode_status)?;
-    recalled.restore(&shared.deltas, msg);
-    Ok(())
+    super::values::decode_in_place(shared, msg, pinned, applied, |msg| shared.deltas.needs(msg, read_revisions)).await.map_err(Status::from)
 }
 
 /// Decodes each message of an upstream response stream with [`decode_values`]; the first decode

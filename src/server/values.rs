@@ -8,11 +8,14 @@
 //! bytes etcd sent ([`crate::wire::splice`]). A response without a frame is passed on as the same
 //! bytes.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tonic::Status;
 
 use super::shared::Shared;
 use super::status::{encode_status, keep_stored};
+use crate::codec::delta::{Base, BaseRef};
 use crate::codec::frame;
 use crate::proto::etcdserverpb::PutRequest;
 use crate::proto::mvccpb::KeyValue;
@@ -50,35 +53,50 @@ fn is_candidate(shared: &Shared, key: &[u8], value: &[u8]) -> bool {
     frame::is_framed(value) && shared.codec.rule_for(key).is_some()
 }
 
-/// needs → load → decode → learn, for the collected framed values. Returns the decoded values.
-/// A value that cannot be decoded is passed on as stored ([`keep_stored`]). etcd being
-/// unreachable while loading a dictionary or base fails the response with etcd's status —
-/// except for a write etcd already `applied`, whose values are then passed on as stored.
+/// needs → load → decode → learn, for the collected framed values (see [`decode_in_place`]).
 async fn decode_framed(shared: &Shared, framed: &mut Framed, sites: &[Site], applied: bool) -> Result<(), Failure> {
-    // Delta frames decoded lately (a write's own watch events, every watcher's same event) are
-    // not loaded nor decompressed again.
-    let recalled = shared.deltas.recall(framed, shared.codec.max_response_bytes());
-    let loaded = async {
-        shared.dictionaries.prefetch(framed).await?;
-        let needs: Vec<_> = framed
+    decode_in_place(shared, framed, &[], applied, |framed| {
+        framed
             .0
             .iter()
             .zip(sites)
             .filter_map(|(kv, site)| Some((kv.key.clone(), shared.codec.needed_base(&kv.key, &kv.value)?, site.revisions.clone())))
-            .collect();
+            .collect()
+    })
+    .await
+}
+
+/// Decodes every value of `msg` in place, in four steps: **recall** the delta frames decoded or
+/// written lately (`crate::delta::Deltas::recall`: nothing loaded nor decompressed for them),
+/// **load** the dictionaries and the bases (`needs(msg)`: key, base and the revisions the value
+/// was read at) of the others from the caches or etcd, **learn** which base each key uses, and
+/// **decode** within one `limits.max_response_bytes` budget; `pinned` are bases the caller
+/// already holds. A value that cannot be decoded is passed on as stored ([`keep_stored`]).
+/// etcd being unreachable while loading fails with etcd's status — except for a write etcd
+/// already `applied`, whose values are then passed on as stored: a committed write is never
+/// reported as failed.
+pub(crate) async fn decode_in_place<T: KeyValues>(
+    shared: &Shared,
+    msg: &mut T,
+    pinned: &[Arc<Base>],
+    applied: bool,
+    needs: impl FnOnce(&mut T) -> Vec<(Bytes, BaseRef, Vec<i64>)>,
+) -> Result<(), Failure> {
+    let recalled = shared.deltas.recall(msg);
+    let needs = needs(msg);
+    let loaded = async {
+        shared.dictionaries.prefetch(msg).await?;
         shared.deltas.load_bases(needs).await
     };
-    let bases = match loaded.await {
-        Ok(bases) => bases,
-        Err(status) if applied => {
-            tracing::warn!(error = %status, "cannot load what a prev_kv needs: passed on as stored");
-            Vec::new()
-        }
+    let mut bases = pinned.to_vec();
+    match loaded.await {
+        Ok(more) => bases.extend(more),
+        Err(e) if applied => tracing::warn!(error = %e, "cannot load what a prev_kv needs: passed on as stored"),
         Err(e) => return Err(e),
-    };
-    shared.deltas.learn_from(framed);
-    crate::rewrite::decode_with(&shared.codec, framed, &bases, recalled.bytes, &mut keep_stored(applied)).map_err(RequestError::Stored)?;
-    recalled.restore(&shared.deltas, framed);
+    }
+    shared.deltas.learn_from(msg);
+    crate::rewrite::decode_with(&shared.codec, msg, &bases, recalled.bytes, &mut keep_stored(applied)).map_err(RequestError::Stored)?;
+    recalled.restore(&shared.deltas, msg);
     Ok(())
 }
 
