@@ -108,8 +108,9 @@ fn store(config: &Config) -> Result<Store, DictionaryError> {
     Ok(Store::new(channel(config)?, config.dictionaries.key_prefix.clone()))
 }
 
-/// Counts, per dictionary ID, the stored values (outside `/etcd-squeeze/`) whose frame names it, at
-/// `revision` (0 = now).
+/// Counts, per dictionary ID, the stored values (outside `/etcd-squeeze/`) and the base records of
+/// delta frames (`/etcd-squeeze/bases/`: a base is stored as its value would be, with the
+/// prefix's dictionary) whose frame names it, at `revision` (0 = now).
 pub async fn references(kv: &KvClient<Upstream>, revision: i64) -> Result<HashMap<u32, u64>, Status> {
     let mut counts = HashMap::new();
     let mut kv = kv.clone().max_decoding_message_size(usize::MAX);
@@ -123,7 +124,19 @@ pub async fn references(kv: &KvClient<Upstream>, revision: i64) -> Result<HashMa
 }
 
 fn count_reference(counts: &mut HashMap<u32, u64>, key: &[u8], value: &[u8]) {
-    if key.starts_with(RESERVED_PREFIX) || !frame::is_framed(value) {
+    // A base record's frame names the dictionary its content was compressed with: the delta
+    // frames on that base need it as much as a value's own frame would.
+    let value = if key.starts_with(crate::codec::delta::BASES_PREFIX) {
+        match crate::codec::delta::record_frame(value) {
+            Some(frame) => frame,
+            None => return,
+        }
+    } else if key.starts_with(RESERVED_PREFIX) {
+        return;
+    } else {
+        value
+    };
+    if !frame::is_framed(value) {
         return;
     }
     if let Ok(f) = frame::parse(value) {
@@ -328,5 +341,20 @@ mod tests {
         assert!(gc_verdict(&mid, &all, 0, now).unwrap_err().contains("superseded less than"));
         assert!(gc_verdict(&newest, &all, 0, now).unwrap_err().contains("newest"));
         assert!(gc_verdict(&other, &all, 0, now).unwrap_err().contains("newest"), "newest of its own prefix");
+    }
+
+    #[test]
+    fn base_records_count_as_references_other_reserved_keys_do_not() {
+        let key = b"/registry/flyte.lyft.com/flyteworkflows/ns/wf";
+        let mut framed = Vec::new();
+        frame::write_header(&mut framed, frame::Codec::Zstd, 7);
+        framed.extend_from_slice(b"zstd frame bytes");
+        let (record, _) = crate::codec::delta::encode_base(key, 42, b"content", &framed);
+        let mut counts = HashMap::new();
+        count_reference(&mut counts, &crate::codec::delta::base_key(key, 42), &record);
+        count_reference(&mut counts, key, &framed);
+        count_reference(&mut counts, b"/etcd-squeeze/dictionaries/7", &framed);
+        count_reference(&mut counts, &crate::codec::delta::base_key(key, 43), b"not a record");
+        assert_eq!(counts.get(&7), Some(&2), "the base record and the value; not the dictionary's own key");
     }
 }
