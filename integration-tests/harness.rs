@@ -17,7 +17,15 @@ pub const FLYTE: &str = "/registry/flyte.lyft.com/flyteworkflows/";
 
 /// A free loopback port (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    // The kernel may hand a port it just gave back out again: never give one twice in this
+    // process (a 3-member cluster once got two members on one port).
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A running single-member etcd in a temporary data directory; killed on drop.
