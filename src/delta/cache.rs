@@ -242,6 +242,9 @@ impl Shelf {
 pub struct BaseCache {
     /// Longest prefix first, as the codec's rules.
     shelves: Vec<(Bytes, Mutex<Shelf>)>,
+    /// Bytes held over all shelves, kept as each shelf changes: the gauge is set without taking
+    /// every shelf's lock on each insert.
+    total: std::sync::atomic::AtomicU64,
     /// Why a base could not be loaded, for the decode error logged (bounded: cleared when full).
     unavailable: Mutex<HashMap<(Bytes, u64), String>>,
 }
@@ -259,7 +262,7 @@ impl BaseCache {
                 (r.prefix.clone(), Mutex::new(Shelf::new(capacity)))
             })
             .collect();
-        BaseCache { shelves, unavailable: Mutex::default() }
+        BaseCache { shelves, total: Default::default(), unavailable: Mutex::default() }
     }
 
     fn shelf(&self, key: &[u8]) -> Option<&Mutex<Shelf>> {
@@ -271,19 +274,30 @@ impl BaseCache {
         self.shelf(key)?.lock().expect("base cache lock").bases.get(key, id)
     }
 
+    /// Changes the shelf of `key` (if any) under its lock, fits it to its budget, and keeps the
+    /// total and its gauge up to date.
+    fn change(&self, key: &[u8], f: impl FnOnce(&mut Shelf)) {
+        let Some(shelf) = self.shelf(key) else { return };
+        let mut shelf = shelf.lock().expect("base cache lock");
+        let before = shelf.bytes();
+        f(&mut shelf);
+        shelf.fit();
+        let after = shelf.bytes();
+        drop(shelf);
+        use std::sync::atomic::Ordering::Relaxed;
+        let total = if after >= before { self.total.fetch_add(after - before, Relaxed) + (after - before) } else { self.total.fetch_sub(before - after, Relaxed) - (before - after) };
+        crate::metrics::get().base_cache_bytes.set(total as i64);
+    }
+
     /// Caches a verified base (giving other entries of its prefix up when over budget; a base
     /// over the tier's share is not cached).
     pub fn insert(&self, base: Arc<Base>) {
-        if let Some(shelf) = self.shelf(&base.key) {
-            let size = base.content.len() as u64;
-            let mut shelf = shelf.lock().expect("base cache lock");
+        let size = base.content.len() as u64;
+        self.change(&base.key.clone(), |shelf| {
             if size <= shelf.share(0) {
                 shelf.bases.insert(base.key.clone(), base.id, base, size);
-                shelf.fit();
             }
-            drop(shelf);
-            crate::metrics::get().base_cache_bytes.set(self.bytes() as i64);
-        }
+        });
     }
 
     /// The base record (as etcd stores it at the base's key) of base `id` of `key`, if cached.
@@ -296,16 +310,12 @@ impl BaseCache {
     /// copied: as slices they would keep alive the whole message they came in (a Txn with a
     /// 1 MB value, a Range response), which the budget does not count.
     pub fn insert_record(&self, key: &[u8], id: u64, record: &[u8]) {
-        if let Some(shelf) = self.shelf(key) {
-            let size = record.len() as u64;
-            let mut shelf = shelf.lock().expect("base cache lock");
+        let size = record.len() as u64;
+        self.change(key, |shelf| {
             if size <= shelf.share(2) {
                 shelf.records.insert(Bytes::copy_from_slice(key), id, Bytes::copy_from_slice(record), size);
-                shelf.fit();
             }
-            drop(shelf);
-            crate::metrics::get().base_cache_bytes.set(self.bytes() as i64);
-        }
+        });
     }
 
     /// The value delta frame `frame` of `key` decodes to, when it was decoded (or written) lately.
@@ -328,22 +338,16 @@ impl BaseCache {
     }
 
     fn remember_with(&self, key: &[u8], frame: &[u8], len: usize, value: impl FnOnce() -> Bytes) {
-        if let Some(shelf) = self.shelf(key) {
-            let mut shelf = shelf.lock().expect("base cache lock");
+        self.change(key, |shelf| {
             if ((key.len() + frame.len() + len) as u64) <= shelf.share(1) {
                 shelf.recent.insert(key, frame, value());
-                shelf.fit();
             }
-            drop(shelf);
-            crate::metrics::get().base_cache_bytes.set(self.bytes() as i64);
-        }
+        });
     }
 
     /// Forgets what [`BaseCache::remember`] was told of `frame` of `key` (a write that did not run).
     pub fn forget(&self, key: &[u8], frame: &[u8]) {
-        if let Some(shelf) = self.shelf(key) {
-            shelf.lock().expect("base cache lock").recent.remove(key, frame);
-        }
+        self.change(key, |shelf| shelf.recent.remove(key, frame));
     }
 
     /// Records why base `id` of `key` cannot be loaded (named by the decode error).
@@ -362,7 +366,7 @@ impl BaseCache {
 
     /// Bytes cached (decompressed bases and records), summed over the prefixes.
     pub fn bytes(&self) -> u64 {
-        self.shelves.iter().map(|(_, s)| s.lock().expect("base cache lock").bytes()).sum()
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -481,7 +481,7 @@ impl Deltas {
     /// left out: decoding then names key and base.
     pub async fn prefetch<T: KeyValues>(&self, msg: &mut T, read_revisions: &[i64]) -> Result<Vec<Arc<Base>>, RequestError> {
         let needs = self.needs(msg, read_revisions);
-        self.load_all(needs).await
+        self.load_bases(needs).await
     }
 
     /// The bases `msg`'s delta frames need, each with the revisions its value was read at
@@ -499,15 +499,11 @@ impl Deltas {
         needs
     }
 
-    /// Loads the bases of `needs` — `(key, base, revisions the value was read at)` — and returns
-    /// them pinned for decoding (see [`Deltas::prefetch`]): for values read from the wire bytes.
-    pub async fn load_bases(&self, needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, RequestError> {
-        self.load_all(needs).await
-    }
-
-    /// Loads the bases of `needs` (deduplicated), at most [`PARALLEL_BASE_LOADS`] at a time: a cold
-    /// proxy answering a LIST of thousands of delta-framed objects reads their bases concurrently.
-    async fn load_all(&self, mut needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, RequestError> {
+    /// Loads the bases of `needs` — `(key, base, revisions the value was read at)`, from
+    /// [`Deltas::needs`] — and returns them pinned for decoding (see [`Deltas::prefetch`]);
+    /// deduplicated, at most [`PARALLEL_BASE_LOADS`] at a time: a cold proxy answering a LIST of
+    /// thousands of delta-framed objects reads their bases concurrently.
+    pub async fn load_bases(&self, mut needs: Vec<(Bytes, BaseRef, Vec<i64>)>) -> Result<Vec<Arc<Base>>, RequestError> {
         use futures::{StreamExt, TryStreamExt};
         if needs.is_empty() {
             return Ok(Vec::new()); // the common case: no delta frame in the response
